@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Developer entry point; every command installs what it needs first.
+#
+#   ./dev.sh demo       the main job on the bundled tiny expert family
+#   ./dev.sh test       C++ tests (Catch2 through ctest) and Python tests (pytest)
+#   ./dev.sh sanitize   the C++ tests under AddressSanitizer + UndefinedBehaviorSanitizer
+#   ./dev.sh fuzz [S]   the safetensors header fuzzer for S seconds (default 60)
+#   ./dev.sh bench-io   the 1 GiB checkpoint read benchmark
+set -euo pipefail
+cd "$(dirname "$0")"
+JOBS=${JOBS:-$(nproc)}
+
+deps() { bash scripts/install-deps.sh; }
+
+build_cpp() {  # build_cpp DIR [cmake args...]
+  local dir=$1
+  shift
+  cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo "$@" >/dev/null
+  cmake --build "$dir" -j "$JOBS"
+}
+
+install_python() {
+  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-build-isolation .
+}
+
+case "${1:-help}" in
+  demo)
+    deps
+    install_python
+    meswitch demo
+    ;;
+  test)
+    deps
+    build_cpp build/cpp
+    install_python
+    status=0
+    ctest --test-dir build/cpp --output-on-failure -j "$JOBS" || status=1
+    python3 -m pytest tests/python || status=1
+    exit $status
+    ;;
+  sanitize)
+    deps
+    build_cpp build/sanitize -DMESWITCH_SANITIZE=ON -DMESWITCH_CUDA=OFF
+    ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
+      ctest --test-dir build/sanitize --output-on-failure -j "$JOBS" -E install_and_find_package
+    ;;
+  fuzz)
+    deps
+    build_cpp build/fuzz -DCMAKE_CXX_COMPILER=clang++ -DMESWITCH_FUZZ=ON -DMESWITCH_TESTS=OFF -DMESWITCH_CUDA=OFF
+    mkdir -p build/fuzz/corpus
+    cp fuzz/corpus/* build/fuzz/corpus/
+    build/fuzz/fuzz/fuzz_safetensors_header -max_total_time="${2:-60}" -max_len=4096 build/fuzz/corpus
+    ;;
+  bench-io)
+    deps
+    install_python
+    python3 bench/io/bench_read.py "${@:2}"
+    ;;
+  *)
+    sed -n '2,9p' "$0"
+    exit 2
+    ;;
+esac

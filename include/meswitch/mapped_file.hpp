@@ -1,0 +1,68 @@
+// Read-only access to a whole file through mmap, and atomic replacement of files.
+//
+// Checkpoints are read by mapping them: tensors are then views into the page
+// cache, nothing is copied until a consumer touches the bytes, and many readers
+// share one copy. The mapping is private copy-on-write, so a consumer that writes
+// into a view (a torch tensor made through DLPack, say) changes its own pages and
+// never the file, and never faults.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace meswitch {
+
+class MappedFile {
+ public:
+  // Throws IoError naming the path when the file cannot be opened or mapped.
+  static std::shared_ptr<MappedFile> open(const std::string& path);
+
+  ~MappedFile();
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+
+  const std::uint8_t* data() const { return data_; }
+  std::uint8_t* mutable_data() const { return data_; }  // private mapping: writes never reach disk
+  std::size_t size() const { return size_; }
+  const std::string& path() const { return path_; }
+
+ private:
+  MappedFile(std::string path, std::uint8_t* data, std::size_t size)
+      : path_(std::move(path)), data_(data), size_(size) {}
+
+  std::string path_;
+  std::uint8_t* data_;
+  std::size_t size_;
+};
+
+// Writes a file under a temporary name in the destination's directory and renames
+// it into place on commit(), so readers see either the old file or the complete
+// new one. Destroying an uncommitted AtomicFileWriter removes the temporary file:
+// an exception or a crash mid-write never leaves a half-written file at `path`.
+class AtomicFileWriter {
+ public:
+  explicit AtomicFileWriter(std::string path);
+  ~AtomicFileWriter();
+  AtomicFileWriter(const AtomicFileWriter&) = delete;
+  AtomicFileWriter& operator=(const AtomicFileWriter&) = delete;
+
+  void write(const void* data, std::size_t size);
+  void write_zeros(std::size_t size);
+  std::uint64_t bytes_written() const { return bytes_written_; }
+  // fsync, then rename over the destination.
+  void commit();
+
+  const std::string& path() const { return path_; }
+  const std::string& temporary_path() const { return temporary_path_; }
+
+ private:
+  std::string path_;
+  std::string temporary_path_;
+  int fd_ = -1;
+  std::uint64_t bytes_written_ = 0;
+  bool committed_ = false;
+};
+
+}  // namespace meswitch

@@ -1,0 +1,5 @@
+#pragma once
+
+namespace meswitch {
+constexpr const char* kVersion = "0.1.0";
+}  // namespace meswitch

@@ -1,0 +1,31 @@
+"""meswitch: many fine-tuned LLM experts served from one base model.
+
+The compiled core (``meswitch._core``) is imported on first use, so pure-Python
+parts (evaluation, the tiny expert family) import without it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "FormatError": ("meswitch._core", "FormatError"),
+    "open_checkpoint": ("meswitch.checkpoint", "open_checkpoint"),
+    "Checkpoint": ("meswitch.checkpoint", "Checkpoint"),
+    "save_file": ("meswitch.checkpoint", "save_file"),
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module_name, attribute = _LAZY[name]
+        value = getattr(importlib.import_module(module_name), attribute)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'meswitch' has no attribute {name!r}")

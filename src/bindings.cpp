@@ -1,0 +1,183 @@
+// pybind11 bindings: argument checks and forwarding only; logic lives in the headers.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "meswitch/meswitch.hpp"
+
+namespace py = pybind11;
+using namespace meswitch;
+
+namespace {
+
+// Keeps the mapping alive for as long as a NumPy array or DLPack consumer holds a view.
+struct MappingOwner {
+  std::shared_ptr<MappedFile> mapping;
+};
+
+struct ManagedView {
+  std::shared_ptr<MappedFile> mapping;
+  Shape shape;
+  DLManagedTensor managed{};
+};
+
+py::dtype numpy_storage_dtype(DType dtype) {
+  switch (dtype) {
+    case DType::F32: return py::dtype::of<float>();
+    case DType::F16: return py::dtype("float16");
+    case DType::BF16: return py::dtype::of<std::uint16_t>();  // reinterpreted as bfloat16 in Python
+    case DType::I32: return py::dtype::of<std::int32_t>();
+    case DType::U8: return py::dtype::of<std::uint8_t>();
+    case DType::U32: return py::dtype::of<std::uint32_t>();
+  }
+  throw Error("invalid dtype");
+}
+
+DType parse_dtype_or_throw(const std::string& name) {
+  DType dtype;
+  if (!parse_dtype(name, dtype)) throw py::value_error("unsupported dtype '" + name + "'");
+  return dtype;
+}
+
+// A read-only NumPy array viewing the tensor inside the mapping, no copy.
+py::array tensor_array(const SafetensorsCheckpoint& checkpoint, const std::string& name) {
+  const SafetensorsFile& file = checkpoint.file_of(name);
+  const TensorView view = file.view(name);
+  if (!SafetensorsFile::is_aligned(view)) {
+    // Foreign files may misalign a tensor; NumPy copes but a copy keeps consumers simple.
+    py::array copy(numpy_storage_dtype(view.dtype), view.shape);
+    std::memcpy(copy.mutable_data(), view.data, view.nbytes());
+    return copy;
+  }
+  auto* owner = new MappingOwner{file.mapping()};
+  py::capsule base(owner, [](void* pointer) { delete static_cast<MappingOwner*>(pointer); });
+  std::vector<py::ssize_t> strides;
+  for (std::int64_t stride : view.strides) strides.push_back(py::ssize_t(stride * dtype_size(view.dtype)));
+  py::array array(numpy_storage_dtype(view.dtype), view.shape, strides, view.data, base);
+  py::detail::array_proxy(array.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+  return array;
+}
+
+py::capsule tensor_dlpack(const SafetensorsCheckpoint& checkpoint, const std::string& name) {
+  const SafetensorsFile& file = checkpoint.file_of(name);
+  const TensorView view = file.view(name);
+  if (!SafetensorsFile::is_aligned(view))
+    throw FormatError(file.path(), name, "tensor is not aligned to its element size; use get() for a copy");
+  auto* context = new ManagedView{file.mapping(), view.shape, {}};
+  DLTensor& tensor = context->managed.dl_tensor;
+  tensor.data = view.data;
+  tensor.device = {kDLCPU, 0};
+  tensor.ndim = std::int32_t(view.rank());
+  tensor.dtype = to_dlpack_dtype(view.dtype);
+  tensor.shape = context->shape.data();
+  tensor.strides = nullptr;  // compact row-major
+  tensor.byte_offset = 0;
+  context->managed.manager_ctx = context;
+  context->managed.deleter = [](DLManagedTensor* self) { delete static_cast<ManagedView*>(self->manager_ctx); };
+  // A consumer renames the capsule to "used_dltensor" and owns the tensor; only an
+  // unconsumed capsule frees it here.
+  return py::capsule(&context->managed, "dltensor", [](PyObject* capsule) {
+    if (PyCapsule_IsValid(capsule, "dltensor")) {
+      auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule, "dltensor"));
+      managed->deleter(managed);
+    }
+  });
+}
+
+py::dict tensor_info(const SafetensorsCheckpoint& checkpoint, const std::string& name) {
+  const TensorInfo& info = checkpoint.info(name);
+  py::dict result;
+  result["dtype"] = dtype_name(info.dtype);
+  result["shape"] = info.shape;
+  result["nbytes"] = info.nbytes();
+  result["file"] = checkpoint.file_of(name).path();
+  return result;
+}
+
+// Writes tensors given as (name, dtype name, shape, contiguous bytes) in one file.
+void write_file(const std::string& path, const std::vector<py::tuple>& tensors,
+                const std::map<std::string, std::string>& metadata) {
+  std::vector<TensorData> entries;
+  std::vector<py::buffer_info> keep_alive;
+  for (const py::tuple& item : tensors) {
+    if (item.size() != 4) throw py::value_error("each tensor is (name, dtype, shape, buffer)");
+    TensorData entry;
+    entry.spec.name = item[0].cast<std::string>();
+    entry.spec.dtype = parse_dtype_or_throw(item[1].cast<std::string>());
+    entry.spec.shape = item[2].cast<Shape>();
+    py::buffer buffer = item[3].cast<py::buffer>();
+    keep_alive.push_back(buffer.request());
+    const py::buffer_info& info = keep_alive.back();
+    const auto bytes = std::uint64_t(info.size) * std::uint64_t(info.itemsize);
+    if (bytes != entry.spec.nbytes())
+      throw FormatError(path, entry.spec.name, "buffer has " + std::to_string(bytes) + " bytes, dtype x shape needs " +
+                                                   std::to_string(entry.spec.nbytes()));
+    entry.data = info.ptr;
+    entries.push_back(entry);
+  }
+  py::gil_scoped_release release;
+  write_safetensors(path, entries, metadata);
+}
+
+template <typename Convert>
+py::array_t<std::uint16_t> narrow(py::array_t<float, py::array::c_style | py::array::forcecast> input, Convert convert) {
+  py::array_t<std::uint16_t> output(std::vector<py::ssize_t>(input.shape(), input.shape() + input.ndim()));
+  const float* source = input.data();
+  std::uint16_t* destination = output.mutable_data();
+  for (py::ssize_t i = 0; i < input.size(); ++i) destination[i] = convert(source[i]);
+  return output;
+}
+
+template <typename Convert>
+py::array_t<float> widen(py::array_t<std::uint16_t, py::array::c_style | py::array::forcecast> input, Convert convert) {
+  py::array_t<float> output(std::vector<py::ssize_t>(input.shape(), input.shape() + input.ndim()));
+  const std::uint16_t* source = input.data();
+  float* destination = output.mutable_data();
+  for (py::ssize_t i = 0; i < input.size(); ++i) destination[i] = convert(source[i]);
+  return output;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "meswitch C++ core";
+  m.attr("__version__") = kVersion;
+
+  static py::exception<FormatError> format_error(m, "FormatError", PyExc_ValueError);
+  py::register_exception_translator([](std::exception_ptr pointer) {
+    try {
+      if (pointer) std::rethrow_exception(pointer);
+    } catch (const FormatError& error) {
+      py::set_error(format_error, error.what());
+    } catch (const IoError& error) {
+      PyErr_SetString(PyExc_OSError, error.what());
+    }
+  });
+
+  py::class_<SafetensorsCheckpoint>(m, "SafetensorsCheckpoint")
+      .def_static("open", &SafetensorsCheckpoint::open, py::arg("path"),
+                  py::call_guard<py::gil_scoped_release>())
+      .def("names", &SafetensorsCheckpoint::names)
+      .def("contains", &SafetensorsCheckpoint::contains, py::arg("name"))
+      .def("__len__", &SafetensorsCheckpoint::size)
+      .def_property_readonly("shard_paths", &SafetensorsCheckpoint::shard_paths)
+      .def_property_readonly("source", &SafetensorsCheckpoint::source)
+      .def_property_readonly("index_metadata", &SafetensorsCheckpoint::index_metadata)
+      .def("file_metadata",
+           [](const SafetensorsCheckpoint& self, const std::string& name) { return self.file_of(name).metadata(); },
+           py::arg("name"))
+      .def("info", &tensor_info, py::arg("name"))
+      .def("array", &tensor_array, py::arg("name"))
+      .def("dlpack", &tensor_dlpack, py::arg("name"));
+
+  m.def("write_safetensors", &write_file, py::arg("path"), py::arg("tensors"), py::arg("metadata"));
+  m.def("f32_to_f16_bits", [](py::array_t<float, py::array::c_style | py::array::forcecast> x) { return narrow(x, float_to_f16); });
+  m.def("f32_to_bf16_bits", [](py::array_t<float, py::array::c_style | py::array::forcecast> x) { return narrow(x, float_to_bf16); });
+  m.def("f16_bits_to_f32", [](py::array_t<std::uint16_t, py::array::c_style | py::array::forcecast> x) { return widen(x, f16_to_float); });
+  m.def("bf16_bits_to_f32", [](py::array_t<std::uint16_t, py::array::c_style | py::array::forcecast> x) { return widen(x, bf16_to_float); });
+}

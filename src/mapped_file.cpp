@@ -1,0 +1,107 @@
+#include "meswitch/mapped_file.hpp"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <vector>
+
+#include "meswitch/error.hpp"
+
+namespace meswitch {
+
+namespace {
+
+std::string system_error(const std::string& what, const std::string& path) {
+  return what + " '" + path + "': " + std::strerror(errno);
+}
+
+}  // namespace
+
+std::shared_ptr<MappedFile> MappedFile::open(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw IoError(system_error("cannot open", path));
+  struct stat info {};
+  if (::fstat(fd, &info) != 0) {
+    const std::string message = system_error("cannot stat", path);
+    ::close(fd);
+    throw IoError(message);
+  }
+  if (!S_ISREG(info.st_mode)) {
+    ::close(fd);
+    throw IoError("not a regular file: '" + path + "'");
+  }
+  const auto size = static_cast<std::size_t>(info.st_size);
+  std::uint8_t* data = nullptr;
+  if (size > 0) {
+    void* mapping = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    if (mapping == MAP_FAILED) {
+      const std::string message = system_error("cannot mmap", path);
+      ::close(fd);
+      throw IoError(message);
+    }
+    data = static_cast<std::uint8_t*>(mapping);
+  }
+  ::close(fd);  // the mapping keeps the file alive
+  return std::shared_ptr<MappedFile>(new MappedFile(path, data, size));
+}
+
+MappedFile::~MappedFile() {
+  if (data_ != nullptr) ::munmap(data_, size_);
+}
+
+AtomicFileWriter::AtomicFileWriter(std::string path) : path_(std::move(path)) {
+  std::vector<char> pattern(path_.begin(), path_.end());
+  const char suffix[] = ".tmp.XXXXXX";
+  pattern.insert(pattern.end(), suffix, suffix + sizeof suffix);  // includes the NUL
+  fd_ = ::mkstemp(pattern.data());
+  if (fd_ < 0) throw IoError(system_error("cannot create a temporary file for", path_));
+  temporary_path_ = pattern.data();
+  ::fchmod(fd_, 0644);
+}
+
+AtomicFileWriter::~AtomicFileWriter() {
+  if (fd_ >= 0) ::close(fd_);
+  if (!committed_) ::unlink(temporary_path_.c_str());
+}
+
+void AtomicFileWriter::write(const void* data, std::size_t size) {
+  const auto* bytes = static_cast<const std::uint8_t*>(data);
+  while (size > 0) {
+    const ssize_t written = ::write(fd_, bytes, size);
+    if (written < 0) {
+      if (errno == EINTR) continue;
+      throw IoError(system_error("cannot write", temporary_path_));
+    }
+    bytes += written;
+    size -= static_cast<std::size_t>(written);
+    bytes_written_ += static_cast<std::uint64_t>(written);
+  }
+}
+
+void AtomicFileWriter::write_zeros(std::size_t size) {
+  static const std::uint8_t zeros[4096] = {};
+  while (size > 0) {
+    const std::size_t chunk = size < sizeof zeros ? size : sizeof zeros;
+    write(zeros, chunk);
+    size -= chunk;
+  }
+}
+
+void AtomicFileWriter::commit() {
+  if (committed_) throw Error("AtomicFileWriter: '" + path_ + "' already committed");
+  if (::fsync(fd_) != 0) throw IoError(system_error("cannot fsync", temporary_path_));
+  if (::close(fd_) != 0) {
+    fd_ = -1;
+    throw IoError(system_error("cannot close", temporary_path_));
+  }
+  fd_ = -1;
+  if (::rename(temporary_path_.c_str(), path_.c_str()) != 0)
+    throw IoError(system_error("cannot rename into", path_));
+  committed_ = true;
+}
+
+}  // namespace meswitch
