@@ -2,8 +2,8 @@
 //
 // f32 -> f16 and f32 -> bf16 round to nearest, ties to even, exactly as NumPy's
 // `astype(np.float16)` and PyTorch's `.to(torch.bfloat16)` do: the tests compare all
-// 65,536 half patterns and random floats bit for bit. NaN stays NaN (quiet, sign
-// kept), overflow goes to +-Inf, tiny values become (signed) subnormals or zero.
+// 65,536 half patterns and random floats bit for bit. NaN stays NaN with its sign
+// (f16 keeps its payload as NumPy does), overflow goes to +-Inf, tiny values become (signed) subnormals or zero.
 #pragma once
 
 #include <cstdint>
@@ -61,8 +61,9 @@ inline std::uint16_t float_to_f16(float value) {
   const std::uint32_t magnitude = bits & 0x7fffffffu;
 
   if (magnitude > 0x7f800000u) {
-    // NaN: keep the top payload bits and set the quiet bit, as NumPy does.
-    return std::uint16_t(sign | 0x7e00u | ((magnitude >> 13) & 0x3ffu));
+    // NaN: keep the top payload bits as NumPy does, never letting them become zero (Inf).
+    const std::uint16_t payload = std::uint16_t((magnitude >> 13) & 0x3ffu);
+    return std::uint16_t(sign | 0x7c00u | (payload == 0 ? 1u : payload));
   }
   if (magnitude >= 0x477ff000u) return std::uint16_t(sign | 0x7c00u);  // rounds to >= 65520: Inf
 

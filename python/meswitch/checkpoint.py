@@ -73,6 +73,8 @@ class Checkpoint(Mapping):
 
     # Mapping protocol: names -> NumPy arrays (views, no copy).
     def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self:
+            raise KeyError(name)
         return self.get_array(name)
 
     def __iter__(self) -> Iterator[str]:

@@ -13,12 +13,8 @@ TEST_CASE("every f16 value widens and narrows back to the same bits", "[half]") 
     const auto half = std::uint16_t(bits);
     const float value = f16_to_float(half);
     const bool is_nan = (half & 0x7c00u) == 0x7c00u && (half & 0x3ffu) != 0;
-    if (is_nan) {
-      REQUIRE(std::isnan(value));
-      REQUIRE((float_to_f16(value) | 0x0200u) == (half | 0x0200u));  // payload kept, quieted
-    } else {
-      REQUIRE(float_to_f16(value) == half);
-    }
+    if (is_nan) REQUIRE(std::isnan(value));
+    REQUIRE(float_to_f16(value) == half);  // NaN payloads survive the round trip too
   }
 }
 
