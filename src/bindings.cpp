@@ -8,35 +8,21 @@
 #include <string>
 #include <vector>
 
+#include "bindings_common.hpp"
 #include "meswitch/meswitch.hpp"
 
 namespace py = pybind11;
 using namespace meswitch;
 
-namespace {
+void bind_artifact(py::module_& m);
 
-// Keeps the mapping alive for as long as a NumPy array or DLPack consumer holds a view.
-struct MappingOwner {
-  std::shared_ptr<MappedFile> mapping;
-};
+namespace {
 
 struct ManagedView {
   std::shared_ptr<MappedFile> mapping;
   Shape shape;
   DLManagedTensor managed{};
 };
-
-py::dtype numpy_storage_dtype(DType dtype) {
-  switch (dtype) {
-    case DType::F32: return py::dtype::of<float>();
-    case DType::F16: return py::dtype("float16");
-    case DType::BF16: return py::dtype::of<std::uint16_t>();  // reinterpreted as bfloat16 in Python
-    case DType::I32: return py::dtype::of<std::int32_t>();
-    case DType::U8: return py::dtype::of<std::uint8_t>();
-    case DType::U32: return py::dtype::of<std::uint32_t>();
-  }
-  throw Error("invalid dtype");
-}
 
 DType parse_dtype_or_throw(const std::string& name) {
   DType dtype;
@@ -47,20 +33,7 @@ DType parse_dtype_or_throw(const std::string& name) {
 // A read-only NumPy array viewing the tensor inside the mapping, no copy.
 py::array tensor_array(const SafetensorsCheckpoint& checkpoint, const std::string& name) {
   const SafetensorsFile& file = checkpoint.file_of(name);
-  const TensorView view = file.view(name);
-  if (!SafetensorsFile::is_aligned(view)) {
-    // Foreign files may misalign a tensor; NumPy copes but a copy keeps consumers simple.
-    py::array copy(numpy_storage_dtype(view.dtype), view.shape);
-    std::memcpy(copy.mutable_data(), view.data, view.nbytes());
-    return copy;
-  }
-  auto* owner = new MappingOwner{file.mapping()};
-  py::capsule base(owner, [](void* pointer) { delete static_cast<MappingOwner*>(pointer); });
-  std::vector<py::ssize_t> strides;
-  for (std::int64_t stride : view.strides) strides.push_back(py::ssize_t(stride * dtype_size(view.dtype)));
-  py::array array(numpy_storage_dtype(view.dtype), view.shape, strides, view.data, base);
-  py::detail::array_proxy(array.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
-  return array;
+  return bindings::mapped_array(file.mapping(), file.view(name));
 }
 
 py::capsule tensor_dlpack(const SafetensorsCheckpoint& checkpoint, const std::string& name) {
@@ -173,7 +146,10 @@ PYBIND11_MODULE(_core, m) {
            py::arg("name"))
       .def("info", &tensor_info, py::arg("name"))
       .def("array", &tensor_array, py::arg("name"))
-      .def("dlpack", &tensor_dlpack, py::arg("name"));
+      .def("dlpack", &tensor_dlpack, py::arg("name"))
+      .def("release", &SafetensorsCheckpoint::release, py::arg("name"));
+
+  bind_artifact(m);
 
   m.def("write_safetensors", &write_file, py::arg("path"), py::arg("tensors"), py::arg("metadata"));
   m.def("f32_to_f16_bits", [](py::array_t<float, py::array::c_style | py::array::forcecast> x) { return narrow(x, float_to_f16); });

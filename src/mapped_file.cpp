@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <vector>
@@ -51,6 +52,15 @@ std::shared_ptr<MappedFile> MappedFile::open(const std::string& path) {
 
 MappedFile::~MappedFile() {
   if (data_ != nullptr) ::munmap(data_, size_);
+}
+
+void MappedFile::release(std::size_t offset, std::size_t size) const {
+  if (data_ == nullptr || size == 0 || offset >= size_) return;
+  const std::size_t page = std::size_t(::sysconf(_SC_PAGESIZE));
+  // Only whole pages inside the range: neighbours sharing a page stay resident.
+  const std::size_t begin = (offset + page - 1) / page * page;
+  const std::size_t end = std::min(offset + size, size_) / page * page;
+  if (end > begin) ::madvise(data_ + begin, end - begin, MADV_DONTNEED);
 }
 
 AtomicFileWriter::AtomicFileWriter(std::string path) : path_(std::move(path)) {

@@ -28,6 +28,11 @@ class MappedFile {
   std::size_t size() const { return size_; }
   const std::string& path() const { return path_; }
 
+  // Drops the pages of [offset, offset + size) from this process's memory (they are
+  // re-read from the file if touched again), so streaming through a checkpoint
+  // larger than RAM keeps the resident set small.
+  void release(std::size_t offset, std::size_t size) const;
+
  private:
   MappedFile(std::string path, std::uint8_t* data, std::size_t size)
       : path_(std::move(path)), data_(data), size_(size) {}

@@ -1,11 +1,13 @@
 // Everything public, for C++ engines that want one include.
 #pragma once
 
+#include "meswitch/artifact.hpp"
 #include "meswitch/dlpack.hpp"
 #include "meswitch/error.hpp"
 #include "meswitch/half.hpp"
 #include "meswitch/mapped_file.hpp"
 #include "meswitch/safetensors.hpp"
+#include "meswitch/sha256.hpp"
 #include "meswitch/sharded_safetensors.hpp"
 #include "meswitch/tensor.hpp"
 #include "meswitch/version.hpp"

@@ -97,6 +97,14 @@ class SafetensorsCheckpoint {
   TensorView view(const std::string& name) const { return file_of(name).view(name); }
   std::vector<float> read_f32(const std::string& name) const { return file_of(name).read_f32(name); }
 
+  // Lets the kernel reclaim the pages of a tensor the caller is done with.
+  void release(const std::string& name) const {
+    const SafetensorsFile& file = file_of(name);
+    const TensorView view = file.view(name);
+    file.mapping()->release(std::size_t(static_cast<const std::uint8_t*>(view.data) - file.mapping()->data()),
+                            view.nbytes());
+  }
+
  private:
   SafetensorsCheckpoint() = default;
 

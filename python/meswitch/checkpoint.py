@@ -130,6 +130,13 @@ class Checkpoint(Mapping):
             return array.astype(np.float32)
         return array
 
+    def release(self, name: str) -> None:
+        """Drop the pages of ``name`` from memory once done with it (streaming over large checkpoints).
+
+        Views of the tensor stay valid: touching them reads the pages back from the file.
+        """
+        self._core.release(name)
+
     def get_dlpack(self, name: str) -> DLPackTensor:
         """An object for ``torch.from_dlpack`` (or any DLPack consumer) sharing the mapping."""
         if name not in self:

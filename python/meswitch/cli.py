@@ -66,13 +66,103 @@ def _print_summary(summary: dict[str, Any], list_tensors: bool) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    summaries = [describe_checkpoint(path) for path in args.paths]
+    artifacts = [Path(p) for p in args.paths if _is_artifact(Path(p))]
+    for path in artifacts:
+        _inspect_artifact(path, args)
+    checkpoints = [p for p in args.paths if not _is_artifact(Path(p))]
+    if not checkpoints:
+        return 0
+    summaries = [describe_checkpoint(path) for path in checkpoints]
     if args.json:
         print(json.dumps(summaries if len(summaries) > 1 else summaries[0], indent=2))
         return 0
     for summary in summaries:
         _print_summary(summary, args.tensors)
     return 0
+
+
+def _run_compress(args: argparse.Namespace) -> int:
+    from meswitch.compress import CompressionSettings, compress, parse_salient
+
+    settings = CompressionSettings(bits=args.bits, group_size=args.group_size, salient=parse_salient(args.salient),
+                                   clip_grid=args.clip_grid, min_clip=args.min_clip, avg_bits=args.avg_bits)
+    report = compress(args.base, args.expert, args.out, settings=settings, calibration=args.calib,
+                      name=args.name, domain=args.domain or "", progress=not args.quiet)
+    for line in report.summary_lines():
+        print(line)
+    return 0
+
+
+def _run_decompress(args: argparse.Namespace) -> int:
+    from meswitch.artifact import decompress
+
+    out = decompress(args.base, args.artifact, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _is_artifact(path: Path) -> bool:
+    return (path / "manifest.json").is_file()
+
+
+def _inspect_artifact(path: Path, args: argparse.Namespace) -> int:
+    from meswitch.artifact import load_artifact
+
+    artifact = load_artifact(path)
+    manifest = artifact.manifest
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    quant = manifest["quantization"]
+    stats = manifest["statistics"]
+    kinds = Counter(entry["kind"] for entry in manifest["tensors"].values())
+    size = sum((path / shard["file"]).stat().st_size for shard in manifest["shards"])
+    print(f"{path}  (format {manifest['format']} v{manifest['format_version']}, {manifest['created_by']})")
+    print(f"  {'expert':<22} {manifest['name']}  {manifest.get('domain', '')}")
+    print(f"  {'base fingerprint':<22} {manifest['base']['fingerprint'][:16]}...")
+    print(f"  {'quantization':<22} bits={quant['bits']} group={quant['group_size'] or 'row'} "
+          f"salient={quant['salient']} clip_grid={quant['clip_grid']} avg_bits={quant['avg_bits']} "
+          f"calibration={quant['calibration']['kind']}")
+    print(f"  {'tensors':<22} " + ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items())))
+    print(f"  {'delta parameters':<22} {stats['delta_parameters']:,}  ({stats['avg_bits']:.3f} bits each)")
+    print(f"  {'stored':<22} {_human_bytes(size)} in {len(manifest['shards'])} shard(s), sha256 verified")
+    if args.tensors:
+        for name, entry in manifest["tensors"].items():
+            if entry["kind"] == "delta":
+                print(f"    {name:<48} {entry['rows']}x{entry['cols']} b={entry['bits']} k={entry['salient']} "
+                      f"rel.err={entry['relative_error']:.4f}")
+            else:
+                print(f"    {name:<48} {entry['kind']}")
+    if args.plot:
+        _plot_layer_errors(manifest, args.plot)
+        print(f"  plot: {args.plot}")
+    return 0
+
+
+def _plot_layer_errors(manifest: dict[str, Any], plot_path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from meswitch.naming import layer_index
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for name, entry in manifest["tensors"].items():
+        layer = layer_index(name)
+        if entry["kind"] == "delta" and layer is not None:
+            series.setdefault(name.rsplit(".", 2)[-2], []).append((layer, entry["relative_error"]))
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for projection, points in sorted(series.items()):
+        points.sort()
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=projection)
+    axis.set_xlabel("layer")
+    axis.set_ylabel("relative activation-weighted error")
+    axis.set_title(f"{manifest['name']}: delta quantization error per layer")
+    axis.legend(fontsize=8, ncol=2)
+    figure.tight_layout()
+    figure.savefig(plot_path, dpi=120)
+    plt.close(figure)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -99,7 +189,30 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("paths", nargs="+", help="checkpoint file, index or directory")
     inspect.add_argument("--tensors", action="store_true", help="list every tensor")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    inspect.add_argument("--plot", metavar="PNG", help="artifact: plot the error per layer to this file")
     inspect.set_defaults(func=_run_inspect)
+
+    compress = commands.add_parser("compress", help="compress an expert against its base into NAME.meswitch")
+    compress.add_argument("--base", required=True, help="base model directory")
+    compress.add_argument("--expert", required=True, help="fine-tuned expert directory")
+    compress.add_argument("--out", required=True, help="artifact directory, e.g. math.meswitch")
+    compress.add_argument("--calib", help="calibration text (.jsonl with 'text', or blank-line separated text)")
+    compress.add_argument("--bits", type=int, default=2, help="bits per low-bit code, 1-4 (default 2)")
+    compress.add_argument("--group-size", type=int, default=64, help="group size, 0 = whole row (default 64)")
+    compress.add_argument("--salient", default="1%", help="salient channels per matrix: '1%%' or a count")
+    compress.add_argument("--avg-bits", type=float, help="budget: average bits per delta parameter (planner)")
+    compress.add_argument("--clip-grid", type=int, default=20, help="step-size search points (1 = RTN)")
+    compress.add_argument("--min-clip", type=float, default=0.5, help="smallest clip ratio searched")
+    compress.add_argument("--name", help="expert name (default: expert directory name)")
+    compress.add_argument("--domain", help="domain description stored in the manifest")
+    compress.add_argument("--quiet", action="store_true", help="no progress bar")
+    compress.set_defaults(func=_run_compress)
+
+    decompress = commands.add_parser("decompress", help="write base + dequantized delta as a HF model directory")
+    decompress.add_argument("--base", required=True)
+    decompress.add_argument("--artifact", required=True)
+    decompress.add_argument("--out", required=True)
+    decompress.set_defaults(func=_run_decompress)
 
     demo = commands.add_parser("demo", help="the main job on the bundled tiny expert family")
     demo.add_argument("--family", help="family directory (default: the bundled one)")
@@ -121,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # report user-facing errors without a traceback
         from meswitch import _core
 
-        if isinstance(error, (_core.FormatError, OSError)):
+        if isinstance(error, (_core.FormatError, OSError, ValueError)):
             print(f"meswitch: error: {error}", file=sys.stderr)
             return 1
         raise

@@ -1,0 +1,149 @@
+"""Reading compressed-expert artifacts and turning them back into dense models."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from meswitch.checkpoint import NUMPY_DTYPES, open_checkpoint, save_file
+
+
+class ExpertArtifact:
+    """A ``NAME.meswitch`` directory opened for reading.
+
+    Parameters
+    ----------
+    path
+        The artifact directory.
+    verify_checksums
+        Check every shard's sha256 against the manifest (default).
+
+    Raises
+    ------
+    meswitch.FormatError
+        Unknown format or version, checksum mismatch, malformed shard.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], verify_checksums: bool = True) -> None:
+        from meswitch import _core
+
+        self.path = Path(path)
+        self._core = _core.ExpertArtifact.open(str(self.path), verify_checksums)
+        self.manifest: dict[str, Any] = json.loads(self._core.manifest_json())
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def tensors(self) -> dict[str, dict[str, Any]]:
+        return self.manifest["tensors"]
+
+    def stored(self, name: str) -> np.ndarray:
+        """A stored tensor (e.g. ``W.qweight``) as a read-only NumPy view."""
+        array = self._core.stored(name)
+        if self._core.stored_dtype(name) == "BF16":
+            array = array.view(ml_dtypes.bfloat16)
+        return array
+
+    def check_base(self, base: str | os.PathLike[str]) -> None:
+        """Raise ``meswitch.FormatError`` unless ``base`` is the model this expert was compressed against."""
+        base = Path(base)
+        self._core.check_base(str(base), (base / "config.json").read_text(encoding="utf-8"))
+
+    def delta(self, weight: str) -> np.ndarray:
+        """The dequantized float32 delta of a ``delta`` weight (base rows only)."""
+        from meswitch.compress import dequantize_pieces
+
+        entry = self.tensors[weight]
+        pieces = {key: self.stored(f"{weight}.{key}") for key in ("qweight", "scales", "zeros", "salient_idx", "salient")}
+        return dequantize_pieces(pieces, entry["rows"], entry["cols"], entry["bits"], entry["group_size"])
+
+    def weights(self, base: str | os.PathLike[str], *, check_base: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield ``(name, array)`` of the reconstructed expert, tensor by tensor, in its original dtypes."""
+        if check_base:
+            self.check_base(base)
+        base_ckpt = open_checkpoint(base)
+        for weight, entry in self.tensors.items():
+            dtype = NUMPY_DTYPES[entry["dtype"]]
+            kind = entry["kind"]
+            if kind == "same":
+                yield weight, base_ckpt.get_array(weight)
+            elif kind == "full":
+                array = self.stored(f"{weight}.full")
+                yield weight, array.view(dtype) if array.dtype != dtype else array
+            elif kind == "delta":
+                base_rows = base_ckpt.get_array(weight, widen=True).reshape(entry["rows"], entry["cols"])
+                dense = base_rows + self.delta(weight)
+                if entry["extra_rows"]:
+                    extra = self.stored(f"{weight}.extra_rows").astype(np.float32)
+                    dense = np.concatenate([dense, extra], axis=0)
+                yield weight, dense.reshape(entry["shape"]).astype(dtype)
+            else:
+                raise ValueError(f"{self.path}: tensor '{weight}': unknown kind '{kind}'")
+
+    def side_files(self) -> list[Path]:
+        directory = self.path / "expert"
+        return sorted(p for p in directory.iterdir() if p.is_file()) if directory.is_dir() else []
+
+
+def load_artifact(path: str | os.PathLike[str], verify_checksums: bool = True) -> ExpertArtifact:
+    """Open a compressed-expert artifact; see :class:`ExpertArtifact`."""
+    return ExpertArtifact(path, verify_checksums)
+
+
+def decompress(base: str | os.PathLike[str], artifact: str | os.PathLike[str] | ExpertArtifact,
+               out: str | os.PathLike[str]) -> Path:
+    """Write base + dequantized delta as a Hugging Face model directory (loads with transformers).
+
+    The directory is built beside ``out`` and renamed into place when complete.
+    """
+    expert = artifact if isinstance(artifact, ExpertArtifact) else load_artifact(artifact)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=out.name + ".tmp.", dir=out.parent))
+    try:
+        tensors = dict(expert.weights(base))
+        save_file(tensors, staging / "model.safetensors", metadata={"format": "pt", "meswitch_artifact": expert.name})
+        for side in expert.side_files():
+            shutil.copy2(side, staging / side.name)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def load_compressed_model(base: str | os.PathLike[str], artifact: str | os.PathLike[str] | ExpertArtifact,
+                          dtype: Any = None):
+    """A transformers model and tokenizer for base + compressed expert, built in memory.
+
+    Returns
+    -------
+    (model, tokenizer)
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    expert = artifact if isinstance(artifact, ExpertArtifact) else load_artifact(artifact)
+    config = AutoConfig.from_pretrained(expert.path / "expert")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {name: torch.from_numpy(np.asarray(array, dtype=np.float32)) for name, array in expert.weights(base)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    unexpected = [n for n in unexpected if n]
+    if unexpected or [n for n in missing if not (n == "lm_head.weight" and config.tie_word_embeddings)]:
+        raise ValueError(f"{expert.path}: weights do not fit the expert config (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    model = model.to(dtype or torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(expert.path / "expert")
+    return model, tokenizer

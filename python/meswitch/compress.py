@@ -1,0 +1,489 @@
+"""Compress an expert into a ``NAME.meswitch`` artifact: delta, salient channels, low-bit codes.
+
+The loop streams tensor by tensor: it maps both checkpoints, forms one delta in
+float32, chooses its salient channels and quantizes the rest (all in C++), queues
+the packed pieces in the artifact writer (which flushes bounded shards) and lets
+the pages of the source tensors go before moving on. Peak memory is therefore a
+few copies of the largest tensor plus one shard, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from meswitch import __version__
+from meswitch.checkpoint import Checkpoint, open_checkpoint
+from meswitch.naming import is_delta_role, layer_index, tensor_role
+
+#: Small files copied from the expert so that ``decompress`` yields a loadable HF model.
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
+
+#: Candidates the budget planner chooses from.
+PLANNER_BITS = (1, 2, 3, 4)
+PLANNER_SALIENT_FRACTIONS = (0.0, 0.005, 0.01, 0.02, 0.05)
+
+
+@dataclass
+class CompressionSettings:
+    """How every delta matrix is quantized (unless the budget planner chooses per matrix).
+
+    Attributes
+    ----------
+    bits
+        Bits per low-bit code, 1-4.
+    group_size
+        Input channels per scale/zero group: 32, 64, 128 ..., or 0 for the whole row.
+    salient
+        Salient input channels per matrix kept in 16 bit: a fraction of the
+        columns when below 1 (0.01 = 1 %), an absolute count otherwise.
+    clip_grid, min_clip
+        Step-size search: clip ratios from 1 down to ``min_clip`` in ``clip_grid``
+        steps (``clip_grid=1`` is plain round-to-nearest).
+    avg_bits
+        If set, the budget planner picks bits and salient count per matrix to
+        minimise the total measured error at this average bits per delta parameter.
+    """
+
+    bits: int = 2
+    group_size: int = 64
+    salient: float = 0.01
+    clip_grid: int = 20
+    min_clip: float = 0.5
+    avg_bits: float | None = None
+    max_shard_bytes: int = 128 << 20
+
+    def validate(self) -> None:
+        if self.bits not in (1, 2, 3, 4):
+            raise ValueError(f"bits must be 1, 2, 3 or 4, got {self.bits}")
+        if self.group_size < 0:
+            raise ValueError(f"group size must be positive or 0 (whole row), got {self.group_size}")
+        if self.salient < 0:
+            raise ValueError(f"salient must be >= 0, got {self.salient}")
+        if self.clip_grid < 1 or not 0 < self.min_clip <= 1:
+            raise ValueError("clip_grid must be >= 1 and min_clip in (0, 1]")
+        if self.avg_bits is not None and not 1.0 <= self.avg_bits <= 6.0:
+            raise ValueError(f"avg_bits must be within [1, 6], got {self.avg_bits}")
+
+
+def parse_salient(text: str | float) -> float:
+    """``"1%"`` -> 0.01, ``"0.5%"`` -> 0.005, ``"8"`` -> 8 (absolute), ``0.02`` -> 0.02."""
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        text = text.strip()
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    if value < 0:
+        raise ValueError(f"salient must be >= 0, got {text!r}")
+    return value
+
+
+def salient_count(salient: float, cols: int) -> int:
+    """Channels kept in 16 bit for a matrix with ``cols`` input channels."""
+    if salient >= 1:
+        return min(int(salient), cols)
+    if salient <= 0:
+        return 0
+    return min(cols, max(1, int(round(salient * cols))))
+
+
+def compressed_bits(rows: int, cols: int, bits: int, group_size: int, k: int) -> int:
+    """Storage of one compressed delta in bits: codes, f16 scales, u8 zeros, f16 salient values, i32 indices."""
+    groups = 1 if group_size == 0 else cols // group_size
+    words = (cols * bits + 31) // 32
+    return rows * words * 32 + rows * groups * (16 + 8) + rows * k * 16 + k * 32
+
+
+@dataclass
+class MatrixResult:
+    """One compressed delta: the stored pieces and what it cost."""
+
+    pieces: dict[str, np.ndarray]
+    bits: int
+    group_size: int
+    salient: int
+    error: float  # activation-weighted squared error
+    reference: float  # activation-weighted squared norm of the delta
+    storage_bits: int
+
+
+def compress_matrix(delta: np.ndarray, channel_weight: np.ndarray | None, *, bits: int, group_size: int,
+                    k: int, clip_grid: int, min_clip: float, name: str) -> MatrixResult:
+    """Salient selection + quantization of one float32 delta ``[rows, cols]`` (C++)."""
+    from meswitch import _core
+
+    rows, cols = delta.shape
+    if k > 0:
+        scores = _core.channel_error_scores(delta, channel_weight, bits, group_size, clip_grid, min_clip, name)
+        salient_idx = np.asarray(_core.select_salient_channels(scores, k), dtype=np.int32)
+    else:
+        salient_idx = np.zeros(0, dtype=np.int32)
+    pieces = _core.quantize_delta(delta, channel_weight, salient_idx, bits, group_size, clip_grid, min_clip, name)
+    approx = dequantize_pieces(pieces, rows, cols, bits, group_size)
+    weight = np.ones(cols, dtype=np.float64) if channel_weight is None else channel_weight.astype(np.float64)
+    error = float((((delta.astype(np.float64) - approx) ** 2).sum(axis=0) * weight).sum())
+    reference = float(((delta.astype(np.float64) ** 2).sum(axis=0) * weight).sum())
+    stored = {key: pieces[key] for key in ("qweight", "scales", "zeros", "salient_idx", "salient")}
+    return MatrixResult(stored, bits, group_size or cols, int(salient_idx.size), error, reference,
+                        compressed_bits(rows, cols, bits, group_size, int(salient_idx.size)))
+
+
+def dequantize_pieces(pieces: Mapping[str, np.ndarray], rows: int, cols: int, bits: int,
+                      group_size: int) -> np.ndarray:
+    """Dense float32 ``[rows, cols]`` delta from its stored pieces (C++ reference path)."""
+    from meswitch import _core
+
+    return _core.dequantize_delta(np.ascontiguousarray(pieces["qweight"]), np.ascontiguousarray(pieces["scales"]),
+                                  np.ascontiguousarray(pieces["zeros"]), np.ascontiguousarray(pieces["salient_idx"]),
+                                  np.ascontiguousarray(pieces["salient"]), rows, cols, bits, group_size or cols)
+
+
+# --------------------------------------------------------------------------- budget planner
+
+@dataclass
+class PlanChoice:
+    bits: int
+    salient: int
+    error: float
+    storage_bits: int
+
+
+def plan_budget(candidates: Mapping[str, Sequence[PlanChoice]], parameters: Mapping[str, int],
+                avg_bits: float) -> dict[str, PlanChoice]:
+    """Pick one candidate per matrix minimising the summed error within ``avg_bits`` per parameter.
+
+    Greedy over each matrix's lower convex hull of (storage, error): start from the
+    cheapest choice everywhere and repeatedly take the upgrade with the largest error
+    reduction per extra bit that still fits. On convex hulls this is the exact
+    Lagrangian solution at the budget's breakpoints.
+    """
+    budget = avg_bits * sum(parameters.values())
+    hulls: dict[str, list[PlanChoice]] = {}
+    for name, options in candidates.items():
+        ordered = sorted(options, key=lambda c: (c.storage_bits, c.error))
+        front: list[PlanChoice] = []
+        for option in ordered:  # Pareto front: strictly less error for more storage
+            if not front or option.error < front[-1].error:
+                front.append(option)
+        hull: list[PlanChoice] = []
+        for option in front:  # lower convex hull
+            while len(hull) >= 2:
+                a, b = hull[-2], hull[-1]
+                slope_ab = (a.error - b.error) / (b.storage_bits - a.storage_bits)
+                slope_bc = (b.error - option.error) / (option.storage_bits - b.storage_bits)
+                if slope_bc >= slope_ab:
+                    hull.pop()
+                else:
+                    break
+            hull.append(option)
+        hulls[name] = hull
+    position = {name: 0 for name in hulls}
+    spent = sum(hull[0].storage_bits for hull in hulls.values())
+    if spent > budget:
+        cheapest = spent / sum(parameters.values())
+        raise ValueError(f"--avg-bits {avg_bits} is below the cheapest plan ({cheapest:.3f} bits per parameter)")
+    heap: list[tuple[float, str]] = []
+
+    def push(name: str) -> None:
+        hull, at = hulls[name], position[name]
+        if at + 1 < len(hull):
+            gain = (hull[at].error - hull[at + 1].error) / (hull[at + 1].storage_bits - hull[at].storage_bits)
+            heapq.heappush(heap, (-gain, name))
+
+    for name in hulls:
+        push(name)
+    while heap:
+        _, name = heapq.heappop(heap)
+        hull, at = hulls[name], position[name]
+        extra = hull[at + 1].storage_bits - hull[at].storage_bits
+        if spent + extra > budget:
+            continue  # this upgrade does not fit; cheaper ones elsewhere still may
+        spent += extra
+        position[name] = at + 1
+        push(name)
+    return {name: hulls[name][position[name]] for name in hulls}
+
+
+# --------------------------------------------------------------------------- the compression loop
+
+@dataclass
+class CompressionReport:
+    """What ``compress`` wrote and measured."""
+
+    artifact: str
+    seconds: float
+    delta_parameters: int
+    delta_bytes_fp16: int
+    artifact_bytes: int
+    avg_bits: float
+    tensors: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.delta_bytes_fp16 / max(1, self.artifact_bytes)
+
+    def summary_lines(self) -> list[str]:
+        lines = [f"artifact        {self.artifact}",
+                 f"delta params    {self.delta_parameters:,}",
+                 f"fp16 delta      {self.delta_bytes_fp16 / 2**20:.2f} MiB",
+                 f"artifact        {self.artifact_bytes / 2**20:.2f} MiB ({self.ratio:.2f}x smaller)",
+                 f"avg bits/param  {self.avg_bits:.3f}",
+                 f"time            {self.seconds:.1f} s"]
+        layers: dict[str, list[float]] = {}
+        for name, entry in self.tensors.items():
+            if entry["kind"] == "delta":
+                layer = layer_index(name)
+                layers.setdefault("-" if layer is None else str(layer), []).append(entry["relative_error"])
+        lines.append("relative error per layer (mean over matrices): " + ", ".join(
+            f"{key}: {np.mean(values):.4f}" for key, values in sorted(layers.items(), key=lambda kv: (len(kv[0]), kv[0]))))
+        return lines
+
+
+def _load_config_text(directory: Path) -> str:
+    config = directory / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face model directory)")
+    return config.read_text(encoding="utf-8")
+
+
+def _floating(checkpoint: Checkpoint, name: str, directory: Path) -> np.ndarray:
+    from meswitch import _core
+
+    info = checkpoint.info(name)
+    if info["dtype"] not in ("F32", "F16", "BF16"):
+        raise _core.FormatError(f"{directory}: tensor '{name}': dtype {info['dtype']} is not floating")
+    return checkpoint.get_array(name)
+
+
+def _channel_weights(statistics: Mapping[str, np.ndarray] | None, name: str, role: str,
+                     cols: int) -> np.ndarray | None:
+    if statistics is None or role == "embedding" or name not in statistics:
+        return None
+    weight = np.ascontiguousarray(statistics[name], dtype=np.float32)
+    if weight.shape != (cols,):
+        raise ValueError(f"calibration statistics for '{name}' have shape {weight.shape}, expected ({cols},)")
+    # A channel never active in calibration still matters on other text: floor at a small share.
+    floor = max(float(weight.mean()) * 1e-3, 1e-12)
+    return np.maximum(weight, floor).astype(np.float32)
+
+
+def calibration_statistics(expert: str | Path, texts: Sequence[str], max_tokens: int = 16384) -> dict[str, np.ndarray]:
+    """E[x^2] per input channel of every linear of the expert on ``texts``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from meswitch.calibration import collect_channel_second_moments
+
+    tokenizer = AutoTokenizer.from_pretrained(expert)
+    model = AutoModelForCausalLM.from_pretrained(expert, dtype=torch.float32)
+    return collect_channel_second_moments(model, tokenizer, texts, max_tokens=max_tokens)
+
+
+def compress(base: str | Path, expert: str | Path, out: str | Path, *,
+             settings: CompressionSettings | None = None,
+             calibration: str | Path | Sequence[str] | Mapping[str, np.ndarray] | None = None,
+             name: str | None = None, domain: str = "",
+             progress: bool | Callable[[int, int, str], None] = True) -> CompressionReport:
+    """Compress ``expert`` against ``base`` into the artifact directory ``out``.
+
+    Parameters
+    ----------
+    base, expert
+        Hugging Face model directories (safetensors, sharded or not, f32/f16/bf16).
+    out
+        Artifact directory, conventionally ``NAME.meswitch``; replaced atomically.
+    settings
+        Quantization settings (:class:`CompressionSettings`).
+    calibration
+        Calibration text file, list of texts, or precomputed ``{weight: E[x^2]}``;
+        ``None`` scores channels weight-only.
+    name, domain
+        Expert name (default: the expert directory's name) and a domain description.
+    progress
+        ``True`` for a progress bar, ``False`` for none, or a callback ``(done, total, tensor)``.
+
+    Returns
+    -------
+    CompressionReport
+    """
+    from meswitch import _core
+
+    settings = settings or CompressionSettings()
+    settings.validate()
+    base, expert, out = Path(base), Path(expert), Path(out)
+    start = time.perf_counter()
+    base_config, expert_config = _load_config_text(base), _load_config_text(expert)
+    base_ckpt, expert_ckpt = open_checkpoint(base), open_checkpoint(expert)
+
+    missing = sorted(set(base_ckpt) - set(expert_ckpt))
+    if missing:
+        raise _core.FormatError(f"{expert}: tensor '{missing[0]}': present in the base {base} but missing "
+                                f"from the expert ({len(missing)} missing in all)")
+
+    statistics: Mapping[str, np.ndarray] | None
+    calibration_info: dict[str, Any] = {"kind": "weight-only"}
+    if calibration is None:
+        statistics = None
+    elif isinstance(calibration, Mapping):
+        statistics, calibration_info = calibration, {"kind": "statistics"}
+    else:
+        from meswitch.calibration import read_calibration_texts
+
+        texts = read_calibration_texts(calibration) if isinstance(calibration, (str, Path)) else list(calibration)
+        statistics = calibration_statistics(expert, texts)
+        calibration_info = {"kind": "activation-aware", "texts": len(texts),
+                            "source": str(calibration) if isinstance(calibration, (str, Path)) else "texts"}
+
+    names = sorted(expert_ckpt)
+    delta_names = [n for n in names if n in base_ckpt and is_delta_role(tensor_role(n))
+                   and len(expert_ckpt.info(n)["shape"]) == 2]
+    plan: dict[str, PlanChoice] | None = None
+    if settings.avg_bits is not None:
+        plan = _plan(base, expert, base_ckpt, expert_ckpt, delta_names, statistics, settings, progress)
+
+    writer = _core.ArtifactWriter(str(out), settings.max_shard_bytes)
+    entries: dict[str, dict[str, Any]] = {}
+    totals = {"params": 0, "storage_bits": 0, "artifact_bytes": 0}
+    bar = _progress(progress, len(names), f"compress {expert.name}")
+    for index, tensor in enumerate(names):
+        role = tensor_role(tensor)
+        if tensor in delta_names:
+            entries[tensor] = _compress_delta(writer, tensor, role, base, expert, base_ckpt, expert_ckpt,
+                                              statistics, settings, plan, totals)
+        else:
+            entries[tensor] = _store_other(writer, tensor, base_ckpt, expert_ckpt, expert, totals)
+        expert_ckpt.release(tensor)
+        if tensor in base_ckpt:
+            base_ckpt.release(tensor)
+        bar(index + 1, tensor)
+
+    for side in SIDE_FILES:
+        if (expert / side).is_file():
+            writer.add_file(f"expert/{side}", str(expert / side))
+    manifest = {
+        "name": name or expert.name,
+        "domain": domain,
+        "created_by": f"meswitch {__version__}",
+        "base": json.loads(_core.base_fingerprint(str(base), base_config)),
+        "base_path_hint": str(base),
+        "expert_config": json.loads(expert_config),
+        "quantization": {**asdict(settings), "calibration": calibration_info,
+                         "planner": None if plan is None else {"bits": list(PLANNER_BITS),
+                                                               "salient_fractions": list(PLANNER_SALIENT_FRACTIONS)}},
+        "statistics": {"delta_parameters": totals["params"], "delta_storage_bits": totals["storage_bits"],
+                       "avg_bits": totals["storage_bits"] / max(1, totals["params"])},
+        "tensors": entries,
+    }
+    writer.commit(json.dumps(manifest))
+    artifact_bytes = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
+    return CompressionReport(str(out), time.perf_counter() - start, totals["params"], totals["params"] * 2,
+                             artifact_bytes, totals["storage_bits"] / max(1, totals["params"]), entries)
+
+
+def _progress(progress: bool | Callable[[int, int, str], None], total: int, label: str) -> Callable[[int, str], None]:
+    if callable(progress):
+        return lambda done, tensor: progress(done, total, tensor)
+    if not progress:
+        return lambda done, tensor: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=label, unit="tensor", leave=False)
+
+    def update(done: int, tensor: str) -> None:
+        bar.set_postfix_str(tensor[-40:], refresh=False)
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+    return update
+
+
+def _delta_of(tensor: str, base: Path, expert: Path, base_ckpt: Checkpoint, expert_ckpt: Checkpoint):
+    from meswitch import _core
+
+    base_array = _floating(base_ckpt, tensor, base)
+    expert_array = _floating(expert_ckpt, tensor, expert)
+    try:
+        return _core.compute_delta(base_array, expert_array, tensor)
+    except _core.FormatError as error:
+        raise _core.FormatError(f"{expert} vs {base}: {error}") from None
+
+
+def _compress_delta(writer, tensor: str, role: str, base: Path, expert: Path, base_ckpt: Checkpoint,
+                    expert_ckpt: Checkpoint, statistics, settings: CompressionSettings,
+                    plan: dict[str, PlanChoice] | None, totals: dict[str, int]) -> dict[str, Any]:
+    delta, extra = _delta_of(tensor, base, expert, base_ckpt, expert_ckpt)
+    rows, cols = delta.shape
+    weight = _channel_weights(statistics, tensor, role, cols)
+    bits, k = settings.bits, salient_count(settings.salient, cols)
+    if plan is not None:
+        bits, k = plan[tensor].bits, plan[tensor].salient
+    try:
+        result = compress_matrix(delta, weight, bits=bits, group_size=settings.group_size, k=k,
+                                 clip_grid=settings.clip_grid, min_clip=settings.min_clip, name=tensor)
+    except (ValueError, RuntimeError) as error:
+        raise type(error)(f"{expert}: {error}") from None
+    writer.add_tensor(f"{tensor}.qweight", "U32", np.ascontiguousarray(result.pieces["qweight"]))
+    writer.add_tensor(f"{tensor}.scales", "F16", np.ascontiguousarray(result.pieces["scales"]))
+    writer.add_tensor(f"{tensor}.zeros", "U8", np.ascontiguousarray(result.pieces["zeros"]))
+    writer.add_tensor(f"{tensor}.salient_idx", "I32", np.ascontiguousarray(result.pieces["salient_idx"]))
+    writer.add_tensor(f"{tensor}.salient", "F16", np.ascontiguousarray(result.pieces["salient"]))
+    if extra.shape[0] > 0:
+        writer.add_tensor(f"{tensor}.extra_rows", "F16", np.ascontiguousarray(extra.astype(np.float16)))
+    totals["params"] += rows * cols
+    totals["storage_bits"] += result.storage_bits
+    info = expert_ckpt.info(tensor)
+    return {"kind": "delta", "role": role, "dtype": info["dtype"], "shape": info["shape"],
+            "rows": rows, "cols": cols, "bits": result.bits, "group_size": result.group_size,
+            "salient": result.salient, "extra_rows": int(extra.shape[0]),
+            "error": result.error, "relative_error": result.error / result.reference if result.reference > 0 else 0.0,
+            "storage_bits": result.storage_bits}
+
+
+def _store_other(writer, tensor: str, base_ckpt: Checkpoint, expert_ckpt: Checkpoint, expert: Path,
+                 totals: dict[str, int]) -> dict[str, Any]:
+    info = expert_ckpt.info(tensor)
+    array = expert_ckpt.get_array(tensor)
+    if tensor in base_ckpt:
+        base_info = base_ckpt.info(tensor)
+        if base_info["shape"] == info["shape"] and base_info["dtype"] == info["dtype"] and \
+                np.array_equal(base_ckpt.get_array(tensor).view(np.uint8), array.view(np.uint8)):
+            return {"kind": "same", "dtype": info["dtype"], "shape": info["shape"]}
+    storage = np.ascontiguousarray(array)
+    dtype = info["dtype"]
+    if dtype == "BF16":
+        storage = storage.view(np.uint16)
+    writer.add_tensor(f"{tensor}.full", dtype, storage)
+    return {"kind": "full", "dtype": dtype, "shape": info["shape"], "bytes": int(storage.nbytes)}
+
+
+def _plan(base: Path, expert: Path, base_ckpt: Checkpoint, expert_ckpt: Checkpoint, delta_names: Sequence[str],
+          statistics, settings: CompressionSettings, progress) -> dict[str, PlanChoice]:
+    """Measure every (bits, salient) candidate of every delta matrix, then solve the budget."""
+    candidates: dict[str, list[PlanChoice]] = {}
+    parameters: dict[str, int] = {}
+    bar = _progress(progress, len(delta_names), f"plan {expert.name}")
+    for index, tensor in enumerate(delta_names):
+        delta, _ = _delta_of(tensor, base, expert, base_ckpt, expert_ckpt)
+        rows, cols = delta.shape
+        weight = _channel_weights(statistics, tensor, tensor_role(tensor), cols)
+        options = []
+        for bits in PLANNER_BITS:
+            for fraction in PLANNER_SALIENT_FRACTIONS:
+                k = salient_count(fraction, cols)
+                result = compress_matrix(delta, weight, bits=bits, group_size=settings.group_size, k=k,
+                                         clip_grid=settings.clip_grid, min_clip=settings.min_clip, name=tensor)
+                options.append(PlanChoice(bits, k, result.error, result.storage_bits))
+        candidates[tensor] = options
+        parameters[tensor] = rows * cols
+        bar(index + 1, tensor)
+    return plan_budget(candidates, parameters, settings.avg_bits)

@@ -1,0 +1,72 @@
+// Bindings for the expert artifact: argument checks and forwarding only.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "bindings_common.hpp"
+#include "meswitch/artifact.hpp"
+
+namespace py = pybind11;
+using namespace meswitch;
+
+namespace {
+
+DType dtype_from_name(const std::string& name) {
+  DType dtype;
+  if (!parse_dtype(name, dtype)) throw py::value_error("unsupported dtype '" + name + "'");
+  return dtype;
+}
+
+void add_tensor(ArtifactWriter& writer, const std::string& name, const std::string& dtype_name,
+                py::array array) {
+  const DType dtype = dtype_from_name(dtype_name);
+  if (!(array.flags() & py::array::c_style)) throw py::value_error("tensor '" + name + "' must be C-contiguous");
+  if (std::size_t(array.itemsize()) != dtype_size(dtype))
+    throw py::value_error("tensor '" + name + "': array item size " + std::to_string(array.itemsize()) +
+                          " does not match dtype " + dtype_name);
+  Shape shape(array.shape(), array.shape() + array.ndim());
+  writer.add_tensor(name, dtype, shape, array.data());
+}
+
+}  // namespace
+
+void bind_artifact(py::module_& m) {
+  py::class_<ArtifactWriter>(m, "ArtifactWriter")
+      .def(py::init<std::string, std::uint64_t>(), py::arg("directory"), py::arg("max_shard_bytes") = 128ull << 20)
+      .def("add_tensor", &add_tensor, py::arg("name"), py::arg("dtype"), py::arg("array"))
+      .def("add_file", &ArtifactWriter::add_file, py::arg("relative_path"), py::arg("source_path"))
+      .def("commit",
+           [](ArtifactWriter& self, const std::string& manifest_json) {
+             self.commit(nlohmann::json::parse(manifest_json));
+           },
+           py::arg("manifest_json"), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("staging_directory", &ArtifactWriter::staging_directory);
+
+  py::class_<ExpertArtifact>(m, "ExpertArtifact")
+      .def_static("open", &ExpertArtifact::open, py::arg("directory"), py::arg("verify_checksums") = true,
+                  py::call_guard<py::gil_scoped_release>())
+      .def("manifest_json", [](const ExpertArtifact& self) { return self.manifest().dump(); })
+      .def("has_stored", &ExpertArtifact::has_stored, py::arg("name"))
+      .def("stored",
+           [](const ExpertArtifact& self, const std::string& name) {
+             return bindings::mapped_array(self.mapping_of(name), self.stored(name));
+           },
+           py::arg("name"))
+      .def("stored_dtype", [](const ExpertArtifact& self, const std::string& name) {
+        return std::string(dtype_name(self.stored(name).dtype));
+      })
+      .def("check_base",
+           [](const ExpertArtifact& self, const std::string& base_path, const std::string& config_text) {
+             self.check_base(SafetensorsCheckpoint::open(base_path), config_text);
+           },
+           py::arg("base_path"), py::arg("config_text"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("base_fingerprint",
+        [](const std::string& base_path, const std::string& config_text) {
+          return base_fingerprint(SafetensorsCheckpoint::open(base_path), config_text).dump();
+        },
+        py::arg("base_path"), py::arg("config_text"), py::call_guard<py::gil_scoped_release>());
+  m.def("sha256_file", &sha256_file, py::arg("path"), py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,106 @@
+#include <catch2/catch.hpp>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "meswitch/artifact.hpp"
+#include "meswitch/sha256.hpp"
+#include "test_support.hpp"
+
+using namespace meswitch;
+using Catch::Matchers::Contains;
+using meswitch_test::file_exists;
+using meswitch_test::scratch_path;
+using meswitch_test::write_bytes;
+
+TEST_CASE("sha256 matches the FIPS 180-4 test vectors", "[sha256]") {
+  REQUIRE(sha256_hex("", 0) == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  REQUIRE(sha256_hex("abc", 3) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  const std::string two_blocks = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
+  REQUIRE(sha256_hex(two_blocks.data(), two_blocks.size()) ==
+          "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+  // Fed in uneven pieces, the digest is the same.
+  const std::string million(1000000, 'a');
+  Sha256 pieces;
+  for (std::size_t at = 0; at < million.size(); at += 997) pieces.update(million.data() + at, std::min<std::size_t>(997, million.size() - at));
+  REQUIRE(pieces.hex_digest() == "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+}
+
+namespace {
+
+std::string write_small_artifact(const std::string& directory, std::uint64_t max_shard_bytes) {
+  ArtifactWriter writer(directory, max_shard_bytes);
+  std::vector<std::uint32_t> qweight(2 * 1, 0xAAAAAAAAu);  // 2 rows, 8 cols at 2 bits = 1 word each
+  std::vector<std::uint16_t> scales(2 * 1, 0x3c00), salient(2 * 1, 0x4000);
+  std::vector<std::uint8_t> zeros(2 * 1, 1);
+  std::vector<std::int32_t> salient_idx = {3};
+  std::vector<float> norm = {1, 2, 3, 4, 5, 6, 7, 8};
+  writer.add_tensor("w.qweight", DType::U32, {2, 1}, qweight.data());
+  writer.add_tensor("w.scales", DType::F16, {2, 1}, scales.data());
+  writer.add_tensor("w.zeros", DType::U8, {2, 1}, zeros.data());
+  writer.add_tensor("w.salient_idx", DType::I32, {1}, salient_idx.data());
+  writer.add_tensor("w.salient", DType::F16, {2, 1}, salient.data());
+  writer.add_tensor("norm.full", DType::F32, {8}, norm.data());
+  const std::string config = scratch_path("config.json");
+  write_bytes(config, "{\"model_type\": \"llama\"}");
+  writer.add_file("expert/config.json", config);
+  nlohmann::json manifest = {{"name", "unit"},
+                             {"base", {{"fingerprint", "abc"}}},
+                             {"tensors",
+                              {{"w", {{"kind", "delta"}, {"rows", 2}, {"cols", 8}, {"bits", 2}, {"group_size", 8}, {"salient", 1}}},
+                               {"norm", {{"kind", "full"}}}}}};
+  writer.commit(manifest);
+  return directory;
+}
+
+}  // namespace
+
+TEST_CASE("an artifact round trips through writer and reader", "[artifact]") {
+  const std::string directory = write_small_artifact(scratch_path("unit.meswitch"), 16);  // forces several shards
+  const ExpertArtifact artifact = ExpertArtifact::open(directory);
+  REQUIRE(artifact.manifest()["format_version"] == kArtifactFormatVersion);
+  REQUIRE(artifact.manifest()["shards"].size() > 1);
+  const CompressedDeltaView delta = artifact.delta("w");
+  REQUIRE(delta.rows == 2);
+  REQUIRE(delta.qweight.data_as<std::uint32_t>()[1] == 0xAAAAAAAAu);
+  REQUIRE(delta.salient_idx.data_as<std::int32_t>()[0] == 3);
+  REQUIRE(artifact.kind("norm") == "full");
+  REQUIRE(artifact.stored("norm.full").data_as<float>()[7] == 8.0f);
+  REQUIRE(file_exists(directory + "/expert/config.json"));
+  REQUIRE_THROWS_WITH(artifact.delta("norm"), Contains("not stored as a delta"));
+  REQUIRE_THROWS_WITH(artifact.entry("ghost"), Contains("'ghost'"));
+}
+
+TEST_CASE("a corrupted shard fails its checksum", "[artifact]") {
+  const std::string directory = write_small_artifact(scratch_path("corrupt.meswitch"), 1 << 20);
+  const std::string shard = directory + "/deltas-00001-of-00001.safetensors";
+  {
+    std::fstream stream(shard, std::ios::in | std::ios::out | std::ios::binary);
+    stream.seekp(-1, std::ios::end);
+    stream.put('\x7f');
+  }
+  REQUIRE_THROWS_WITH(ExpertArtifact::open(directory), Contains("sha256"));
+  REQUIRE_NOTHROW(ExpertArtifact::open(directory, /*verify_checksums=*/false));
+}
+
+TEST_CASE("an abandoned writer leaves no artifact and no staging directory", "[artifact]") {
+  const std::string directory = scratch_path("abandoned.meswitch");
+  std::string staging;
+  {
+    ArtifactWriter writer(directory);
+    staging = writer.staging_directory();
+    std::vector<float> data(4, 1.0f);
+    writer.add_tensor("x.full", DType::F32, {4}, data.data());
+    REQUIRE(file_exists(staging));
+  }
+  REQUIRE_FALSE(file_exists(directory));
+  REQUIRE_FALSE(file_exists(staging));
+}
+
+TEST_CASE("a manifest from a newer format version is refused", "[artifact]") {
+  const std::string directory = write_small_artifact(scratch_path("future.meswitch"), 1 << 20);
+  write_bytes(directory + "/manifest.json", R"({"format": "meswitch-expert", "format_version": 99, "shards": [], "tensors": {}})");
+  REQUIRE_THROWS_WITH(ExpertArtifact::open(directory), Contains("unsupported format_version 99"));
+  write_bytes(directory + "/manifest.json", R"({"format": "something-else"})");
+  REQUIRE_THROWS_WITH(ExpertArtifact::open(directory), Contains("not a meswitch expert artifact"));
+}
