@@ -42,6 +42,7 @@ void bind_artifact(py::module_& m) {
              self.commit(nlohmann::json::parse(manifest_json));
            },
            py::arg("manifest_json"), py::call_guard<py::gil_scoped_release>())
+      .def("abort", &ArtifactWriter::abort)
       .def_property_readonly("staging_directory", &ArtifactWriter::staging_directory);
 
   py::class_<ExpertArtifact>(m, "ExpertArtifact")

@@ -197,6 +197,14 @@ class ArtifactWriter {
     if (!old_aside.empty()) detail::remove_tree(old_aside);
   }
 
+  // Discards everything written so far (also what the destructor does when not committed).
+  void abort() {
+    if (committed_) return;
+    detail::remove_tree(staging_);
+    pending_.clear();
+    pending_bytes_ = 0;
+  }
+
   const std::string& staging_directory() const { return staging_; }
 
  private:

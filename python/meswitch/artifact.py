@@ -124,6 +124,31 @@ def decompress(base: str | os.PathLike[str], artifact: str | os.PathLike[str] | 
     return out
 
 
+def model_from_weights(config_dir: str | os.PathLike[str], weights: Iterator[tuple[str, np.ndarray]] | dict,
+                       dtype: Any = None):
+    """A transformers causal LM with the architecture in ``config_dir`` and the given weights.
+
+    Returns
+    -------
+    (model, tokenizer)
+        The tokenizer is loaded from ``config_dir`` too.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(config_dir)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    items = weights.items() if isinstance(weights, dict) else weights
+    state = {name: torch.from_numpy(np.asarray(array, dtype=np.float32)) for name, array in items}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [n for n in missing if not (n == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"{config_dir}: weights do not fit the config (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    model = model.to(dtype or torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(config_dir)
+
+
 def load_compressed_model(base: str | os.PathLike[str], artifact: str | os.PathLike[str] | ExpertArtifact,
                           dtype: Any = None):
     """A transformers model and tokenizer for base + compressed expert, built in memory.
@@ -132,18 +157,5 @@ def load_compressed_model(base: str | os.PathLike[str], artifact: str | os.PathL
     -------
     (model, tokenizer)
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     expert = artifact if isinstance(artifact, ExpertArtifact) else load_artifact(artifact)
-    config = AutoConfig.from_pretrained(expert.path / "expert")
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = {name: torch.from_numpy(np.asarray(array, dtype=np.float32)) for name, array in expert.weights(base)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    unexpected = [n for n in unexpected if n]
-    if unexpected or [n for n in missing if not (n == "lm_head.weight" and config.tie_word_embeddings)]:
-        raise ValueError(f"{expert.path}: weights do not fit the expert config (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
-    model = model.to(dtype or torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(expert.path / "expert")
-    return model, tokenizer
+    return model_from_weights(expert.path / "expert", expert.weights(base), dtype)

@@ -166,17 +166,9 @@ def _plot_layer_errors(manifest: dict[str, Any], plot_path: str) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from meswitch.family import family_dir
+    from meswitch.demo import run_demo
 
-    root = Path(args.family) if args.family else family_dir()
-    models = sorted(p for p in root.iterdir() if (p / "config.json").is_file())
-    if not models:
-        print(f"error: no models under {root}", file=sys.stderr)
-        return 1
-    print(f"meswitch {__version__}: bundled expert family at {root}\n")
-    for model in models:
-        _print_summary(describe_checkpoint(model), list_tensors=False)
-        print()
+    run_demo(Path(args.family) if args.family else None, Path(args.workdir), max_examples=args.max_examples)
     return 0
 
 
@@ -216,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the main job on the bundled tiny expert family")
     demo.add_argument("--family", help="family directory (default: the bundled one)")
+    demo.add_argument("--workdir", default="meswitch-demo", help="where the artifacts go (default ./meswitch-demo)")
+    demo.add_argument("--max-examples", type=int, default=40, help="held-out examples per domain")
     demo.set_defaults(func=_run_demo)
 
     try:

@@ -352,42 +352,52 @@ def compress(base: str | Path, expert: str | Path, out: str | Path, *,
         plan = _plan(base, expert, base_ckpt, expert_ckpt, delta_names, statistics, settings, progress)
 
     writer = _core.ArtifactWriter(str(out), settings.max_shard_bytes)
+    try:
+        entries, totals = _write_tensors(writer, names, delta_names, base, expert, base_ckpt, expert_ckpt,
+                                         statistics, settings, plan, progress)
+        for side in SIDE_FILES:
+            if (expert / side).is_file():
+                writer.add_file(f"expert/{side}", str(expert / side))
+        manifest = {
+            "name": name or expert.name,
+            "domain": domain,
+            "created_by": f"meswitch {__version__}",
+            "base": json.loads(_core.base_fingerprint(str(base), base_config)),
+            "base_path_hint": str(base),
+            "expert_config": json.loads(expert_config),
+            "quantization": {**asdict(settings), "calibration": calibration_info,
+                             "planner": None if plan is None else {
+                                 "bits": list(PLANNER_BITS), "salient_fractions": list(PLANNER_SALIENT_FRACTIONS)}},
+            "statistics": {"delta_parameters": totals["params"], "delta_storage_bits": totals["storage_bits"],
+                           "avg_bits": totals["storage_bits"] / max(1, totals["params"])},
+            "tensors": entries,
+        }
+        writer.commit(json.dumps(manifest))
+    except BaseException:
+        writer.abort()  # the staging directory goes now, not when the traceback is collected
+        raise
+    artifact_bytes = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
+    return CompressionReport(str(out), time.perf_counter() - start, totals["params"], totals["params"] * 2,
+                             artifact_bytes, totals["storage_bits"] / max(1, totals["params"]), entries)
+
+
+def _write_tensors(writer, names: Sequence[str], delta_names: Sequence[str], base: Path, expert: Path,
+                   base_ckpt: Checkpoint, expert_ckpt: Checkpoint, statistics, settings: CompressionSettings,
+                   plan: dict[str, PlanChoice] | None, progress) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
     entries: dict[str, dict[str, Any]] = {}
-    totals = {"params": 0, "storage_bits": 0, "artifact_bytes": 0}
+    totals = {"params": 0, "storage_bits": 0}
     bar = _progress(progress, len(names), f"compress {expert.name}")
     for index, tensor in enumerate(names):
-        role = tensor_role(tensor)
         if tensor in delta_names:
-            entries[tensor] = _compress_delta(writer, tensor, role, base, expert, base_ckpt, expert_ckpt,
-                                              statistics, settings, plan, totals)
+            entries[tensor] = _compress_delta(writer, tensor, tensor_role(tensor), base, expert, base_ckpt,
+                                              expert_ckpt, statistics, settings, plan, totals)
         else:
             entries[tensor] = _store_other(writer, tensor, base_ckpt, expert_ckpt, expert, totals)
         expert_ckpt.release(tensor)
         if tensor in base_ckpt:
             base_ckpt.release(tensor)
         bar(index + 1, tensor)
-
-    for side in SIDE_FILES:
-        if (expert / side).is_file():
-            writer.add_file(f"expert/{side}", str(expert / side))
-    manifest = {
-        "name": name or expert.name,
-        "domain": domain,
-        "created_by": f"meswitch {__version__}",
-        "base": json.loads(_core.base_fingerprint(str(base), base_config)),
-        "base_path_hint": str(base),
-        "expert_config": json.loads(expert_config),
-        "quantization": {**asdict(settings), "calibration": calibration_info,
-                         "planner": None if plan is None else {"bits": list(PLANNER_BITS),
-                                                               "salient_fractions": list(PLANNER_SALIENT_FRACTIONS)}},
-        "statistics": {"delta_parameters": totals["params"], "delta_storage_bits": totals["storage_bits"],
-                       "avg_bits": totals["storage_bits"] / max(1, totals["params"])},
-        "tensors": entries,
-    }
-    writer.commit(json.dumps(manifest))
-    artifact_bytes = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
-    return CompressionReport(str(out), time.perf_counter() - start, totals["params"], totals["params"] * 2,
-                             artifact_bytes, totals["storage_bits"] / max(1, totals["params"]), entries)
+    return entries, totals
 
 
 def _progress(progress: bool | Callable[[int, int, str], None], total: int, label: str) -> Callable[[int, str], None]:
