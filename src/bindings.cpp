@@ -15,6 +15,7 @@ namespace py = pybind11;
 using namespace meswitch;
 
 void bind_artifact(py::module_& m);
+void bind_quantize(py::module_& m);
 
 namespace {
 
@@ -150,6 +151,7 @@ PYBIND11_MODULE(_core, m) {
       .def("release", &SafetensorsCheckpoint::release, py::arg("name"));
 
   bind_artifact(m);
+  bind_quantize(m);
 
   m.def("write_safetensors", &write_file, py::arg("path"), py::arg("tensors"), py::arg("metadata"));
   m.def("f32_to_f16_bits", [](py::array_t<float, py::array::c_style | py::array::forcecast> x) { return narrow(x, float_to_f16); });

@@ -38,6 +38,13 @@ CALIBRATION_DIR = family_dir().parent / "calib"
 #: The metric each domain is judged on, and whether higher is better.
 PRIMARY = {"chat": ("bits_per_byte", False), "math": ("perplexity", False), "code": ("perplexity", False)}
 EXTRA = {"math": ("exact_match_generated", True), "code": ("next_token_accuracy", True)}
+
+
+def tiny_family_settings(**kwargs) -> CompressionSettings:
+    """Compression settings for the tiny family, whose 688-wide MLP needs a ragged last group of 64."""
+    return CompressionSettings(ragged_groups=True, **kwargs)
+
+
 SALIENT_FRACTIONS = (0.0, 0.005, 0.01, 0.02, 0.05)
 BITS = (1, 2, 3, 4)
 
@@ -99,9 +106,9 @@ def main() -> None:
                          **metrics_of(evaluate(model=model, tokenizer=tokenizer, domains=[domain],
                                                max_examples=args.max_examples), domain)})
             methods = [
-                ("meswitch 2-bit + 1% salient", CompressionSettings(bits=2, salient=0.01), calibration),
-                ("meswitch --avg-bits 2.3", CompressionSettings(avg_bits=2.3), calibration),
-                ("RTN 2-bit", CompressionSettings(bits=2, salient=0, clip_grid=1), None),
+                ("meswitch 2-bit + 1% salient", tiny_family_settings(bits=2, salient=0.01), calibration),
+                ("meswitch --avg-bits 2.3", tiny_family_settings(avg_bits=2.3), calibration),
+                ("RTN 2-bit", tiny_family_settings(bits=2, salient=0, clip_grid=1), None),
             ]
             for label, settings, calib in methods:
                 log(f"{domain}: {label}")
@@ -127,12 +134,12 @@ def main() -> None:
                     log(f"{domain}: ablation salient {fraction:.1%}")
                     ablation["salient"].append({"salient": fraction, **run_method(
                         f"salient {fraction}", base, expert, domain, workdir,
-                        CompressionSettings(bits=2, salient=fraction), calibration, args.max_examples)})
+                        tiny_family_settings(bits=2, salient=fraction), calibration, args.max_examples)})
                 for bit_width in BITS:
                     log(f"{domain}: ablation {bit_width} bits")
                     ablation["bits"].append({"bits": bit_width, **run_method(
                         f"bits {bit_width}", base, expert, domain, workdir,
-                        CompressionSettings(bits=bit_width, salient=0.01), calibration, args.max_examples)})
+                        tiny_family_settings(bits=bit_width, salient=0.01), calibration, args.max_examples)})
                 results["ablation"][domain] = ablation
 
         results["sizes"] = size_table(args.family, workdir)
@@ -157,7 +164,7 @@ def size_table(family: Path, workdir: Path) -> dict[str, Any]:
     sizes: dict[str, Any] = {"base": model_bytes(base), "experts_fp16": {}, "experts_meswitch": {}}
     for domain in EXPERTS:
         out = workdir / f"{domain}-size.meswitch"
-        compress(base, family / domain, out, settings=CompressionSettings(bits=2, salient=0.01),
+        compress(base, family / domain, out, settings=tiny_family_settings(bits=2, salient=0.01),
                  calibration=CALIBRATION_DIR / f"{domain}.jsonl", progress=False)
         sizes["experts_fp16"][domain] = model_bytes(family / domain)
         sizes["experts_meswitch"][domain] = sum(p.stat().st_size for p in out.rglob("*.safetensors"))

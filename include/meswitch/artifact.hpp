@@ -337,7 +337,9 @@ class ExpertArtifact {
     view.bits = info.at("bits").get<int>();
     view.group_size = info.at("group_size").get<std::int64_t>();
     view.qweight = checked(names.qweight, DType::U32, {view.rows, (view.cols * view.bits + 31) / 32});
-    const std::int64_t groups = view.cols / view.group_size;
+    if (view.group_size < 1 || view.group_size > view.cols)
+      throw FormatError(directory_, weight, "group_size " + std::to_string(view.group_size) + " out of range");
+    const std::int64_t groups = (view.cols + view.group_size - 1) / view.group_size;  // last group may be shorter
     view.scales = checked(names.scales, DType::F16, {view.rows, groups});
     view.zeros = checked(names.zeros, DType::U8, {view.rows, groups});
     const std::int64_t salient = info.at("salient").get<std::int64_t>();
@@ -358,7 +360,8 @@ class ExpertArtifact {
     if (expected.value("fingerprint", "") == actual["fingerprint"]) return;
     std::string detail = "fingerprint " + actual["fingerprint"].get<std::string>() + " != recorded " +
                          expected.value("fingerprint", std::string("<none>"));
-    for (const auto& item : expected.value("tensors", nlohmann::json::object()).items()) {
+    const nlohmann::json expected_tensors = expected.value("tensors", nlohmann::json::object());
+    for (const auto& item : expected_tensors.items()) {
       if (!actual["tensors"].contains(item.key())) {
         detail += "; tensor '" + item.key() + "' missing from this base";
         break;

@@ -131,7 +131,7 @@ def model_from_weights(config_dir: str | os.PathLike[str], weights: Iterator[tup
     Returns
     -------
     (model, tokenizer)
-        The tokenizer is loaded from ``config_dir`` too.
+        The tokenizer is loaded from ``config_dir`` too (``None`` if it holds none).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -146,7 +146,8 @@ def model_from_weights(config_dir: str | os.PathLike[str], weights: Iterator[tup
         raise ValueError(f"{config_dir}: weights do not fit the config (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
     model = model.to(dtype or torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(config_dir)
+    has_tokenizer = any((Path(config_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+    return model, AutoTokenizer.from_pretrained(config_dir) if has_tokenizer else None
 
 
 def load_compressed_model(base: str | os.PathLike[str], artifact: str | os.PathLike[str] | ExpertArtifact,

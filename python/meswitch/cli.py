@@ -85,7 +85,8 @@ def _run_compress(args: argparse.Namespace) -> int:
     from meswitch.compress import CompressionSettings, compress, parse_salient
 
     settings = CompressionSettings(bits=args.bits, group_size=args.group_size, salient=parse_salient(args.salient),
-                                   clip_grid=args.clip_grid, min_clip=args.min_clip, avg_bits=args.avg_bits)
+                                   clip_grid=args.clip_grid, min_clip=args.min_clip, avg_bits=args.avg_bits,
+                                   ragged_groups=args.ragged_groups)
     report = compress(args.base, args.expert, args.out, settings=settings, calibration=args.calib,
                       name=args.name, domain=args.domain or "", progress=not args.quiet)
     for line in report.summary_lines():
@@ -191,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--calib", help="calibration text (.jsonl with 'text', or blank-line separated text)")
     compress.add_argument("--bits", type=int, default=2, help="bits per low-bit code, 1-4 (default 2)")
     compress.add_argument("--group-size", type=int, default=64, help="group size, 0 = whole row (default 64)")
+    compress.add_argument("--ragged-groups", action="store_true",
+                          help="allow a shorter last group where the group size does not divide the width")
     compress.add_argument("--salient", default="1%", help="salient channels per matrix: '1%%' or a count")
     compress.add_argument("--avg-bits", type=float, help="budget: average bits per delta parameter (planner)")
     compress.add_argument("--clip-grid", type=int, default=20, help="step-size search points (1 = RTN)")

@@ -53,6 +53,9 @@ class CompressionSettings:
     avg_bits
         If set, the budget planner picks bits and salient count per matrix to
         minimise the total measured error at this average bits per delta parameter.
+    ragged_groups
+        Allow a shorter last group in matrices whose width ``group_size`` does not
+        divide (otherwise that is an error naming the tensor).
     """
 
     bits: int = 2
@@ -61,6 +64,7 @@ class CompressionSettings:
     clip_grid: int = 20
     min_clip: float = 0.5
     avg_bits: float | None = None
+    ragged_groups: bool = False
     max_shard_bytes: int = 128 << 20
 
     def validate(self) -> None:
@@ -99,7 +103,7 @@ def salient_count(salient: float, cols: int) -> int:
 
 def compressed_bits(rows: int, cols: int, bits: int, group_size: int, k: int) -> int:
     """Storage of one compressed delta in bits: codes, f16 scales, u8 zeros, f16 salient values, i32 indices."""
-    groups = 1 if group_size == 0 else cols // group_size
+    groups = 1 if group_size == 0 else -(-cols // group_size)  # the last group may be ragged
     words = (cols * bits + 31) // 32
     return rows * words * 32 + rows * groups * (16 + 8) + rows * k * 16 + k * 32
 
@@ -118,23 +122,25 @@ class MatrixResult:
 
 
 def compress_matrix(delta: np.ndarray, channel_weight: np.ndarray | None, *, bits: int, group_size: int,
-                    k: int, clip_grid: int, min_clip: float, name: str) -> MatrixResult:
+                    k: int, clip_grid: int, min_clip: float, name: str, ragged_groups: bool = False) -> MatrixResult:
     """Salient selection + quantization of one float32 delta ``[rows, cols]`` (C++)."""
     from meswitch import _core
 
     rows, cols = delta.shape
     if k > 0:
-        scores = _core.channel_error_scores(delta, channel_weight, bits, group_size, clip_grid, min_clip, name)
+        scores = _core.channel_error_scores(delta, channel_weight, bits, group_size, clip_grid, min_clip, name,
+                                            ragged_groups)
         salient_idx = np.asarray(_core.select_salient_channels(scores, k), dtype=np.int32)
     else:
         salient_idx = np.zeros(0, dtype=np.int32)
-    pieces = _core.quantize_delta(delta, channel_weight, salient_idx, bits, group_size, clip_grid, min_clip, name)
+    pieces = _core.quantize_delta(delta, channel_weight, salient_idx, bits, group_size, clip_grid, min_clip, name,
+                                  ragged_groups)
     approx = dequantize_pieces(pieces, rows, cols, bits, group_size)
     weight = np.ones(cols, dtype=np.float64) if channel_weight is None else channel_weight.astype(np.float64)
     error = float((((delta.astype(np.float64) - approx) ** 2).sum(axis=0) * weight).sum())
     reference = float(((delta.astype(np.float64) ** 2).sum(axis=0) * weight).sum())
     stored = {key: pieces[key] for key in ("qweight", "scales", "zeros", "salient_idx", "salient")}
-    return MatrixResult(stored, bits, group_size or cols, int(salient_idx.size), error, reference,
+    return MatrixResult(stored, bits, int(pieces["group_size"]), int(salient_idx.size), error, reference,
                         compressed_bits(rows, cols, bits, group_size, int(salient_idx.size)))
 
 
@@ -439,7 +445,8 @@ def _compress_delta(writer, tensor: str, role: str, base: Path, expert: Path, ba
         bits, k = plan[tensor].bits, plan[tensor].salient
     try:
         result = compress_matrix(delta, weight, bits=bits, group_size=settings.group_size, k=k,
-                                 clip_grid=settings.clip_grid, min_clip=settings.min_clip, name=tensor)
+                                 clip_grid=settings.clip_grid, min_clip=settings.min_clip, name=tensor,
+                                 ragged_groups=settings.ragged_groups)
     except (ValueError, RuntimeError) as error:
         raise type(error)(f"{expert}: {error}") from None
     writer.add_tensor(f"{tensor}.qweight", "U32", np.ascontiguousarray(result.pieces["qweight"]))
@@ -491,7 +498,8 @@ def _plan(base: Path, expert: Path, base_ckpt: Checkpoint, expert_ckpt: Checkpoi
             for fraction in PLANNER_SALIENT_FRACTIONS:
                 k = salient_count(fraction, cols)
                 result = compress_matrix(delta, weight, bits=bits, group_size=settings.group_size, k=k,
-                                         clip_grid=settings.clip_grid, min_clip=settings.min_clip, name=tensor)
+                                         clip_grid=settings.clip_grid, min_clip=settings.min_clip, name=tensor,
+                                 ragged_groups=settings.ragged_groups)
                 options.append(PlanChoice(bits, k, result.error, result.storage_bits))
         candidates[tensor] = options
         parameters[tensor] = rows * cols

@@ -1,0 +1,333 @@
+// Asymmetric b-bit group quantization of a delta matrix, with a clipping search.
+//
+// A delta D [rows, cols] (cols = input channels) is cut along each row into groups
+// of `group_size` columns. Each group stores an f16 scale and a u8 zero point:
+//
+//   code  = clamp(rint(v / scale) + zero, 0, 2^bits - 1)      (u8, packed by pack.hpp)
+//   value = (code - zero) * scale
+//
+// Why these choices:
+// - The range always contains 0 (lo <= 0 <= hi), so the zero point is an exact
+//   integer code: salient columns and exact zeros dequantize to exactly 0.
+// - The scale is rounded to f16 *before* codes are chosen, because the kernels only
+//   ever see the stored f16 scale; choosing codes for the f32 scale would optimise
+//   a quantizer nobody runs.
+// - Low-bit deltas are heavy-tailed, so the full range wastes levels on a few
+//   outliers. A grid of clip ratios alpha in [min_clip, 1] shrinks the range and
+//   keeps the alpha with the least activation-weighted error sum_j w_j (v_j - q_j)^2
+//   (w_j = E[x_j^2] of input channel j; 1 without calibration data). clip_grid = 1
+//   is plain round-to-nearest (RTN).
+// - Salient columns are kept in f16 beside the low-bit block, so they neither
+//   widen the range nor count in the error; in the block they hold code = zero,
+//   which keeps the block a dense [rows, cols] matrix in natural column order.
+// - Every float operation is float32 in a fixed order (and rint is round half to
+//   even) so an independent NumPy float32 implementation reproduces codes, scales
+//   and zeros bit for bit (tests/python/test_quantize_reference.py).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "meswitch/error.hpp"
+#include "meswitch/half.hpp"
+#include "meswitch/pack.hpp"
+
+namespace meswitch {
+
+struct QuantSpec {
+  int bits = 2;
+  std::int64_t group_size = 64;  // 0 = whole row
+  int clip_grid = 20;            // clip ratios searched; 1 = RTN
+  float min_clip = 0.5f;         // smallest clip ratio of the grid
+  // Allow a shorter last group when group_size does not divide the width (e.g. a
+  // 688-wide matrix in groups of 64: ten groups of 64 and one of 48). Off by
+  // default so that a group size that does not fit is reported, not worked around.
+  bool ragged_groups = false;
+};
+
+// One quantized delta, fields in their stored layout (artifact.hpp names them W.qweight ...).
+struct QuantizedDelta {
+  std::int64_t rows = 0, cols = 0;
+  int bits = 0;
+  std::int64_t group_size = 0;            // actual group size (= cols for whole rows)
+  std::vector<std::uint32_t> qweight;     // [rows, packed_words_per_row(cols, bits)]
+  std::vector<std::uint16_t> scales;      // f16 bits [rows, groups]
+  std::vector<std::uint8_t> zeros;        // [rows, groups]
+  std::vector<std::int32_t> salient_idx;  // [k], ascending
+  std::vector<std::uint16_t> salient;     // f16 bits [rows, k]: delta[r, salient_idx[i]]
+
+  // The last group may be shorter (ragged groups): ceil(cols / group_size).
+  std::int64_t groups_per_row() const { return group_size > 0 ? (cols + group_size - 1) / group_size : 0; }
+  std::int64_t words_per_row() const { return packed_words_per_row(cols, bits); }
+  std::int64_t salient_count() const { return std::int64_t(salient_idx.size()); }
+};
+
+namespace detail {
+
+inline std::string tensor_prefix(const std::string& tensor) { return "tensor '" + tensor + "': "; }
+
+inline std::string position(std::int64_t row, std::int64_t col) {
+  return "(" + std::to_string(row) + ", " + std::to_string(col) + ")";
+}
+
+}  // namespace detail
+
+// Round half to even, identical to std::nearbyint in the default rounding mode
+// (and to np.rint). Adding 1.5 * 2^23 pushes |x| < 2^22 into the binade where the
+// float spacing is 1, so the FPU rounds for us; this avoids a libm call per code
+// on x86-64 builds without SSE4.1. The sign of a zero result may differ from
+// nearbyint's, which no caller can observe (results are added to a zero point).
+inline float round_half_even(float x) {
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
+  if (std::fabs(x) < 4194304.0f) return (x + kMagic) - kMagic;
+  return std::nearbyint(x);
+}
+
+// Checks settings before any work; messages name the tensor and the offending value.
+inline void validate_spec(const QuantSpec& spec, std::int64_t cols, const std::string& tensor) {
+  const std::string where = detail::tensor_prefix(tensor);
+  if (spec.bits < 1 || spec.bits > 4) throw Error(where + "bits must be 1..4, got " + std::to_string(spec.bits));
+  if (cols < 1) throw Error(where + "cannot quantize a matrix with " + std::to_string(cols) + " columns");
+  if (spec.group_size < 0 || (spec.group_size > 0 && cols % spec.group_size != 0 && !spec.ragged_groups))
+    throw Error(where + "group size " + std::to_string(spec.group_size) + " does not divide the width " +
+                std::to_string(cols) + " (use a divisor of the width, 0 for whole rows, or allow ragged groups)");
+  if (spec.clip_grid < 1) throw Error(where + "clip_grid must be >= 1, got " + std::to_string(spec.clip_grid));
+  if (!(spec.min_clip > 0.0f && spec.min_clip <= 1.0f))
+    throw Error(where + "min_clip must be in (0, 1], got " + std::to_string(spec.min_clip));
+}
+
+inline std::int64_t effective_group_size(const QuantSpec& spec, std::int64_t cols) {
+  return spec.group_size == 0 ? cols : std::min(spec.group_size, cols);
+}
+
+// alpha_t = 1 - t * (1 - min_clip) / (clip_grid - 1), t = 0 .. clip_grid-1, in float32.
+inline std::vector<float> clip_ratios(const QuantSpec& spec) {
+  if (spec.clip_grid <= 1) return {1.0f};
+  std::vector<float> ratios(static_cast<std::size_t>(spec.clip_grid));
+  const float span = 1.0f - spec.min_clip;
+  const float steps = float(spec.clip_grid - 1);
+  for (int t = 0; t < spec.clip_grid; ++t) ratios[std::size_t(t)] = 1.0f - float(t) * span / steps;
+  return ratios;
+}
+
+// Scale and zero point of one group for one clip ratio.
+struct GroupParams {
+  std::uint16_t scale_bits = 0x3c00;  // f16 1.0
+  float scale = 1.0f;                 // f16_to_float(scale_bits): the only scale ever used
+  std::uint8_t zero = 0;
+};
+
+// `lo0 <= 0 <= hi0` is the group's unclipped range. A scale below f16's smallest
+// subnormal would round to 0 (and divide by zero); it becomes that subnormal, 2^-24,
+// which still represents such a group's values to within 2^-25. Returns false when
+// the scale overflows f16 (|delta| beyond ~65504 * levels): no f16 scale can hold it.
+inline bool group_params(float lo0, float hi0, float alpha, int levels, GroupParams& params) {
+  const float lo = alpha * lo0;
+  const float hi = alpha * hi0;
+  params = GroupParams{};
+  if (hi != lo) {
+    std::uint16_t bits = float_to_f16((hi - lo) / float(levels));
+    if ((bits & 0x7fffu) == 0x7c00u) return false;
+    if (bits == 0) bits = 0x0001;
+    params.scale_bits = bits;
+    params.scale = f16_to_float(bits);
+  }
+  const float zero = std::min(std::max(round_half_even(-lo / params.scale), 0.0f), float(levels));
+  params.zero = std::uint8_t(zero);
+  return true;
+}
+
+inline std::uint8_t quantize_value(float value, const GroupParams& params, int levels) {
+  const float code = round_half_even(value / params.scale) + float(params.zero);
+  return std::uint8_t(std::min(std::max(code, 0.0f), float(levels)));
+}
+
+inline float dequantize_value(std::uint8_t code, const GroupParams& params) {
+  return (float(code) - float(params.zero)) * params.scale;
+}
+
+// sum_j w_j (v_j - q_j)^2 in double, accumulated in index order. The difference is
+// taken in double after the f32 dequantization, so a fused multiply-add cannot change
+// it; a target that contracts the accumulation (aarch64) can only move exact ties.
+inline double group_error(const float* values, const float* weights, std::size_t count, const GroupParams& params,
+                          int levels) {
+  double error = 0.0;
+  for (std::size_t j = 0; j < count; ++j) {
+    const float approx = dequantize_value(quantize_value(values[j], params, levels), params);
+    const double difference = double(values[j]) - double(approx);
+    error += double(weights[j]) * (difference * difference);
+  }
+  return error;
+}
+
+// Quantizes a float32 delta [rows, cols]. `channel_weight` [cols] (E[x^2] per input
+// channel, finite and >= 0) may be null for weight-only error. `salient_idx` lists
+// the columns stored in f16 instead (in range, unique; any order, stored ascending).
+inline QuantizedDelta quantize_delta(const float* delta, std::int64_t rows, std::int64_t cols,
+                                     const float* channel_weight, const std::vector<std::int32_t>& salient_idx,
+                                     const QuantSpec& spec, const std::string& tensor) {
+  validate_spec(spec, cols, tensor);
+  const std::string where = detail::tensor_prefix(tensor);
+  if (rows < 0) throw Error(where + "cannot quantize a matrix with " + std::to_string(rows) + " rows");
+
+  std::vector<std::uint8_t> is_salient(std::size_t(cols), 0);
+  for (const std::int32_t index : salient_idx) {
+    if (index < 0 || index >= cols)
+      throw Error(where + "salient index " + std::to_string(index) + " is out of range [0, " + std::to_string(cols) +
+                  ")");
+    if (is_salient[std::size_t(index)]) throw Error(where + "salient index " + std::to_string(index) + " is repeated");
+    is_salient[std::size_t(index)] = 1;
+  }
+  if (channel_weight != nullptr) {
+    for (std::int64_t i = 0; i < cols; ++i)
+      if (!(std::isfinite(channel_weight[i]) && channel_weight[i] >= 0.0f))
+        throw FormatError("", tensor,
+                          "channel weight " + std::to_string(channel_weight[i]) + " of input channel " +
+                              std::to_string(i) + " is not finite and >= 0");
+  }
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t c = 0; c < cols; ++c)
+      if (!std::isfinite(delta[r * cols + c]))
+        throw FormatError(
+            "", tensor,
+            "delta value " + std::to_string(delta[r * cols + c]) + " at " + detail::position(r, c) + " is not finite");
+
+  QuantizedDelta result;
+  result.rows = rows;
+  result.cols = cols;
+  result.bits = spec.bits;
+  result.group_size = effective_group_size(spec, cols);
+  result.salient_idx = salient_idx;
+  std::sort(result.salient_idx.begin(), result.salient_idx.end());
+  const std::int64_t groups = result.groups_per_row();
+  const std::int64_t group_size = result.group_size;
+  const std::int64_t words_per_row = result.words_per_row();
+  const std::size_t k = result.salient_idx.size();
+  result.qweight.assign(std::size_t(rows * words_per_row), 0u);
+  result.scales.assign(std::size_t(rows * groups), 0);
+  result.zeros.assign(std::size_t(rows * groups), 0);
+  result.salient.assign(std::size_t(rows) * k, 0);
+
+  const int levels = (1 << spec.bits) - 1;
+  const std::vector<float> ratios = clip_ratios(spec);
+  std::vector<float> values(static_cast<std::size_t>(group_size)), weights(static_cast<std::size_t>(group_size));
+  std::vector<std::uint8_t> codes(static_cast<std::size_t>(cols));
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const float* row = delta + r * cols;
+    for (std::int64_t g = 0; g < groups; ++g) {
+      // Gather the group's non-salient values: only they shape the range and the error.
+      std::size_t count = 0;
+      float lo0 = 0.0f, hi0 = 0.0f;
+      const std::int64_t group_end = std::min((g + 1) * group_size, cols);
+      for (std::int64_t c = g * group_size; c < group_end; ++c) {
+        if (is_salient[std::size_t(c)]) continue;
+        values[count] = row[c];
+        weights[count] = channel_weight ? channel_weight[c] : 1.0f;
+        lo0 = std::min(lo0, row[c]);
+        hi0 = std::max(hi0, row[c]);
+        ++count;
+      }
+      GroupParams best, candidate;
+      double best_error = std::numeric_limits<double>::infinity();
+      for (const float alpha : ratios) {
+        if (!group_params(lo0, hi0, alpha, levels, candidate))
+          throw FormatError("", tensor,
+                            "row " + std::to_string(r) + " group " + std::to_string(g) + " spans [" +
+                                std::to_string(lo0) + ", " + std::to_string(hi0) + "], too wide for an f16 scale at " +
+                                std::to_string(spec.bits) + " bits");
+        const double error = group_error(values.data(), weights.data(), count, candidate, levels);
+        if (error < best_error) {  // strict: the first (least clipped) minimum wins ties
+          best_error = error;
+          best = candidate;
+        }
+      }
+      result.scales[std::size_t(r * groups + g)] = best.scale_bits;
+      result.zeros[std::size_t(r * groups + g)] = best.zero;
+      for (std::int64_t c = g * group_size; c < group_end; ++c)
+        codes[std::size_t(c)] = is_salient[std::size_t(c)] ? best.zero : quantize_value(row[c], best, levels);
+    }
+    MESWITCH_DISPATCH_BITS(spec.bits, BITS,
+                           { pack_row<BITS>(codes.data(), cols, result.qweight.data() + r * words_per_row); });
+    for (std::size_t i = 0; i < k; ++i) {
+      const float value = row[result.salient_idx[i]];
+      const std::uint16_t bits = float_to_f16(value);
+      if ((bits & 0x7fffu) == 0x7c00u)
+        throw FormatError("", tensor,
+                          "salient value " + std::to_string(value) + " at " +
+                              detail::position(r, result.salient_idx[i]) + " overflows f16");
+      result.salient[std::size_t(r) * k + i] = bits;
+    }
+  }
+  return result;
+}
+
+// Checks that the pieces of `q` fit together (sizes, bits, groups, indices).
+inline void validate_quantized(const QuantizedDelta& q, const std::string& tensor) {
+  const std::string where = detail::tensor_prefix(tensor);
+  if (q.rows < 0 || q.cols < 1)
+    throw FormatError("", tensor, "invalid shape [" + std::to_string(q.rows) + ", " + std::to_string(q.cols) + "]");
+  if (q.bits < 1 || q.bits > 4) throw FormatError("", tensor, "bits must be 1..4, got " + std::to_string(q.bits));
+  if (q.group_size < 1 || q.group_size > q.cols)
+    throw FormatError("", tensor,
+                      "group size " + std::to_string(q.group_size) + " is not in [1, " + std::to_string(q.cols) + "]");
+  const auto expect = [&](const char* what, std::size_t found, std::int64_t wanted) {
+    if (found != std::size_t(wanted))
+      throw FormatError(
+          "", tensor,
+          std::string(what) + " has " + std::to_string(found) + " elements, expected " + std::to_string(wanted));
+  };
+  const std::int64_t k = q.salient_count();
+  expect("qweight", q.qweight.size(), q.rows * q.words_per_row());
+  expect("scales", q.scales.size(), q.rows * q.groups_per_row());
+  expect("zeros", q.zeros.size(), q.rows * q.groups_per_row());
+  expect("salient", q.salient.size(), q.rows * k);
+  for (const std::int32_t index : q.salient_idx)
+    if (index < 0 || index >= q.cols)
+      throw FormatError(
+          "", tensor,
+          "salient index " + std::to_string(index) + " is out of range [0, " + std::to_string(q.cols) + ")");
+}
+
+// out[r, c] = (code - zero) * scale, then out[r, salient_idx[i]] += salient[r, i]:
+// exactly what the fused kernels compute (y = x @ dequant(Q)^T + x[:, idx] @ S^T),
+// so this is the reference they are tested against.
+inline void dequantize_delta(const QuantizedDelta& q, float* out, const std::string& tensor = "") {
+  validate_quantized(q, tensor);
+  const std::int64_t groups = q.groups_per_row();
+  const std::int64_t words_per_row = q.words_per_row();
+  const std::size_t k = q.salient_idx.size();
+  std::vector<std::uint8_t> codes(static_cast<std::size_t>(q.cols));
+  for (std::int64_t r = 0; r < q.rows; ++r) {
+    MESWITCH_DISPATCH_BITS(q.bits, BITS,
+                           { unpack_row<BITS>(q.qweight.data() + r * words_per_row, q.cols, codes.data()); });
+    float* row = out + r * q.cols;
+    for (std::int64_t g = 0; g < groups; ++g) {
+      const float scale = f16_to_float(q.scales[std::size_t(r * groups + g)]);
+      const float zero = float(q.zeros[std::size_t(r * groups + g)]);
+      for (std::int64_t c = g * q.group_size; c < std::min((g + 1) * q.group_size, q.cols); ++c)
+        row[c] = (float(codes[std::size_t(c)]) - zero) * scale;
+    }
+    for (std::size_t i = 0; i < k; ++i) row[q.salient_idx[i]] += f16_to_float(q.salient[std::size_t(r) * k + i]);
+  }
+}
+
+// sum_i w_i sum_r (delta[r, i] - approx[r, i])^2 in double; w_i = 1 when channel_weight is null.
+inline double weighted_squared_error(const float* delta, const float* approx, std::int64_t rows, std::int64_t cols,
+                                     const float* channel_weight) {
+  std::vector<double> per_column(std::size_t(std::max<std::int64_t>(cols, 0)), 0.0);
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t c = 0; c < cols; ++c) {
+      const double difference = double(delta[r * cols + c]) - double(approx[r * cols + c]);
+      per_column[std::size_t(c)] += difference * difference;
+    }
+  double total = 0.0;
+  for (std::int64_t c = 0; c < cols; ++c)
+    total += (channel_weight ? double(channel_weight[c]) : 1.0) * per_column[std::size_t(c)];
+  return total;
+}
+
+}  // namespace meswitch

@@ -1,0 +1,264 @@
+// Bindings for the quantization core (delta, salient selection, quantize, pack):
+// argument checks and forwarding only, the work runs with the GIL released.
+//
+// Settings errors (meswitch::Error: bits 0 or 5, a group size that does not divide
+// the width, a salient index out of range) surface as ValueError from these
+// functions; bad data stays meswitch.FormatError (itself a ValueError).
+//
+// Arrays: f16 values (scales, salient) come back as numpy.float16. compute_delta
+// takes float32, float16 or ml_dtypes.bfloat16 arrays (the dtype Checkpoint.get_array
+// gives BF16 tensors); raw BF16 bits in a uint16 array are accepted when the dtype is
+// named with base_dtype / expert_dtype="BF16".
+#include <algorithm>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "meswitch/delta.hpp"
+#include "meswitch/pack.hpp"
+#include "meswitch/quantize.hpp"
+#include "meswitch/salient.hpp"
+
+namespace py = pybind11;
+using namespace meswitch;
+
+namespace {
+
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using IndexArray = py::array_t<std::int32_t, py::array::c_style | py::array::forcecast>;
+
+// Runs `work` without the GIL; settings errors become ValueError, data errors stay FormatError.
+template <typename Work>
+auto without_gil(Work&& work) -> decltype(work()) {
+  try {
+    py::gil_scoped_release release;
+    return work();
+  } catch (const FormatError&) {
+    throw;
+  } catch (const IoError&) {
+    throw;
+  } catch (const Error& error) {
+    throw py::value_error(error.what());
+  }
+}
+
+std::string named(const std::string& name) { return "tensor '" + name + "': "; }
+
+template <typename T>
+py::array_t<T> array_from(const std::vector<T>& values, std::vector<py::ssize_t> shape) {
+  py::array_t<T> array(shape);
+  if (!values.empty()) std::memcpy(array.mutable_data(), values.data(), values.size() * sizeof(T));
+  return array;
+}
+
+// f16 bit patterns as a numpy.float16 array.
+py::array half_array(const std::vector<std::uint16_t>& bits, std::vector<py::ssize_t> shape) {
+  py::array array(py::dtype("float16"), shape);
+  if (!bits.empty()) std::memcpy(array.mutable_data(), bits.data(), bits.size() * sizeof(std::uint16_t));
+  return array;
+}
+
+// f16 bits of a float16 (or raw uint16) array, copied.
+std::vector<std::uint16_t> half_bits(const py::array& input, const char* what, const std::string& name) {
+  const py::dtype dtype = input.dtype();
+  if (dtype.itemsize() != 2 || !(dtype.kind() == 'f' || dtype.kind() == 'u'))
+    throw py::value_error(named(name) + what + " must be float16 (or its uint16 bits), got " +
+                          py::str(py::object(dtype)).cast<std::string>());
+  const py::array contiguous = py::array::ensure(input, py::array::c_style);
+  std::vector<std::uint16_t> bits(std::size_t(contiguous.size()));
+  if (!bits.empty()) std::memcpy(bits.data(), contiguous.data(), bits.size() * sizeof(std::uint16_t));
+  return bits;
+}
+
+void require_matrix(const py::array& array, const char* what, const std::string& name) {
+  if (array.ndim() != 2)
+    throw py::value_error(named(name) + what + " must be 2-D [rows, cols], got " + std::to_string(array.ndim()) +
+                          " dimensions");
+}
+
+const float* channel_weight_pointer(const std::optional<FloatArray>& channel_weight, py::ssize_t cols,
+                                    const std::string& name) {
+  if (!channel_weight) return nullptr;
+  if (channel_weight->ndim() != 1 || channel_weight->shape(0) != cols)
+    throw py::value_error(named(name) + "channel_weight must have shape (" + std::to_string(cols) + ",)");
+  return channel_weight->data();
+}
+
+QuantSpec make_spec(int bits, std::int64_t group_size, int clip_grid, float min_clip, bool ragged_groups) {
+  QuantSpec spec;
+  spec.ragged_groups = ragged_groups;
+  spec.bits = bits;
+  spec.group_size = group_size;
+  spec.clip_grid = clip_grid;
+  spec.min_clip = min_clip;
+  return spec;
+}
+
+py::dict py_quantize_delta(const FloatArray& delta, const std::optional<FloatArray>& channel_weight,
+                           const IndexArray& salient_idx, int bits, std::int64_t group_size, int clip_grid,
+                           float min_clip, const std::string& name, bool ragged_groups) {
+  require_matrix(delta, "delta", name);
+  if (salient_idx.ndim() != 1) throw py::value_error(named(name) + "salient_idx must be 1-D");
+  const std::int64_t rows = delta.shape(0), cols = delta.shape(1);
+  const float* weight = channel_weight_pointer(channel_weight, cols, name);
+  const std::vector<std::int32_t> indices(salient_idx.data(), salient_idx.data() + salient_idx.size());
+  const QuantSpec spec = make_spec(bits, group_size, clip_grid, min_clip, ragged_groups);
+  const QuantizedDelta q =
+      without_gil([&] { return quantize_delta(delta.data(), rows, cols, weight, indices, spec, name); });
+  const py::ssize_t k = py::ssize_t(q.salient_idx.size());
+  py::dict result;
+  result["qweight"] = array_from(q.qweight, {rows, q.words_per_row()});
+  result["scales"] = half_array(q.scales, {rows, q.groups_per_row()});
+  result["zeros"] = array_from(q.zeros, {rows, q.groups_per_row()});
+  result["salient_idx"] = array_from(q.salient_idx, {k});
+  result["salient"] = half_array(q.salient, {rows, k});
+  result["rows"] = q.rows;
+  result["cols"] = q.cols;
+  result["bits"] = q.bits;
+  result["group_size"] = q.group_size;
+  return result;
+}
+
+py::array_t<float> py_dequantize_delta(
+    const py::array_t<std::uint32_t, py::array::c_style | py::array::forcecast>& qweight, const py::array& scales,
+    const py::array& zeros_input, const IndexArray& salient_idx, const py::array& salient, std::int64_t rows,
+    std::int64_t cols, int bits, std::int64_t group_size, const std::string& name) {
+  if (bits < 1 || bits > 4) throw py::value_error(named(name) + "bits must be 1..4, got " + std::to_string(bits));
+  if (rows < 0 || cols < 1)
+    throw py::value_error(named(name) + "invalid shape [" + std::to_string(rows) + ", " + std::to_string(cols) + "]");
+  const auto zeros = py::array_t<std::uint8_t, py::array::c_style | py::array::forcecast>::ensure(zeros_input);
+  if (!zeros) throw py::value_error(named(name) + "zeros must be a uint8 array");
+  QuantizedDelta q;
+  q.rows = rows;
+  q.cols = cols;
+  q.bits = bits;
+  q.group_size = group_size == 0 ? cols : std::min(group_size, cols);
+  q.qweight.assign(qweight.data(), qweight.data() + qweight.size());
+  q.scales = half_bits(scales, "scales", name);
+  q.zeros.assign(zeros.data(), zeros.data() + zeros.size());
+  q.salient_idx.assign(salient_idx.data(), salient_idx.data() + salient_idx.size());
+  q.salient = half_bits(salient, "salient", name);
+  py::array_t<float> out({rows, cols});
+  float* destination = out.mutable_data();
+  without_gil([&] { dequantize_delta(q, destination, name); });
+  return out;
+}
+
+py::array_t<double> py_channel_error_scores(const FloatArray& delta, const std::optional<FloatArray>& channel_weight,
+                                            int bits, std::int64_t group_size, int clip_grid, float min_clip,
+                                            const std::string& name, bool ragged_groups) {
+  require_matrix(delta, "delta", name);
+  const std::int64_t rows = delta.shape(0), cols = delta.shape(1);
+  const float* weight = channel_weight_pointer(channel_weight, cols, name);
+  const QuantSpec spec = make_spec(bits, group_size, clip_grid, min_clip, ragged_groups);
+  const std::vector<double> values =
+      without_gil([&] { return channel_error_scores(delta.data(), rows, cols, weight, spec, name); });
+  return array_from(values, {py::ssize_t(values.size())});
+}
+
+py::array_t<std::int32_t> py_select_salient_channels(
+    const py::array_t<double, py::array::c_style | py::array::forcecast>& scores, std::int64_t k) {
+  if (scores.ndim() != 1) throw py::value_error("scores must be 1-D");
+  const std::vector<double> values(scores.data(), scores.data() + scores.size());
+  const std::vector<std::int32_t> chosen = without_gil([&] { return select_salient_channels(values, k); });
+  return array_from(chosen, {py::ssize_t(chosen.size())});
+}
+
+py::array_t<std::uint32_t> py_pack_codes(
+    const py::array_t<std::uint8_t, py::array::c_style | py::array::forcecast>& codes, int bits,
+    const std::string& name) {
+  require_matrix(codes, "codes", name);
+  const std::int64_t rows = codes.shape(0), cols = codes.shape(1);
+  const std::vector<std::uint32_t> words =
+      without_gil([&] { return pack_codes(codes.data(), rows, cols, bits, name); });
+  return array_from(words, {rows, packed_words_per_row(cols, bits)});
+}
+
+py::array_t<std::uint8_t> py_unpack_codes(
+    const py::array_t<std::uint32_t, py::array::c_style | py::array::forcecast>& words, std::int64_t rows,
+    std::int64_t cols, int bits) {
+  if (bits < 1 || bits > 4) throw py::value_error("bits must be 1..4, got " + std::to_string(bits));
+  if (rows < 0 || cols < 0) throw py::value_error("rows and cols must be >= 0");
+  if (words.size() != rows * packed_words_per_row(cols, bits))
+    throw py::value_error("words has " + std::to_string(words.size()) + " elements, [" + std::to_string(rows) + ", " +
+                          std::to_string(cols) + "] at " + std::to_string(bits) + " bits needs " +
+                          std::to_string(rows * packed_words_per_row(cols, bits)));
+  const std::vector<std::uint8_t> codes = without_gil([&] { return unpack_codes(words.data(), rows, cols, bits); });
+  return array_from(codes, {rows, cols});
+}
+
+// A view of a NumPy array as a floating TensorView; `dtype_name` ("", "F32", "F16", "BF16")
+// overrides the array's own dtype (uint16 bits of BF16). Non-floating arrays become views
+// with their own dtype when meswitch knows it, so compute_delta reports them with the tensor name.
+TensorView floating_view(const py::array& array, const std::string& dtype_name, const char* role,
+                         const std::string& name) {
+  const py::dtype dtype = array.dtype();
+  const std::string numpy_name = py::str(py::object(dtype)).cast<std::string>();
+  DType parsed;
+  if (!dtype_name.empty()) {
+    if (!parse_dtype(dtype_name, parsed) || !is_floating(parsed))
+      throw py::value_error(named(name) + role + "_dtype must be F32, F16 or BF16, got '" + dtype_name + "'");
+    if (std::size_t(dtype.itemsize()) != dtype_size(parsed))
+      throw py::value_error(named(name) + role + " array of " + numpy_name + " cannot hold " + dtype_name);
+  } else if (numpy_name == "float32") {
+    parsed = DType::F32;
+  } else if (numpy_name == "float16") {
+    parsed = DType::F16;
+  } else if (numpy_name == "bfloat16") {
+    parsed = DType::BF16;
+  } else if (numpy_name == "int32") {
+    parsed = DType::I32;
+  } else if (numpy_name == "uint8") {
+    parsed = DType::U8;
+  } else if (numpy_name == "uint32") {
+    parsed = DType::U32;
+  } else {
+    throw FormatError(
+        "", name,
+        std::string(role) + " dtype " + numpy_name + " is not floating (expected float32, float16 or bfloat16)");
+  }
+  if (!(array.flags() & py::array::c_style)) throw py::value_error(named(name) + role + " array must be C-contiguous");
+  return TensorView(const_cast<void*>(array.data()), parsed, Shape(array.shape(), array.shape() + array.ndim()));
+}
+
+py::tuple py_compute_delta(const py::array& base, const py::array& expert, const std::string& name,
+                           const std::string& base_dtype, const std::string& expert_dtype) {
+  const TensorView base_view = floating_view(base, base_dtype, "base", name);
+  const TensorView expert_view = floating_view(expert, expert_dtype, "expert", name);
+  DeltaTensor d = without_gil([&] { return compute_delta(base_view, expert_view, name); });
+  return py::make_tuple(array_from(d.delta, {d.rows, d.cols}), array_from(d.extra, {d.extra_rows, d.cols}));
+}
+
+}  // namespace
+
+void bind_quantize(py::module_& m) {
+  m.def("quantize_delta", &py_quantize_delta, py::arg("delta"), py::arg("channel_weight"), py::arg("salient_idx"),
+        py::arg("bits"), py::arg("group_size"), py::arg("clip_grid") = 20, py::arg("min_clip") = 0.5f,
+        py::arg("name") = "", py::arg("ragged_groups") = false,
+        "Quantize a float32 delta [rows, cols]: dict of qweight (uint32 [rows, words]), scales (float16 "
+        "[rows, groups]), zeros (uint8 [rows, groups]), salient_idx (int32 [k], ascending), salient (float16 "
+        "[rows, k]) and rows, cols, bits, group_size (actual; = cols for group_size 0).");
+  m.def("dequantize_delta", &py_dequantize_delta, py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
+        py::arg("salient_idx"), py::arg("salient"), py::arg("rows"), py::arg("cols"), py::arg("bits"),
+        py::arg("group_size"), py::arg("name") = "",
+        "Dense float32 [rows, cols] from the stored pieces: (code - zero) * scale plus the salient scatter.");
+  m.def("channel_error_scores", &py_channel_error_scores, py::arg("delta"), py::arg("channel_weight"), py::arg("bits"),
+        py::arg("group_size"), py::arg("clip_grid") = 20, py::arg("min_clip") = 0.5f, py::arg("name") = "",
+        py::arg("ragged_groups") = false, "float64 [cols]: w_i * sum_r (D[r,i] - Q(D)[r,i])^2, Q quantizing with no salient channels.");
+  m.def("select_salient_channels", &py_select_salient_channels, py::arg("scores"), py::arg("k"),
+        "int32 indices of the k largest scores (ties: lower index), ascending.");
+  m.def("pack_codes", &py_pack_codes, py::arg("codes"), py::arg("bits"), py::arg("name") = "",
+        "Pack uint8 codes [rows, cols] into uint32 words [rows, ceil(cols*bits/32)] (little-endian bitstream).");
+  m.def("unpack_codes", &py_unpack_codes, py::arg("words"), py::arg("rows"), py::arg("cols"), py::arg("bits"),
+        "Inverse of pack_codes: uint8 codes [rows, cols].");
+  m.def("compute_delta", &py_compute_delta, py::arg("base"), py::arg("expert"), py::arg("name") = "",
+        py::arg("base_dtype") = "", py::arg("expert_dtype") = "",
+        "(delta float32 [rows, cols], extra float32 [extra_rows, cols]) = expert[:rows] - base and the expert's "
+        "rows beyond the base's. Arrays: float32, float16 or ml_dtypes.bfloat16 (or uint16 with *_dtype='BF16').");
+}
