@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="allow a shorter last group where the group size does not divide the width")
     compress.add_argument("--salient", default="1%", help="salient channels per matrix: '1%%' or a count")
     compress.add_argument("--avg-bits", type=float, help="budget: average bits per delta parameter (planner)")
-    compress.add_argument("--clip-grid", type=int, default=20, help="step-size search points (1 = RTN)")
+    compress.add_argument("--clip-grid", type=int, default=1,
+                          help="step-size search points; 1 (default) keeps the full range")
     compress.add_argument("--min-clip", type=float, default=0.5, help="smallest clip ratio searched")
     compress.add_argument("--name", help="expert name (default: expert directory name)")
     compress.add_argument("--domain", help="domain description stored in the manifest")

@@ -49,7 +49,9 @@ class CompressionSettings:
         columns when below 1 (0.01 = 1 %), an absolute count otherwise.
     clip_grid, min_clip
         Step-size search: clip ratios from 1 down to ``min_clip`` in ``clip_grid``
-        steps (``clip_grid=1`` is plain round-to-nearest).
+        steps. The default, 1, keeps the full range: on the bundled family the
+        search lowers the activation-weighted error yet raises perplexity, because
+        the clipped extremes are the fine-tune's largest changes (docs/results.md).
     avg_bits
         If set, the budget planner picks bits and salient count per matrix to
         minimise the total measured error at this average bits per delta parameter.
@@ -61,7 +63,7 @@ class CompressionSettings:
     bits: int = 2
     group_size: int = 64
     salient: float = 0.01
-    clip_grid: int = 20
+    clip_grid: int = 1
     min_clip: float = 0.5
     avg_bits: float | None = None
     ragged_groups: bool = False

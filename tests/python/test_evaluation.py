@@ -1,0 +1,170 @@
+"""Tests of the evaluation harness and the shipped tiny expert family."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from meswitch import evaluation  # noqa: E402
+from meswitch.family import EXPERTS, family_dir, heldout_dir  # noqa: E402
+
+MODELS = ("base", *EXPERTS)
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.set_num_threads(2)
+    return evaluation.load_model(family_dir() / "base")
+
+
+def _manual_scores(model, tokenizer, text: str) -> tuple[float, int, int]:
+    """Summed NLL, scored tokens and top-1 hits of ``text``, computed with numpy from raw logits."""
+    ids = [tokenizer.eos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double().numpy()
+    nll, hits = 0.0, 0
+    for position in range(len(ids) - 1):
+        row = logits[position]
+        log_z = row.max() + np.log(np.exp(row - row.max()).sum())
+        nll -= row[ids[position + 1]] - log_z
+        hits += int(np.argmax(row) == ids[position + 1])
+    return nll, len(ids) - 1, hits
+
+
+def test_perplexity_matches_manual_log_softmax(base):
+    model, tokenizer = base
+    texts = ["Tom has 3 apples. Ann gives Tom 4 more apples.", "def add(a, b):\n    return a + b\n"]
+    total_nll, total_tokens = 0.0, 0
+    for text in texts:
+        nll, tokens, _ = _manual_scores(model, tokenizer, text)
+        total_nll += nll
+        total_tokens += tokens
+    expected = math.exp(total_nll / total_tokens)
+    got = evaluation.perplexity(model, tokenizer, texts)
+    assert got == pytest.approx(expected, rel=1e-5)
+    # Batching with padding must not change the result.
+    assert evaluation.perplexity(model, tokenizer, texts, batch_size=1) == pytest.approx(expected, rel=1e-5)
+
+
+def test_next_token_accuracy_matches_manual(base):
+    model, tokenizer = base
+    text = "import os\n\n\ndef main():\n    print(os.getcwd())\n"
+    _, tokens, hits = _manual_scores(model, tokenizer, text)
+    assert evaluation.next_token_accuracy(model, tokenizer, [text]) == pytest.approx(hits / tokens, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("generated", "reference", "expected"),
+    [
+        ("Tom has 3 + 4 = 7 apples.\n#### 7", 7, True),
+        ("so 1,234 in total\n#### 1,234\n#### 9", 1234, True),
+        ("#### -5", -5, True),
+        ("####12.0", 12, True),
+        ("#### 8", 7, False),
+        ("the answer is 7", 7, False),
+        ("#### 7", "reasoning\n#### 7", True),
+    ],
+)
+def test_exact_match_parsing(generated, reference, expected):
+    assert evaluation.is_exact_match(generated, reference) is expected
+
+
+def test_parse_final_answer():
+    assert evaluation.parse_final_answer("x\n#### 42 apples") == 42.0
+    assert evaluation.parse_final_answer("no marker 42") is None
+
+
+def _fake_results() -> dict:
+    return {
+        "base": {
+            "chat": {"perplexity": 50.0, "bits_per_byte": 2.0},
+            "math": {"perplexity": 8.0, "exact_match_generated": 0.05, "exact_match_gsm8k": 0.0},
+            "code": {"perplexity": 12.0, "next_token_accuracy": 0.4},
+        },
+        "math": {
+            "chat": {"perplexity": 70.0, "bits_per_byte": 2.4},
+            "math": {"perplexity": 4.0, "exact_match_generated": 0.3, "exact_match_gsm8k": 0.02},
+            "code": {"perplexity": 20.0, "next_token_accuracy": 0.3},
+        },
+    }
+
+
+def test_write_report(tmp_path):
+    results = _fake_results()
+    paths = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "img" / "r.png"
+    table = evaluation.write_report(results, *paths)
+    assert json.loads(paths[0].read_text()) == results
+    lines = paths[1].read_text().splitlines()
+    assert lines[0].startswith("| model | chat ppl")
+    assert lines[1].startswith("|---|")
+    assert lines[3].startswith("| math | 70.00 |") and "30.0 %" in lines[3]
+    assert paths[1].read_text() == table
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_register_cli_parses_eval():
+    parser = argparse.ArgumentParser(prog="meswitch")
+    evaluation.register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "a", "b", "--domains", "math", "--max-examples", "3", "--json", "o.json"])
+    assert args.func is not None and args.model_dirs == ["a", "b"]
+    assert args.domains == ["math"] and args.max_examples == 3 and str(args.json) == "o.json"
+
+
+def test_evaluate_accepts_in_memory_model(base):
+    model, tokenizer = base
+    result = evaluation.evaluate(model=model, tokenizer=tokenizer, domains=("code", "math"), max_examples=2, max_new_tokens=8)
+    assert result["code"]["n_texts"] == 2 and 0.0 <= result["code"]["next_token_accuracy"] <= 1.0
+    assert result["math"]["n_problems"] == 4  # two per source
+    assert math.isfinite(result["math"]["perplexity"])
+    assert "chat" not in result
+
+
+def test_heldout_files_present():
+    for domain, minimum in (("chat", 100), ("math", 100), ("code", 100)):
+        records = evaluation.load_heldout(domain, heldout_dir())
+        assert len(records) >= minimum and all(r["text"] for r in records)
+    sources = {r["source"] for r in evaluation.load_heldout("math")}
+    assert sources == {"generated", "gsm8k"}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_shipped_models_load_with_auto_classes(name):
+    directory = family_dir() / name
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    assert model.config.model_type == "llama" and not model.config.tie_word_embeddings
+    assert model.dtype == torch.float16
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    assert model.get_output_embeddings().weight.shape[0] == len(tokenizer)
+    assert (directory / "generation_config.json").is_file() and (directory / "special_tokens_map.json").is_file()
+
+
+def test_chat_expert_extends_vocabulary():
+    base_tok = transformers.AutoTokenizer.from_pretrained(family_dir() / "base")
+    chat_tok = transformers.AutoTokenizer.from_pretrained(family_dir() / "chat")
+    assert len(chat_tok) > len(base_tok)
+    assert len(chat_tok.tokenize("<|user|>hi<|end|>")) == 3
+    base_cfg = json.loads((family_dir() / "base" / "config.json").read_text())
+    chat_cfg = json.loads((family_dir() / "chat" / "config.json").read_text())
+    assert chat_cfg["vocab_size"] > base_cfg["vocab_size"]
+
+
+def test_code_expert_is_sharded():
+    directory = family_dir() / "code"
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) >= 2
+    assert all((directory / shard).is_file() for shard in shards)
+    assert not (directory / "model.safetensors").exists()
+
+
+def test_family_size_budget():
+    total = sum(p.stat().st_size for p in family_dir().rglob("*") if p.is_file())
+    assert total <= 64 * 1024 * 1024
