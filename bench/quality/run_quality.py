@@ -61,9 +61,16 @@ def metrics_of(result: dict[str, Any], domain: str) -> dict[str, float]:
     return out
 
 
+def score(model, tokenizer, domain: str, max_examples: int | None) -> dict[str, float]:
+    # Generated answers are one line ("... = 24 ...\n#### 24"): 64 new tokens hold them.
+    result = evaluate(model=model, tokenizer=tokenizer, domains=[domain], max_examples=max_examples,
+                      max_new_tokens=64)
+    return metrics_of(result, domain)
+
+
 def evaluate_artifact(base: Path, artifact: Path, domain: str, max_examples: int | None) -> dict[str, float]:
     model, tokenizer = load_compressed_model(base, artifact)
-    return metrics_of(evaluate(model=model, tokenizer=tokenizer, domains=[domain], max_examples=max_examples), domain)
+    return score(model, tokenizer, domain, max_examples)
 
 
 def run_method(label: str, base: Path, expert: Path, domain: str, workdir: Path, settings: CompressionSettings,
@@ -99,12 +106,10 @@ def main() -> None:
             log(f"{domain}: FP16 expert and base")
             model, tokenizer = load_model(expert)
             rows.append({"method": "FP16 expert", "avg_bits": 16.0, "bytes": None,
-                         **metrics_of(evaluate(model=model, tokenizer=tokenizer, domains=[domain],
-                                               max_examples=args.max_examples), domain)})
+                         **score(model, tokenizer, domain, args.max_examples)})
             model, tokenizer = load_model(base)
             rows.append({"method": "base alone", "avg_bits": 0.0, "bytes": 0,
-                         **metrics_of(evaluate(model=model, tokenizer=tokenizer, domains=[domain],
-                                               max_examples=args.max_examples), domain)})
+                         **score(model, tokenizer, domain, args.max_examples)})
             methods = [
                 ("meswitch 2-bit + 1% salient", tiny_family_settings(bits=2, salient=0.01), calibration),
                 ("meswitch 2-bit + 1% salient + clip search", tiny_family_settings(bits=2, salient=0.01, clip_grid=20),
@@ -126,8 +131,7 @@ def main() -> None:
                     params += shape[0] * shape[1]
                     bits += bitdelta_storage_bits(shape[0], shape[1])
             rows.append({"method": "BitDelta 1-bit", "avg_bits": bits / params, "bytes": bits // 8,
-                         **metrics_of(evaluate(model=model, tokenizer=tokenizer, domains=[domain],
-                                               max_examples=args.max_examples), domain)})
+                         **score(model, tokenizer, domain, args.max_examples)})
             results["experts"][domain] = rows
 
             if not args.no_ablation:

@@ -439,13 +439,24 @@ def _run_eval(args: argparse.Namespace) -> int:
         name = Path(model_dir).name
         if name in results:
             name = str(model_dir)
+        model = tokenizer = None
+        if (Path(model_dir) / "manifest.json").is_file():  # a compressed expert: base + dequantized delta
+            if args.base is None:
+                raise ValueError(f"{model_dir} is a compressed expert; pass --base BASE_DIR")
+            from meswitch.artifact import load_compressed_model
+
+            model, tokenizer = load_compressed_model(args.base, model_dir)
+            model = model.to(args.device)
         results[name] = evaluate(
             model_dir,
             domains=args.domains,
             heldout_dir=args.heldout,
             max_examples=args.max_examples,
             device=args.device,
+            model=model,
+            tokenizer=tokenizer,
         )
+        results[name]["model"] = str(model_dir)
     print(write_report(results, args.json, args.markdown, args.plot), end="")
     return 0
 
@@ -463,7 +474,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
         help="held-out perplexity, math exact match and code next-token accuracy",
         description="Evaluate checkpoint directories on the held-out chat, math and code data.",
     )
-    parser.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR", help="Hugging Face checkpoint directories")
+    parser.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR",
+                        help="Hugging Face checkpoint directories or NAME.meswitch artifacts (with --base)")
+    parser.add_argument("--base", type=Path, default=None, help="base model directory for .meswitch artifacts")
     parser.add_argument("--domains", nargs="+", choices=DOMAINS, default=list(DOMAINS))
     parser.add_argument("--max-examples", type=int, default=None, help="limit per domain (per source for math)")
     parser.add_argument("--heldout", type=Path, default=None, help="held-out directory (default: packaged)")

@@ -286,3 +286,28 @@ def test_activation_aware_calibration(pair, tmp_path):
     report = compress(base, expert, tmp_path / "a.meswitch", calibration=stats, progress=False)
     assert load_artifact(tmp_path / "a.meswitch").manifest["quantization"]["calibration"]["kind"] == "statistics"
     assert report.tensors[name]["kind"] == "delta"
+
+
+def test_cli_compress_inspect_eval_on_the_bundled_family(tmp_path, capsys):
+    from meswitch.cli import main
+    from meswitch.family import family_dir
+
+    family = family_dir()
+    out = tmp_path / "math.meswitch"
+    assert main(["compress", "--base", str(family / "base"), "--expert", str(family / "math"), "--bits", "2",
+                 "--salient", "1%", "--ragged-groups", "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "avg bits/param" in printed and "smaller" in printed
+    plot = tmp_path / "errors.png"
+    assert main(["inspect", str(out), "--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "sha256 verified" in capsys.readouterr().out
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(out), "--base", str(family / "base"), "--domains", "code", "--max-examples", "4",
+                 "--json", str(report)]) == 0
+    result = json.loads(report.read_text())["math.meswitch"]
+    assert 1.0 < result["code"]["perplexity"] < 1000
+    # Without --ragged-groups the 688-wide MLP does not fit groups of 64: a clear error, exit code 1.
+    assert main(["compress", "--base", str(family / "base"), "--expert", str(family / "math"), "--quiet",
+                 "--out", str(tmp_path / "strict.meswitch")]) == 1
+    assert "does not divide the width 688" in capsys.readouterr().err
