@@ -16,6 +16,7 @@ using namespace meswitch;
 
 void bind_artifact(py::module_& m);
 void bind_quantize(py::module_& m);
+void bind_ops(py::module_& m);
 
 namespace {
 
@@ -148,10 +149,12 @@ PYBIND11_MODULE(_core, m) {
       .def("info", &tensor_info, py::arg("name"))
       .def("array", &tensor_array, py::arg("name"))
       .def("dlpack", &tensor_dlpack, py::arg("name"))
-      .def("release", &SafetensorsCheckpoint::release, py::arg("name"));
+      .def("release", &SafetensorsCheckpoint::release, py::arg("name"), py::arg("offset") = 0,
+           py::arg("size") = SIZE_MAX);
 
   bind_artifact(m);
   bind_quantize(m);
+  bind_ops(m);
 
   m.def("write_safetensors", &write_file, py::arg("path"), py::arg("tensors"), py::arg("metadata"));
   m.def("f32_to_f16_bits", [](py::array_t<float, py::array::c_style | py::array::forcecast> x) { return narrow(x, float_to_f16); });

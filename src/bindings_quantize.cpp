@@ -57,6 +57,14 @@ py::array_t<T> array_from(const std::vector<T>& values, std::vector<py::ssize_t>
   return array;
 }
 
+// Hands the vector's buffer to NumPy without a copy (large deltas would double the peak memory).
+template <typename T>
+py::array_t<T> array_owning(std::vector<T>&& values, std::vector<py::ssize_t> shape) {
+  auto* owner = new std::vector<T>(std::move(values));
+  py::capsule base(owner, [](void* pointer) { delete static_cast<std::vector<T>*>(pointer); });
+  return py::array_t<T>(shape, owner->data(), base);
+}
+
 // f16 bit patterns as a numpy.float16 array.
 py::array half_array(const std::vector<std::uint16_t>& bits, std::vector<py::ssize_t> shape) {
   py::array array(py::dtype("float16"), shape);
@@ -122,6 +130,11 @@ py::dict py_quantize_delta(const FloatArray& delta, const std::optional<FloatArr
   result["cols"] = q.cols;
   result["bits"] = q.bits;
   result["group_size"] = q.group_size;
+  // Activation-weighted error of this quantization and the weighted norm of the delta,
+  // computed row by row so no dense approximation is ever held.
+  const DeltaError error = without_gil([&] { return quantization_error(q, delta.data(), weight, name); });
+  result["error"] = error.error;
+  result["reference"] = error.reference;
   return result;
 }
 
@@ -232,7 +245,8 @@ py::tuple py_compute_delta(const py::array& base, const py::array& expert, const
   const TensorView base_view = floating_view(base, base_dtype, "base", name);
   const TensorView expert_view = floating_view(expert, expert_dtype, "expert", name);
   DeltaTensor d = without_gil([&] { return compute_delta(base_view, expert_view, name); });
-  return py::make_tuple(array_from(d.delta, {d.rows, d.cols}), array_from(d.extra, {d.extra_rows, d.cols}));
+  const py::ssize_t rows = d.rows, cols = d.cols, extra_rows = d.extra_rows;
+  return py::make_tuple(array_owning(std::move(d.delta), {rows, cols}), array_owning(std::move(d.extra), {extra_rows, cols}));
 }
 
 }  // namespace

@@ -106,6 +106,7 @@ inline nlohmann::json base_fingerprint(const SafetensorsCheckpoint& base, const 
     const std::string entry = std::string(dtype_name(info.dtype)) + " " + shape_string(info.shape) + " " +
                               sha256_hex(view.data, info.nbytes());
     tensors[name] = entry;
+    base.release(name);  // hashing streams through the whole base: keep only one tensor resident
     combined.update(name.data(), name.size());
     combined.update(entry.data(), entry.size());
   }

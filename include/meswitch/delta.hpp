@@ -44,16 +44,19 @@ inline void matrix_shape(const Shape& shape, std::int64_t& rows, std::int64_t& c
   for (std::size_t i = 1; i < shape.size(); ++i) cols *= shape[i];
 }
 
-inline void widen_checked(const TensorView& view, float* out, std::int64_t cols, const char* role,
-                          const std::string& tensor, const std::string& pair) {
-  const std::size_t count = std::size_t(view.numel());
-  convert_to_f32(view.data, view.dtype, out, count);
+// Widens elements [first, first + count) of a contiguous floating view to float32,
+// rejecting NaN/Inf with the (row, col) of the first one.
+inline void widen_checked(const TensorView& view, std::size_t first, std::size_t count, float* out,
+                          std::int64_t cols, const char* role, const std::string& tensor, const std::string& pair) {
+  const std::size_t item = dtype_size(view.dtype);
+  convert_to_f32(static_cast<const std::uint8_t*>(view.data) + first * item, view.dtype, out, count);
   for (std::size_t i = 0; i < count; ++i)
-    if (!std::isfinite(out[i]))
+    if (!std::isfinite(out[i])) {
+      const auto at = std::int64_t(first + i);
       throw FormatError("", tensor,
                         std::string("non-finite value ") + std::to_string(out[i]) + " in the " + role + " at (" +
-                            std::to_string(std::int64_t(i) / cols) + ", " + std::to_string(std::int64_t(i) % cols) +
-                            ") (" + pair + ")");
+                            std::to_string(at / cols) + ", " + std::to_string(at % cols) + ") (" + pair + ")");
+    }
 }
 
 }  // namespace detail
@@ -83,13 +86,22 @@ inline DeltaTensor compute_delta(const TensorView& base, const TensorView& exper
                           std::to_string(result.rows) + "): " + pair);
   const std::int64_t cols = std::max<std::int64_t>(result.cols, 1);
 
-  std::vector<float> widened(static_cast<std::size_t>(expert.numel()));
-  detail::widen_checked(expert, widened.data(), cols, "expert", tensor, pair);
-  result.delta.resize(static_cast<std::size_t>(base.numel()));
-  detail::widen_checked(base, result.delta.data(), cols, "base", tensor, pair);
-  for (std::size_t i = 0; i < result.delta.size(); ++i) result.delta[i] = widened[i] - result.delta[i];
+  // The delta is the only full-size float32 buffer: the expert is widened through a
+  // small chunk, so peak memory stays near one float32 copy of the tensor.
+  const std::size_t total = static_cast<std::size_t>(base.numel());
+  result.delta.resize(total);
+  detail::widen_checked(base, 0, total, result.delta.data(), cols, "base", tensor, pair);
+  constexpr std::size_t kChunk = 1 << 16;
+  std::vector<float> chunk(std::min(kChunk, total));
+  for (std::size_t first = 0; first < total; first += kChunk) {
+    const std::size_t count = std::min(kChunk, total - first);
+    detail::widen_checked(expert, first, count, chunk.data(), cols, "expert", tensor, pair);
+    for (std::size_t i = 0; i < count; ++i) result.delta[first + i] = chunk[i] - result.delta[first + i];
+  }
   result.extra_rows = expert_rows - result.rows;
-  result.extra.assign(widened.begin() + std::ptrdiff_t(result.delta.size()), widened.end());
+  result.extra.resize(static_cast<std::size_t>(expert.numel()) - total);
+  if (!result.extra.empty())
+    detail::widen_checked(expert, total, result.extra.size(), result.extra.data(), cols, "expert", tensor, pair);
   return result;
 }
 

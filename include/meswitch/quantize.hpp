@@ -292,27 +292,66 @@ inline void validate_quantized(const QuantizedDelta& q, const std::string& tenso
           "salient index " + std::to_string(index) + " is out of range [0, " + std::to_string(q.cols) + ")");
 }
 
+// Row r of the dequantized delta: (code - zero) * scale, then the salient values added
+// into their columns. `codes` is scratch of q.cols bytes. Callers validate q first.
+inline void dequantize_row(const QuantizedDelta& q, std::int64_t r, std::uint8_t* codes, float* row) {
+  const std::int64_t groups = q.groups_per_row();
+  const std::size_t k = q.salient_idx.size();
+  MESWITCH_DISPATCH_BITS(q.bits, BITS, { unpack_row<BITS>(q.qweight.data() + r * q.words_per_row(), q.cols, codes); });
+  for (std::int64_t g = 0; g < groups; ++g) {
+    const float scale = f16_to_float(q.scales[std::size_t(r * groups + g)]);
+    const float zero = float(q.zeros[std::size_t(r * groups + g)]);
+    for (std::int64_t c = g * q.group_size; c < std::min((g + 1) * q.group_size, q.cols); ++c)
+      row[c] = (float(codes[std::size_t(c)]) - zero) * scale;
+  }
+  for (std::size_t i = 0; i < k; ++i) row[q.salient_idx[i]] += f16_to_float(q.salient[std::size_t(r) * k + i]);
+}
+
 // out[r, c] = (code - zero) * scale, then out[r, salient_idx[i]] += salient[r, i]:
 // exactly what the fused kernels compute (y = x @ dequant(Q)^T + x[:, idx] @ S^T),
 // so this is the reference they are tested against.
 inline void dequantize_delta(const QuantizedDelta& q, float* out, const std::string& tensor = "") {
   validate_quantized(q, tensor);
-  const std::int64_t groups = q.groups_per_row();
-  const std::int64_t words_per_row = q.words_per_row();
-  const std::size_t k = q.salient_idx.size();
   std::vector<std::uint8_t> codes(static_cast<std::size_t>(q.cols));
+  for (std::int64_t r = 0; r < q.rows; ++r) dequantize_row(q, r, codes.data(), out + r * q.cols);
+}
+
+// Per-column squared error of q against delta, sum_r (D[r,c] - deq[r,c])^2, in double,
+// accumulated row by row (one row of scratch, never a dense approximation).
+inline std::vector<double> column_squared_errors(const QuantizedDelta& q, const float* delta,
+                                                 const std::string& tensor = "") {
+  validate_quantized(q, tensor);
+  std::vector<std::uint8_t> codes(static_cast<std::size_t>(q.cols));
+  std::vector<float> row(static_cast<std::size_t>(q.cols));
+  std::vector<double> per_column(static_cast<std::size_t>(q.cols), 0.0);
   for (std::int64_t r = 0; r < q.rows; ++r) {
-    MESWITCH_DISPATCH_BITS(q.bits, BITS,
-                           { unpack_row<BITS>(q.qweight.data() + r * words_per_row, q.cols, codes.data()); });
-    float* row = out + r * q.cols;
-    for (std::int64_t g = 0; g < groups; ++g) {
-      const float scale = f16_to_float(q.scales[std::size_t(r * groups + g)]);
-      const float zero = float(q.zeros[std::size_t(r * groups + g)]);
-      for (std::int64_t c = g * q.group_size; c < std::min((g + 1) * q.group_size, q.cols); ++c)
-        row[c] = (float(codes[std::size_t(c)]) - zero) * scale;
+    dequantize_row(q, r, codes.data(), row.data());
+    for (std::int64_t c = 0; c < q.cols; ++c) {
+      const double difference = double(delta[r * q.cols + c]) - double(row[std::size_t(c)]);
+      per_column[std::size_t(c)] += difference * difference;
     }
-    for (std::size_t i = 0; i < k; ++i) row[q.salient_idx[i]] += f16_to_float(q.salient[std::size_t(r) * k + i]);
   }
+  return per_column;
+}
+
+struct DeltaError {
+  double error = 0.0;      // sum_c w_c sum_r (D - deq)^2
+  double reference = 0.0;  // sum_c w_c sum_r D^2
+};
+
+inline DeltaError quantization_error(const QuantizedDelta& q, const float* delta, const float* channel_weight,
+                                     const std::string& tensor = "") {
+  const std::vector<double> per_column = column_squared_errors(q, delta, tensor);
+  std::vector<double> norms(per_column.size(), 0.0);
+  for (std::int64_t r = 0; r < q.rows; ++r)
+    for (std::int64_t c = 0; c < q.cols; ++c) norms[std::size_t(c)] += double(delta[r * q.cols + c]) * double(delta[r * q.cols + c]);
+  DeltaError result;
+  for (std::int64_t c = 0; c < q.cols; ++c) {
+    const double weight = channel_weight ? double(channel_weight[c]) : 1.0;
+    result.error += weight * per_column[std::size_t(c)];
+    result.reference += weight * norms[std::size_t(c)];
+  }
+  return result;
 }
 
 // sum_i w_i sum_r (delta[r, i] - approx[r, i])^2 in double; w_i = 1 when channel_weight is null.

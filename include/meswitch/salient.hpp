@@ -30,14 +30,7 @@ inline std::vector<double> channel_error_scores(const float* delta, std::int64_t
                                                 const float* channel_weight, const QuantSpec& spec,
                                                 const std::string& tensor) {
   const QuantizedDelta quantized = quantize_delta(delta, rows, cols, channel_weight, {}, spec, tensor);
-  std::vector<float> approx(static_cast<std::size_t>(rows * cols));
-  dequantize_delta(quantized, approx.data(), tensor);
-  std::vector<double> scores(std::size_t(cols), 0.0);
-  for (std::int64_t r = 0; r < rows; ++r)
-    for (std::int64_t c = 0; c < cols; ++c) {
-      const double difference = double(delta[r * cols + c]) - double(approx[std::size_t(r * cols + c)]);
-      scores[std::size_t(c)] += difference * difference;
-    }
+  std::vector<double> scores = column_squared_errors(quantized, delta, tensor);
   if (channel_weight != nullptr)
     for (std::int64_t c = 0; c < cols; ++c) scores[std::size_t(c)] *= double(channel_weight[c]);
   return scores;

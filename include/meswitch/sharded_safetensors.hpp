@@ -9,6 +9,8 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -98,11 +100,14 @@ class SafetensorsCheckpoint {
   std::vector<float> read_f32(const std::string& name) const { return file_of(name).read_f32(name); }
 
   // Lets the kernel reclaim the pages of a tensor the caller is done with.
-  void release(const std::string& name) const {
+  // Bytes [offset, offset + size) of the tensor (default: all of it).
+  void release(const std::string& name, std::size_t offset = 0, std::size_t size = SIZE_MAX) const {
     const SafetensorsFile& file = file_of(name);
     const TensorView view = file.view(name);
-    file.mapping()->release(std::size_t(static_cast<const std::uint8_t*>(view.data) - file.mapping()->data()),
-                            view.nbytes());
+    if (offset >= view.nbytes()) return;
+    size = std::min(size, view.nbytes() - offset);
+    file.mapping()->release(
+        std::size_t(static_cast<const std::uint8_t*>(view.data) - file.mapping()->data()) + offset, size);
   }
 
  private:

@@ -130,12 +130,16 @@ class Checkpoint(Mapping):
             return array.astype(np.float32)
         return array
 
-    def release(self, name: str) -> None:
-        """Drop the pages of ``name`` from memory once done with it (streaming over large checkpoints).
+    def release(self, name: str, offset: int = 0, size: int | None = None) -> None:
+        """Drop the pages of ``name`` (or of its bytes ``[offset, offset + size)``) from memory.
 
-        Views of the tensor stay valid: touching them reads the pages back from the file.
+        For streaming over checkpoints larger than memory. Views of the tensor stay
+        valid: touching them reads the pages back from the file.
         """
-        self._core.release(name)
+        if size is None:
+            self._core.release(name, offset)
+        else:
+            self._core.release(name, offset, size)
 
     def get_dlpack(self, name: str) -> DLPackTensor:
         """An object for ``torch.from_dlpack`` (or any DLPack consumer) sharing the mapping."""

@@ -29,6 +29,9 @@ from meswitch.naming import is_delta_role, layer_index, tensor_role
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
 
+#: Source bytes widened per step when forming a large delta (bounds resident source pages).
+_DELTA_BLOCK_BYTES = 16 << 20
+
 #: Candidates the budget planner chooses from.
 PLANNER_BITS = (1, 2, 3, 4)
 PLANNER_SALIENT_FRACTIONS = (0.0, 0.005, 0.01, 0.02, 0.05)
@@ -137,10 +140,7 @@ def compress_matrix(delta: np.ndarray, channel_weight: np.ndarray | None, *, bit
         salient_idx = np.zeros(0, dtype=np.int32)
     pieces = _core.quantize_delta(delta, channel_weight, salient_idx, bits, group_size, clip_grid, min_clip, name,
                                   ragged_groups)
-    approx = dequantize_pieces(pieces, rows, cols, bits, group_size)
-    weight = np.ones(cols, dtype=np.float64) if channel_weight is None else channel_weight.astype(np.float64)
-    error = float((((delta.astype(np.float64) - approx) ** 2).sum(axis=0) * weight).sum())
-    reference = float(((delta.astype(np.float64) ** 2).sum(axis=0) * weight).sum())
+    error, reference = float(pieces["error"]), float(pieces["reference"])  # weighted, computed in C++
     stored = {key: pieces[key] for key in ("qweight", "scales", "zeros", "salient_idx", "salient")}
     return MatrixResult(stored, bits, int(pieces["group_size"]), int(salient_idx.size), error, reference,
                         compressed_bits(rows, cols, bits, group_size, int(salient_idx.size)))
@@ -431,7 +431,26 @@ def _delta_of(tensor: str, base: Path, expert: Path, base_ckpt: Checkpoint, expe
     base_array = _floating(base_ckpt, tensor, base)
     expert_array = _floating(expert_ckpt, tensor, expert)
     try:
-        return _core.compute_delta(base_array, expert_array, tensor)
+        if base_array.ndim != 2 or expert_array.ndim != 2 or base_array.shape[1:] != expert_array.shape[1:] \
+                or expert_array.shape[0] < base_array.shape[0] or base_array.nbytes <= _DELTA_BLOCK_BYTES:
+            return _core.compute_delta(base_array, expert_array, tensor)  # checks and reports the mismatch
+        # Large matrices go in row blocks whose source pages are dropped as soon as they are
+        # used, so the float32 delta is the only tensor-sized buffer resident at a time.
+        rows, cols = base_array.shape
+        delta = np.empty((rows, cols), dtype=np.float32)
+        block = max(1, _DELTA_BLOCK_BYTES // (cols * base_array.itemsize))
+        for first in range(0, rows, block):
+            last = min(rows, first + block)
+            part, _ = _core.compute_delta(base_array[first:last], expert_array[first:last], tensor)
+            delta[first:last] = part
+            base_ckpt.release(tensor, first * cols * base_array.itemsize, (last - first) * cols * base_array.itemsize)
+            expert_ckpt.release(tensor, first * cols * expert_array.itemsize,
+                                (last - first) * cols * expert_array.itemsize)
+        extra = np.array(expert_array[rows:], dtype=np.float32)
+        if not np.isfinite(extra).all():
+            bad = np.argwhere(~np.isfinite(extra))[0]
+            raise _core.FormatError(f"tensor '{tensor}': non-finite value in the expert at ({rows + bad[0]}, {bad[1]})")
+        return delta, extra
     except _core.FormatError as error:
         raise _core.FormatError(f"{expert} vs {base}: {error}") from None
 
@@ -440,6 +459,8 @@ def _compress_delta(writer, tensor: str, role: str, base: Path, expert: Path, ba
                     expert_ckpt: Checkpoint, statistics, settings: CompressionSettings,
                     plan: dict[str, PlanChoice] | None, totals: dict[str, int]) -> dict[str, Any]:
     delta, extra = _delta_of(tensor, base, expert, base_ckpt, expert_ckpt)
+    expert_ckpt.release(tensor)  # the float32 delta is all that is needed from here on
+    base_ckpt.release(tensor)
     rows, cols = delta.shape
     weight = _channel_weights(statistics, tensor, role, cols)
     bits, k = settings.bits, salient_count(settings.salient, cols)

@@ -1,0 +1,120 @@
+"""Compression throughput and peak memory on a synthetic multi-GB checkpoint.
+
+Builds a Llama-7B-shaped base and expert (hidden 4096, MLP 14336, f16, sharded)
+of about ``--gib`` GiB each, then compresses the expert twice in fresh processes:
+weight-only and activation-aware (synthetic per-channel statistics, so the
+scoring cost is included without running a 7B model here). Reports MB of f16
+delta processed per second on one core (the quantizer is single-threaded) and
+peak RSS against the streaming bound ``2 x largest tensor + 256 MB``.
+
+Run: ``python bench/compress/bench_compress.py [--gib 2]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HIDDEN, MLP, KV = 4096, 14336, 1024
+LAYER_SHAPES = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (KV, HIDDEN),
+                "self_attn.v_proj": (KV, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
+                "mlp.gate_proj": (MLP, HIDDEN), "mlp.up_proj": (MLP, HIDDEN), "mlp.down_proj": (HIDDEN, MLP)}
+
+
+def write_pair(root: Path, gib: float) -> tuple[Path, Path, int]:
+    """Base and expert (= base + small delta) with one safetensors shard per layer."""
+    from meswitch.checkpoint import save_file
+
+    layer_bytes = sum(r * c for r, c in LAYER_SHAPES.values()) * 2
+    layers = max(1, int(gib * 2**30 // layer_bytes))
+    rng = np.random.default_rng(0)
+    for name in ("base", "expert"):
+        (root / name).mkdir(parents=True)
+        (root / name / "config.json").write_text(json.dumps({
+            "model_type": "llama", "hidden_size": HIDDEN, "intermediate_size": MLP, "num_hidden_layers": layers}))
+    weight_map = {}
+    for layer in range(layers):
+        base, expert = {}, {}
+        for suffix, shape in LAYER_SHAPES.items():
+            key = f"model.layers.{layer}.{suffix}.weight"
+            w = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
+            base[key] = w
+            expert[key] = (w + (rng.standard_normal(shape, dtype=np.float32) * 1e-3).astype(np.float16))
+            weight_map[key] = f"model-{layer:05d}.safetensors"
+        for name, tensors in (("base", base), ("expert", expert)):
+            save_file(tensors, root / name / f"model-{layer:05d}.safetensors")
+        print(f"  wrote layer {layer + 1}/{layers}", flush=True)
+    for name in ("base", "expert"):
+        (root / name / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return root / "base", root / "expert", layers
+
+
+CHILD = r"""
+import json, re, sys, time
+import numpy as np
+from meswitch.compress import compress, CompressionSettings
+base, expert, out, mode = sys.argv[1:5]
+stats = None
+if mode == "activation-aware":
+    rng = np.random.default_rng(1)
+    stats = {}
+    for layer in range(int(sys.argv[5])):
+        for suffix, cols in (("self_attn.q_proj", 4096), ("self_attn.k_proj", 4096), ("self_attn.v_proj", 4096),
+                             ("self_attn.o_proj", 4096), ("mlp.gate_proj", 4096), ("mlp.up_proj", 4096),
+                             ("mlp.down_proj", 14336)):
+            stats[f"model.layers.{layer}.{suffix}.weight"] = rng.gamma(0.5, 2.0, cols).astype(np.float32)
+def peak_rss():
+    # VmHWM is this process's own high-water mark (ru_maxrss would carry the parent's over exec).
+    return int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+start = time.perf_counter()
+report = compress(base, expert, out, settings=CompressionSettings(bits=2, salient=0.01), calibration=stats,
+                  progress=False)
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "delta_parameters": report.delta_parameters,
+                  "peak_rss_bytes": peak_rss(),
+                  "artifact_bytes": report.artifact_bytes}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gib", type=float, default=2.0, help="size of each synthetic checkpoint")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("MESWITCH_BENCH_DIR")) as scratch:
+        root = Path(scratch)
+        print(f"writing a {args.gib:g} GiB base and expert ...", flush=True)
+        base, expert, layers = write_pair(root, args.gib)
+        largest = MLP * HIDDEN * 2
+        bound = 2 * largest + 256 * 2**20
+        # The baseline a compressor cannot beat: the interpreter with numpy and torch-free meswitch imported.
+        idle = int(subprocess.run([sys.executable, "-c", (
+            "import re, numpy, meswitch.compress;"
+            "print(int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) * 1024)")],
+            check=True, capture_output=True, text=True).stdout)
+        rows = []
+        for mode in ("weight-only", "activation-aware"):
+            print(f"compressing ({mode}) ...", flush=True)
+            result = subprocess.run([sys.executable, "-c", CHILD, str(base), str(expert), str(root / f"{mode}.meswitch"),
+                                     mode, str(layers)], check=True, capture_output=True, text=True)
+            rows.append((mode, json.loads(result.stdout.strip().splitlines()[-1])))
+    print(f"\ncheckpoint: {layers} layers of a 7B-shaped model, {rows[0][1]['delta_parameters'] * 2 / 2**30:.2f} GiB "
+          f"of f16 delta; largest tensor {largest / 2**20:.0f} MiB; bound 2 x largest + 256 MB = {bound / 2**20:.0f} MiB; "
+          f"interpreter + imports alone: {idle / 2**20:.0f} MiB\n")
+    print("| mode | seconds | delta MB/s (1 core) | peak RSS MiB | peak RSS / bound |")
+    print("|---|---:|---:|---:|---:|")
+    for mode, row in rows:
+        rate = row["delta_parameters"] * 2 / 1e6 / row["seconds"]
+        print(f"| {mode} | {row['seconds']:.1f} | {rate:.1f} | {row['peak_rss_bytes'] / 2**20:.0f} | "
+              f"{row['peak_rss_bytes'] / bound:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+// AVX-512 and AVX2 kernels of cpu/delta_gemm.hpp (layout and the group trick are
+// drawn there). Compiled per function for their instruction sets and only called
+// after resolve_cpu_path() checked the CPU. detail::reference_rows is the spec these
+// are tested against.
+//
+// What each piece buys:
+// * Mask-in-place extraction: position p of a unit is `words & (mask << shift)`,
+//   converted to float as code * 2^shift; x carries 2^-shift (exact). One AND + one
+//   convert per vector of codes instead of shift + AND + convert.
+// * The top position of a word (shift + bits = 32) is a plain right shift, so no
+//   value ever has bit 31 set and the signed int->float convert is exact.
+// * Token blocks (8 on AVX-512, 4 on AVX2) reuse each unpacked vector of codes for
+//   several tokens from registers; one token keeps 4 independent accumulator chains
+//   so the FMA latency does not serialise the loop.
+// * Scales are applied once per block per lane (a permute of the row's float scales
+//   picks each lane's group), zero points once per group through X_g.
+#pragma once
+
+#if MESWITCH_X86_KERNELS
+
+// GCC 12 warns that the "undefined" pass-through operand inside many AVX-512
+// intrinsics is uninitialised (a false positive fixed in GCC 13); the warning is
+// attributed to immintrin's own lines, so it is silenced around its inclusion.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+
+#include <utility>
+
+#define MESWITCH_INLINE inline __attribute__((always_inline))
+
+namespace meswitch::cpu::detail {
+
+// ---------------------------------------------------------------- AVX-512 (16 lanes)
+
+// int32 -> float through the vector extension rather than _mm512_cvtepi32_ps: same
+// instruction, without GCC 12's false -Wmaybe-uninitialized from the intrinsic's
+// undefined pass-through operand.
+typedef int avx512_int32x16 __attribute__((vector_size(64)));
+typedef float avx512_float32x16 __attribute__((vector_size(64)));
+MESWITCH_TARGET_AVX512 MESWITCH_INLINE __m512 avx512_to_float(__m512i v) {
+  return __m512(__builtin_convertvector(avx512_int32x16(v), avx512_float32x16));
+}
+
+template <int Bits, int J>
+MESWITCH_TARGET_AVX512 MESWITCH_INLINE __m512i avx512_unit_word(const std::uint32_t* words) {
+  if constexpr (Bits != 3) {
+    return _mm512_loadu_si512(words);
+  } else {
+    // Lane w needs word 3w + J of the 48 loaded: the first 32 come from a two-source
+    // permute of v0:v1, lanes whose word lies in v2 are patched by a masked permute.
+    const __m512i v0 = _mm512_loadu_si512(words), v1 = _mm512_loadu_si512(words + 16),
+                  v2 = _mm512_loadu_si512(words + 32);
+    const __m512i index = _mm512_setr_epi32(J, 3 + J, 6 + J, 9 + J, 12 + J, 15 + J, 18 + J, 21 + J, 24 + J, 27 + J,
+                                            30 + J, 33 + J, 36 + J, 39 + J, 42 + J, 45 + J);
+    constexpr __mmask16 from_v2 = J == 2 ? 0xFC00 : 0xF800;  // lanes with 3w + J >= 32
+    const __m512i low = _mm512_permutex2var_epi32(v0, index, v1);
+    return _mm512_mask_permutexvar_epi32(low, from_v2, index, v2);
+  }
+}
+
+template <int Bits, int P>
+MESWITCH_TARGET_AVX512 MESWITCH_INLINE __m512 avx512_codes(const __m512i* words) {
+  using U = Unit<Bits>;
+  constexpr int j = U::word(P), shift = U::shift(P);
+  if constexpr (U::straddles(P)) {
+    constexpr int low_bits = 32 - shift;
+    const __m512i high = _mm512_and_si512(words[j + 1], _mm512_set1_epi32((1 << (Bits - low_bits)) - 1));
+    return avx512_to_float(_mm512_or_si512(_mm512_srli_epi32(words[j], shift), _mm512_slli_epi32(high, low_bits)));
+  } else if constexpr (U::top(P)) {
+    return avx512_to_float(_mm512_srli_epi32(words[j], shift));
+  } else {
+    return avx512_to_float(_mm512_and_si512(words[j], _mm512_set1_epi32(int(((1u << Bits) - 1u) << shift))));
+  }
+}
+
+template <int Bits, int TB, int C, int P>
+MESWITCH_TARGET_AVX512 MESWITCH_INLINE void avx512_position(const __m512i* words, const float* const* x,
+                                                            __m512 (&acc)[TB][C]) {
+  const __m512 codes = avx512_codes<Bits, P>(words);
+#pragma GCC unroll 8
+  for (int t = 0; t < TB; ++t) acc[t][P % C] = _mm512_fmadd_ps(codes, _mm512_loadu_ps(x[t] + P * 16), acc[t][P % C]);
+}
+
+template <int Bits, int TB, int C, int... Ps>
+MESWITCH_TARGET_AVX512 MESWITCH_INLINE void avx512_block(const __m512i* words, const float* const* x,
+                                                         __m512 (&acc)[TB][C], std::integer_sequence<int, Ps...>) {
+  (avx512_position<Bits, TB, C, Ps>(words, x, acc), ...);
+}
+
+MESWITCH_TARGET_AVX512 inline float avx512_dot(const float* a, const float* b, std::int64_t n) {
+  __m512 sum = _mm512_setzero_ps();
+  std::int64_t i = 0;
+  for (; i + 16 <= n; i += 16) sum = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), sum);
+  if (i < n) {
+    const __mmask16 mask = __mmask16((1u << (n - i)) - 1u);
+    sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a + i), _mm512_maskz_loadu_ps(mask, b + i), sum);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+// f16 -> float for n values, 16 at a time (vcvtph2ps).
+MESWITCH_TARGET_AVX512 inline void avx512_widen_f16(const std::uint16_t* source, std::int64_t n, float* destination) {
+  for (std::int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1u);
+    _mm512_storeu_ps(destination + i, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, source + i)));
+  }
+}
+
+template <int Bits, int TB>
+MESWITCH_TARGET_AVX512 void avx512_row_tokens(const CompressedDelta& delta, const PreparedTokens& prep,
+                                              const std::uint32_t* row, const RowScratch& scratch, std::int64_t t0,
+                                              std::int64_t r, float* y, std::int64_t y_row_stride) {
+  using U = Unit<Bits>;
+  constexpr int C = TB == 1 ? 4 : (TB == 2 ? 2 : 1);  // independent FMA chains per token
+  const std::int64_t blocks = prep.full_blocks, block_cols = prep.block_cols;
+  const float* x[TB];
+  for (int t = 0; t < TB; ++t) x[t] = prep.permuted.data() + (t0 + t) * blocks * block_cols;
+  __m512 total[TB];
+  for (int t = 0; t < TB; ++t) total[t] = _mm512_setzero_ps();
+  const float* scales = scratch.scales.data();
+  for (std::int64_t b = 0; b < blocks; ++b) {
+    const std::uint32_t* block_words = row + b * 16 * U::kWords;
+    _mm_prefetch(reinterpret_cast<const char*>(block_words + 16 * U::kWords * 8), _MM_HINT_T0);
+    __m512i words[U::kWords];
+    words[0] = avx512_unit_word<Bits, 0>(block_words);
+    if constexpr (U::kWords == 3) {
+      words[1] = avx512_unit_word<Bits, 1>(block_words);
+      words[2] = avx512_unit_word<Bits, 2>(block_words);
+    }
+    __m512 acc[TB][C];
+    for (int t = 0; t < TB; ++t)
+      for (int c = 0; c < C; ++c) acc[t][c] = _mm512_setzero_ps();
+    const float* xb[TB];
+    for (int t = 0; t < TB; ++t) xb[t] = x[t] + b * block_cols;
+    avx512_block<Bits, TB, C>(words, xb, acc, std::make_integer_sequence<int, U::kCodes>{});
+    const __m512i lane_group = _mm512_loadu_si512(prep.lane_group.data() + b * 16);
+    const __m512 lane_scale = _mm512_permutexvar_ps(lane_group, _mm512_loadu_ps(scales + prep.first_group[std::size_t(b)]));
+    for (int t = 0; t < TB; ++t) {
+      __m512 sum = acc[t][0];
+      for (int c = 1; c < C; ++c) sum = _mm512_add_ps(sum, acc[t][c]);
+      total[t] = _mm512_fmadd_ps(lane_scale, sum, total[t]);
+    }
+  }
+  const std::int64_t tail_begin = blocks * block_cols;
+  for (int t = 0; t < TB; ++t) {
+    const std::int64_t token = t0 + t;
+    float value = _mm512_reduce_add_ps(total[t]);
+    if (tail_begin < delta.cols) value += tail_dot(delta, row, scales, prep.x.data() + token * prep.cols, tail_begin);
+    value -= avx512_dot(scratch.scaled_zeros.data(), prep.group_sums.data() + token * prep.groups, prep.groups);
+    if (prep.k > 0) value += avx512_dot(scratch.salient.data(), prep.salient_x.data() + token * prep.k, prep.k);
+    y[token * y_row_stride + r] += value;
+  }
+}
+
+template <int Bits>
+MESWITCH_TARGET_AVX512 void avx512_rows(const CompressedDelta& delta, const PreparedTokens& prep, std::int64_t row_begin,
+                                        std::int64_t row_end, float* y, std::int64_t y_row_stride, RowScratch& scratch) {
+  constexpr int kTokenBlock = 8;
+  const std::int64_t groups = prep.groups, words = delta.words_per_row();
+  for (std::int64_t r = row_begin; r < row_end; ++r) {
+    const std::uint32_t* row = delta.qweight + r * words;
+    // Row constants as float, once per row for all tokens.
+    avx512_widen_f16(delta.scales + r * groups, groups, scratch.scales.data());
+    for (std::int64_t g = 0; g < groups; g += 16) {
+      const __mmask16 mask = groups - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (groups - g)) - 1u);
+      const __m512 zero = avx512_to_float(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, delta.zeros + r * groups + g)));
+      _mm512_storeu_ps(scratch.scaled_zeros.data() + g, _mm512_mul_ps(zero, _mm512_loadu_ps(scratch.scales.data() + g)));
+    }
+    if (delta.k > 0) avx512_widen_f16(delta.salient + r * delta.k, delta.k, scratch.salient.data());
+    for (std::int64_t t0 = 0; t0 < prep.tokens; t0 += kTokenBlock) {
+      switch (std::min<std::int64_t>(kTokenBlock, prep.tokens - t0)) {
+        case 1: avx512_row_tokens<Bits, 1>(delta, prep, row, scratch, t0, r, y, y_row_stride); break;
+        case 2: avx512_row_tokens<Bits, 2>(delta, prep, row, scratch, t0, r, y, y_row_stride); break;
+        case 3: avx512_row_tokens<Bits, 3>(delta, prep, row, scratch, t0, r, y, y_row_stride); break;
+        case 4: avx512_row_tokens<Bits, 4>(delta, prep, row, scratch, t0, r, y, y_row_stride); break;
+        case 5: avx512_row_tokens<Bits, 5>(delta, prep, row, scratch, t0, r, y, y_row_stride); break;
+        case 6: avx512_row_tokens<Bits, 6>(delta, prep, row, scratch, t0, r, y, y_row_stride); break;
+        case 7: avx512_row_tokens<Bits, 7>(delta, prep, row, scratch, t0, r, y, y_row_stride); break;
+        default: avx512_row_tokens<Bits, 8>(delta, prep, row, scratch, t0, r, y, y_row_stride); break;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- AVX2 (8 lanes)
+
+// Lanes of word 3w + J among 24 words for 3 bits: which lanes come from the second
+// and third vector (the index into each vector is the same (3w + J) % 8).
+constexpr int avx2_blend_mask(int j, int source) {
+  int mask = 0;
+  for (int w = 0; w < 8; ++w)
+    if ((3 * w + j) / 8 == source) mask |= 1 << w;
+  return mask;
+}
+
+template <int Bits, int J>
+MESWITCH_TARGET_AVX2 MESWITCH_INLINE __m256i avx2_unit_word(const std::uint32_t* words) {
+  if constexpr (Bits != 3) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words));
+  } else {
+    const __m256i index = _mm256_setr_epi32(J % 8, (3 + J) % 8, (6 + J) % 8, (9 + J) % 8, (12 + J) % 8, (15 + J) % 8,
+                                            (18 + J) % 8, (21 + J) % 8);
+    const __m256i a = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(words)), index);
+    const __m256i b = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + 8)), index);
+    const __m256i c = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + 16)), index);
+    return _mm256_blend_epi32(_mm256_blend_epi32(a, b, avx2_blend_mask(J, 1)), c, avx2_blend_mask(J, 2));
+  }
+}
+
+template <int Bits, int P>
+MESWITCH_TARGET_AVX2 MESWITCH_INLINE __m256 avx2_codes(const __m256i* words) {
+  using U = Unit<Bits>;
+  constexpr int j = U::word(P), shift = U::shift(P);
+  if constexpr (U::straddles(P)) {
+    constexpr int low_bits = 32 - shift;
+    const __m256i high = _mm256_and_si256(words[j + 1], _mm256_set1_epi32((1 << (Bits - low_bits)) - 1));
+    return _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(words[j], shift), _mm256_slli_epi32(high, low_bits)));
+  } else if constexpr (U::top(P)) {
+    return _mm256_cvtepi32_ps(_mm256_srli_epi32(words[j], shift));
+  } else {
+    return _mm256_cvtepi32_ps(_mm256_and_si256(words[j], _mm256_set1_epi32(int(((1u << Bits) - 1u) << shift))));
+  }
+}
+
+template <int Bits, int TB, int C, int P>
+MESWITCH_TARGET_AVX2 MESWITCH_INLINE void avx2_position(const __m256i* words, const float* const* x, __m256 (&acc)[TB][C]) {
+  const __m256 codes = avx2_codes<Bits, P>(words);
+#pragma GCC unroll 4
+  for (int t = 0; t < TB; ++t) acc[t][P % C] = _mm256_fmadd_ps(codes, _mm256_loadu_ps(x[t] + P * 8), acc[t][P % C]);
+}
+
+template <int Bits, int TB, int C, int... Ps>
+MESWITCH_TARGET_AVX2 MESWITCH_INLINE void avx2_block(const __m256i* words, const float* const* x, __m256 (&acc)[TB][C],
+                                                     std::integer_sequence<int, Ps...>) {
+  (avx2_position<Bits, TB, C, Ps>(words, x, acc), ...);
+}
+
+MESWITCH_TARGET_AVX2 MESWITCH_INLINE float avx2_reduce_add(__m256 v) {
+  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+  sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+  return _mm_cvtss_f32(sum);
+}
+
+MESWITCH_TARGET_AVX2 inline float avx2_dot(const float* a, const float* b, std::int64_t n) {
+  __m256 sum = _mm256_setzero_ps();
+  std::int64_t i = 0;
+  for (; i + 8 <= n; i += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), sum);
+  float value = avx2_reduce_add(sum);
+  for (; i < n; ++i) value += a[i] * b[i];
+  return value;
+}
+
+MESWITCH_TARGET_AVX2 inline void avx2_widen_f16(const std::uint16_t* source, std::int64_t n, float* destination) {
+  std::int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(destination + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(source + i))));
+  for (; i < n; ++i) destination[i] = _cvtsh_ss(source[i]);
+}
+
+template <int Bits, int TB>
+MESWITCH_TARGET_AVX2 void avx2_row_tokens(const CompressedDelta& delta, const PreparedTokens& prep,
+                                          const std::uint32_t* row, const RowScratch& scratch, std::int64_t t0,
+                                          std::int64_t r, float* y, std::int64_t y_row_stride) {
+  using U = Unit<Bits>;
+  constexpr int C = TB == 1 ? 4 : (TB == 2 ? 2 : 1);
+  const std::int64_t blocks = prep.full_blocks, block_cols = prep.block_cols;
+  const float* x[TB];
+  for (int t = 0; t < TB; ++t) x[t] = prep.permuted.data() + (t0 + t) * blocks * block_cols;
+  __m256 total[TB];
+  for (int t = 0; t < TB; ++t) total[t] = _mm256_setzero_ps();
+  const float* scales = scratch.scales.data();
+  for (std::int64_t b = 0; b < blocks; ++b) {
+    const std::uint32_t* block_words = row + b * 8 * U::kWords;
+    _mm_prefetch(reinterpret_cast<const char*>(block_words + 8 * U::kWords * 16), _MM_HINT_T0);
+    __m256i words[U::kWords];
+    words[0] = avx2_unit_word<Bits, 0>(block_words);
+    if constexpr (U::kWords == 3) {
+      words[1] = avx2_unit_word<Bits, 1>(block_words);
+      words[2] = avx2_unit_word<Bits, 2>(block_words);
+    }
+    __m256 acc[TB][C];
+    for (int t = 0; t < TB; ++t)
+      for (int c = 0; c < C; ++c) acc[t][c] = _mm256_setzero_ps();
+    const float* xb[TB];
+    for (int t = 0; t < TB; ++t) xb[t] = x[t] + b * block_cols;
+    avx2_block<Bits, TB, C>(words, xb, acc, std::make_integer_sequence<int, U::kCodes>{});
+    const __m256i lane_group = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(prep.lane_group.data() + b * 8));
+    const __m256 lane_scale =
+        _mm256_permutevar8x32_ps(_mm256_loadu_ps(scales + prep.first_group[std::size_t(b)]), lane_group);
+    for (int t = 0; t < TB; ++t) {
+      __m256 sum = acc[t][0];
+      for (int c = 1; c < C; ++c) sum = _mm256_add_ps(sum, acc[t][c]);
+      total[t] = _mm256_fmadd_ps(lane_scale, sum, total[t]);
+    }
+  }
+  const std::int64_t tail_begin = blocks * block_cols;
+  for (int t = 0; t < TB; ++t) {
+    const std::int64_t token = t0 + t;
+    float value = avx2_reduce_add(total[t]);
+    if (tail_begin < delta.cols) value += tail_dot(delta, row, scales, prep.x.data() + token * prep.cols, tail_begin);
+    value -= avx2_dot(scratch.scaled_zeros.data(), prep.group_sums.data() + token * prep.groups, prep.groups);
+    if (prep.k > 0) value += avx2_dot(scratch.salient.data(), prep.salient_x.data() + token * prep.k, prep.k);
+    y[token * y_row_stride + r] += value;
+  }
+}
+
+template <int Bits>
+MESWITCH_TARGET_AVX2 void avx2_rows(const CompressedDelta& delta, const PreparedTokens& prep, std::int64_t row_begin,
+                                    std::int64_t row_end, float* y, std::int64_t y_row_stride, RowScratch& scratch) {
+  constexpr int kTokenBlock = 4;
+  const std::int64_t groups = prep.groups, words = delta.words_per_row();
+  for (std::int64_t r = row_begin; r < row_end; ++r) {
+    const std::uint32_t* row = delta.qweight + r * words;
+    avx2_widen_f16(delta.scales + r * groups, groups, scratch.scales.data());
+    const std::uint8_t* zeros = delta.zeros + r * groups;
+    std::int64_t g = 0;
+    for (; g + 8 <= groups; g += 8) {
+      const __m256 zero = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zeros + g))));
+      _mm256_storeu_ps(scratch.scaled_zeros.data() + g, _mm256_mul_ps(zero, _mm256_loadu_ps(scratch.scales.data() + g)));
+    }
+    for (; g < groups; ++g) scratch.scaled_zeros[std::size_t(g)] = float(zeros[g]) * scratch.scales[std::size_t(g)];
+    if (delta.k > 0) avx2_widen_f16(delta.salient + r * delta.k, delta.k, scratch.salient.data());
+    for (std::int64_t t0 = 0; t0 < prep.tokens; t0 += kTokenBlock) {
+      switch (std::min<std::int64_t>(kTokenBlock, prep.tokens - t0)) {
+        case 1: avx2_row_tokens<Bits, 1>(delta, prep, row, scratch, t0, r, y, y_row_stride); break;
+        case 2: avx2_row_tokens<Bits, 2>(delta, prep, row, scratch, t0, r, y, y_row_stride); break;
+        case 3: avx2_row_tokens<Bits, 3>(delta, prep, row, scratch, t0, r, y, y_row_stride); break;
+        default: avx2_row_tokens<Bits, 4>(delta, prep, row, scratch, t0, r, y, y_row_stride); break;
+      }
+    }
+  }
+}
+
+}  // namespace meswitch::cpu::detail
+
+#undef MESWITCH_INLINE
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+#endif  // MESWITCH_X86_KERNELS
