@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--family", type=Path, default=family_dir())
     parser.add_argument("--experts", nargs="+", default=list(EXPERTS))
     parser.add_argument("--max-examples", type=int, default=None, help="limit held-out examples (quick runs)")
-    parser.add_argument("--no-ablation", action="store_true")
+    parser.add_argument("--no-ablation", action="store_true", help="skip the ablations (keeps the previous ones)")
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "data" / "quality.json")
     parser.add_argument("--markdown", type=Path, default=REPO / "docs" / "results.md")
     parser.add_argument("--plots", type=Path, default=REPO / "docs" / "img")
@@ -152,10 +152,12 @@ def main() -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
+    if args.no_ablation and args.json.exists():  # keep the ablations of the previous full run
+        results["ablation"] = json.loads(args.json.read_text()).get("ablation", {})
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
     write_markdown(results, args.markdown)
-    if results["ablation"]:
+    if results["ablation"] and not args.no_ablation:
         plot_ablations(results["ablation"], args.plots)
     log(f"wrote {args.json}, {args.markdown}, {args.plots}")
 

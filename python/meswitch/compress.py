@@ -164,6 +164,7 @@ class PlanChoice:
     salient: int
     error: float
     storage_bits: int
+    group_size: int | None = None  # None: the settings' group size; 0: whole row
 
 
 def plan_budget(candidates: Mapping[str, Sequence[PlanChoice]], parameters: Mapping[str, int],
@@ -463,11 +464,13 @@ def _compress_delta(writer, tensor: str, role: str, base: Path, expert: Path, ba
     base_ckpt.release(tensor)
     rows, cols = delta.shape
     weight = _channel_weights(statistics, tensor, role, cols)
-    bits, k = settings.bits, salient_count(settings.salient, cols)
+    bits, k, group_size = settings.bits, salient_count(settings.salient, cols), settings.group_size
     if plan is not None:
         bits, k = plan[tensor].bits, plan[tensor].salient
+        if plan[tensor].group_size is not None:
+            group_size = plan[tensor].group_size
     try:
-        result = compress_matrix(delta, weight, bits=bits, group_size=settings.group_size, k=k,
+        result = compress_matrix(delta, weight, bits=bits, group_size=group_size, k=k,
                                  clip_grid=settings.clip_grid, min_clip=settings.min_clip, name=tensor,
                                  ragged_groups=settings.ragged_groups)
     except (ValueError, RuntimeError) as error:
@@ -517,13 +520,19 @@ def _plan(base: Path, expert: Path, base_ckpt: Checkpoint, expert_ckpt: Checkpoi
         rows, cols = delta.shape
         weight = _channel_weights(statistics, tensor, tensor_role(tensor), cols)
         options = []
-        for bits in PLANNER_BITS:
-            for fraction in PLANNER_SALIENT_FRACTIONS:
-                k = salient_count(fraction, cols)
-                result = compress_matrix(delta, weight, bits=bits, group_size=settings.group_size, k=k,
-                                         clip_grid=settings.clip_grid, min_clip=settings.min_clip, name=tensor,
-                                 ragged_groups=settings.ragged_groups)
-                options.append(PlanChoice(bits, k, result.error, result.storage_bits))
+        # Whole-row groups are candidates too: they drop the scale/zero overhead (0.375 bits
+        # per parameter at groups of 64), which is what lets a tight budget stay at 2 bits.
+        for group_size in dict.fromkeys((settings.group_size, 0)):
+            for bits in PLANNER_BITS:
+                for fraction in PLANNER_SALIENT_FRACTIONS:
+                    k = salient_count(fraction, cols)
+                    result = compress_matrix(delta, weight, bits=bits, group_size=group_size, k=k,
+                                             clip_grid=settings.clip_grid, min_clip=settings.min_clip, name=tensor,
+                                             ragged_groups=settings.ragged_groups)
+                    # Errors are compared across matrices relative to each delta's own weighted
+                    # energy, times its size: the units of activation statistics differ per layer.
+                    relative = result.error / result.reference if result.reference > 0 else 0.0
+                    options.append(PlanChoice(bits, k, relative * rows * cols, result.storage_bits, group_size))
         candidates[tensor] = options
         parameters[tensor] = rows * cols
         bar(index + 1, tensor)
