@@ -38,15 +38,18 @@
 // no shift — and converted to float as code * 2^(2p). That factor 2^(-2p) is folded
 // into a copy of x permuted to the same [block][position][lane] order once per call,
 // so each 16 codes cost an AND, a convert and one FMA per token. Powers of two are
-// exact, so this changes no rounding (except for |x| < 2^-96, which underflows). A
+// exact, so this changes no rounding (unless |x| < 2^-96, where x * 2^-30 is subnormal). A
 // lane never crosses a group boundary when the group size is a multiple of the
 // codes-per-unit, so the per-lane sums are scaled by a per-lane scale vector once per
 // block. Columns past the last whole block, and group sizes that are not a multiple of
 // the unit, take a scalar path.
 //
-// Work split: output rows in tiles across threads (cpu/threading.hpp); inside a
-// tile each row's codes are unpacked once per block of up to 8 tokens (4 on AVX2),
-// so a segment's tokens share one pass over the expert's packed delta.
+// Work split: output rows in tiles (16 rows) handed to threads (cpu/threading.hpp).
+// Inside a tile the columns are walked in chunks small enough that the chunk of x for
+// a block of up to 8 tokens (4 on AVX2) stays in L1 while every row of the tile uses
+// it; each row's codes are unpacked once per token block, so a segment's tokens share
+// one pass over the expert's packed delta (the tile's codes stay in L1/L2 between
+// token blocks). Per-lane partial sums wait in per-thread scratch between chunks.
 #pragma once
 
 #include <algorithm>
@@ -216,7 +219,7 @@ struct PreparedTokens {
   std::vector<float> x;           // [tokens, cols] float32
   std::vector<float> group_sums;  // [tokens, groups] X_g
   std::vector<float> salient_x;   // [tokens, k] x[t, salient_idx]
-  std::vector<float> permuted;    // [tokens, full_blocks, codes-per-unit, lanes], scaled by x_factor
+  std::vector<float> permuted;    // [full_blocks, tokens, codes-per-unit, lanes], scaled by x_factor
   std::vector<std::int32_t> first_group;  // [full_blocks] group of lane 0
   std::vector<std::int32_t> lane_group;   // [full_blocks, lanes] group of each lane minus first_group
 };
@@ -269,14 +272,17 @@ inline void prepare_tokens(const CompressedDelta& delta, const TensorView& x, st
   MESWITCH_DISPATCH_BITS(delta.bits, BITS, {
     for (int p = 0; p < codes; ++p) factor[std::size_t(p)] = Unit<BITS>::x_factor(p);
   });
-  for (std::int64_t t = 0; t < tokens; ++t) {
-    const float* row = out.x.data() + t * cols;
-    float* destination = out.permuted.data() + t * blocks * out.block_cols;
-    for (std::int64_t b = 0; b < blocks; ++b)
+  // Block-major, then token: the slice a token block reads for one block is
+  // contiguous. (Token-major rows would put the tokens' slices a multiple of 4 KiB
+  // apart, into the same L1 sets, and evict each other.)
+  for (std::int64_t b = 0; b < blocks; ++b)
+    for (std::int64_t t = 0; t < tokens; ++t) {
+      const float* row = out.x.data() + t * cols + b * out.block_cols;
+      float* destination = out.permuted.data() + (b * tokens + t) * out.block_cols;
       for (int p = 0; p < codes; ++p)
         for (int lane = 0; lane < lanes; ++lane)
-          *destination++ = row[b * out.block_cols + std::int64_t(lane) * codes + p] * factor[std::size_t(p)];
-  }
+          *destination++ = row[std::int64_t(lane) * codes + p] * factor[std::size_t(p)];
+    }
   out.first_group.resize(std::size_t(blocks));
   out.lane_group.resize(std::size_t(blocks * lanes));
   for (std::int64_t b = 0; b < blocks; ++b) {
@@ -288,18 +294,35 @@ inline void prepare_tokens(const CompressedDelta& delta, const TensorView& x, st
   }
 }
 
-// Per-worker buffers for one row's scales, scale*zero and salient values as float.
-struct RowScratch {
-  std::vector<float> scales, scaled_zeros, salient;
-  void reserve(std::int64_t groups, std::int64_t k) {
+// Per-worker buffers for one row tile: each row's scales, scale*zero and salient
+// values as float (converted once per row, reused by every token), and the per-lane
+// partial sums of up to kMaxTokenBlock tokens while the columns are walked in chunks.
+struct TileScratch {
+  static constexpr std::int64_t kMaxTokenBlock = 8, kMaxLanes = 16;
+  std::int64_t group_stride = 0, salient_stride = 0;
+  std::vector<float> scales, scaled_zeros, salient, totals;
+
+  void reserve(std::int64_t tile_rows, std::int64_t groups, std::int64_t k) {
     // +16: the SIMD paths read a whole vector of scales from the last block's first group.
-    if (scales.size() < std::size_t(groups + 16)) {
-      scales.assign(std::size_t(groups + 16), 0.0f);
-      scaled_zeros.assign(std::size_t(groups + 16), 0.0f);
-    }
-    if (salient.size() < std::size_t(k + 16)) salient.assign(std::size_t(k + 16), 0.0f);
+    group_stride = groups + 16;
+    salient_stride = k + 16;
+    scales.assign(std::size_t(tile_rows * group_stride), 0.0f);
+    scaled_zeros.assign(scales.size(), 0.0f);
+    salient.assign(std::size_t(tile_rows * salient_stride), 0.0f);
+    totals.assign(std::size_t(tile_rows * kMaxTokenBlock * kMaxLanes), 0.0f);
   }
+  float* row_scales(std::int64_t i) { return scales.data() + i * group_stride; }
+  float* row_scaled_zeros(std::int64_t i) { return scaled_zeros.data() + i * group_stride; }
+  float* row_salient(std::int64_t i) { return salient.data() + i * salient_stride; }
+  float* row_totals(std::int64_t i) { return totals.data() + i * kMaxTokenBlock * kMaxLanes; }
 };
+
+// Blocks per column chunk: enough that a token block's slice of the permuted x
+// (tokens x chunk columns x 4 bytes) stays within half of a 32 KiB L1, so it is read
+// from L1 for every row of the tile instead of streaming from L2 once per row.
+inline std::int64_t chunk_blocks(std::int64_t tokens, std::int64_t block_cols) {
+  return std::max<std::int64_t>(1, 16384 / (tokens * block_cols * 4));
+}
 
 // Columns past the last whole block, scalar: sum_c s_g * code_c * x_c.
 inline float tail_dot(const CompressedDelta& delta, const std::uint32_t* row, const float* scales, const float* x,
@@ -371,8 +394,8 @@ inline void run_segments(const CompressedDelta* experts, std::size_t count, cons
   }
   if (items.empty()) return;
   const int workers = int(std::min<std::int64_t>(threads, std::int64_t(items.size())));
-  std::vector<RowScratch> scratch(std::size_t(std::max(workers, 1)));
-  for (RowScratch& buffers : scratch) buffers.reserve(max_groups, max_k);
+  std::vector<TileScratch> scratch(std::size_t(std::max(workers, 1)));
+  for (TileScratch& buffers : scratch) buffers.reserve(row_tile, max_groups, max_k);
 
   parallel_for(std::int64_t(items.size()), workers, [&](int worker, std::int64_t index) {
     const Item& item = items[std::size_t(index)];

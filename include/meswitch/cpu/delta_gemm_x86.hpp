@@ -110,77 +110,94 @@ MESWITCH_TARGET_AVX512 inline void avx512_widen_f16(const std::uint16_t* source,
   }
 }
 
+// Blocks [block_begin, block_end) of every row in the tile for tokens [t0, t0 + TB):
+// per-lane partial sums live in scratch between column chunks.
 template <int Bits, int TB>
-MESWITCH_TARGET_AVX512 void avx512_row_tokens(const CompressedDelta& delta, const PreparedTokens& prep,
-                                              const std::uint32_t* row, const RowScratch& scratch, std::int64_t t0,
-                                              std::int64_t r, float* y, std::int64_t y_row_stride) {
+MESWITCH_TARGET_AVX512 void avx512_chunk(const CompressedDelta& delta, const PreparedTokens& prep, std::int64_t row_begin,
+                                         std::int64_t row_end, std::int64_t t0, std::int64_t block_begin,
+                                         std::int64_t block_end, TileScratch& scratch) {
   using U = Unit<Bits>;
   constexpr int C = TB == 1 ? 4 : (TB == 2 ? 2 : 1);  // independent FMA chains per token
-  const std::int64_t blocks = prep.full_blocks, block_cols = prep.block_cols;
-  const float* x[TB];
-  for (int t = 0; t < TB; ++t) x[t] = prep.permuted.data() + (t0 + t) * blocks * block_cols;
-  __m512 total[TB];
-  for (int t = 0; t < TB; ++t) total[t] = _mm512_setzero_ps();
-  const float* scales = scratch.scales.data();
-  for (std::int64_t b = 0; b < blocks; ++b) {
-    const std::uint32_t* block_words = row + b * 16 * U::kWords;
-    _mm_prefetch(reinterpret_cast<const char*>(block_words + 16 * U::kWords * 8), _MM_HINT_T0);
-    __m512i words[U::kWords];
-    words[0] = avx512_unit_word<Bits, 0>(block_words);
-    if constexpr (U::kWords == 3) {
-      words[1] = avx512_unit_word<Bits, 1>(block_words);
-      words[2] = avx512_unit_word<Bits, 2>(block_words);
+  const std::int64_t block_cols = prep.block_cols, words = delta.words_per_row();
+  for (std::int64_t r = row_begin; r < row_end; ++r) {
+    const std::uint32_t* row = delta.qweight + r * words;
+    const float* scales = scratch.row_scales(r - row_begin);
+    float* totals = scratch.row_totals(r - row_begin);
+    __m512 total[TB];
+    for (int t = 0; t < TB; ++t) total[t] = block_begin == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(totals + t * 16);
+    for (std::int64_t b = block_begin; b < block_end; ++b) {
+      const std::uint32_t* block_words = row + b * 16 * U::kWords;
+      __m512i words_of_lane[U::kWords];
+      words_of_lane[0] = avx512_unit_word<Bits, 0>(block_words);
+      if constexpr (U::kWords == 3) {
+        words_of_lane[1] = avx512_unit_word<Bits, 1>(block_words);
+        words_of_lane[2] = avx512_unit_word<Bits, 2>(block_words);
+      }
+      __m512 acc[TB][C];
+      for (int t = 0; t < TB; ++t)
+        for (int c = 0; c < C; ++c) acc[t][c] = _mm512_setzero_ps();
+      const float* xb[TB];
+      for (int t = 0; t < TB; ++t) xb[t] = prep.permuted.data() + (b * prep.tokens + t0 + t) * block_cols;
+      avx512_block<Bits, TB, C>(words_of_lane, xb, acc, std::make_integer_sequence<int, U::kCodes>{});
+      const __m512i lane_group = _mm512_loadu_si512(prep.lane_group.data() + b * 16);
+      const __m512 lane_scale =
+          _mm512_permutexvar_ps(lane_group, _mm512_loadu_ps(scales + prep.first_group[std::size_t(b)]));
+      for (int t = 0; t < TB; ++t) {
+        __m512 sum = acc[t][0];
+        for (int c = 1; c < C; ++c) sum = _mm512_add_ps(sum, acc[t][c]);
+        total[t] = _mm512_fmadd_ps(lane_scale, sum, total[t]);
+      }
     }
-    __m512 acc[TB][C];
-    for (int t = 0; t < TB; ++t)
-      for (int c = 0; c < C; ++c) acc[t][c] = _mm512_setzero_ps();
-    const float* xb[TB];
-    for (int t = 0; t < TB; ++t) xb[t] = x[t] + b * block_cols;
-    avx512_block<Bits, TB, C>(words, xb, acc, std::make_integer_sequence<int, U::kCodes>{});
-    const __m512i lane_group = _mm512_loadu_si512(prep.lane_group.data() + b * 16);
-    const __m512 lane_scale = _mm512_permutexvar_ps(lane_group, _mm512_loadu_ps(scales + prep.first_group[std::size_t(b)]));
-    for (int t = 0; t < TB; ++t) {
-      __m512 sum = acc[t][0];
-      for (int c = 1; c < C; ++c) sum = _mm512_add_ps(sum, acc[t][c]);
-      total[t] = _mm512_fmadd_ps(lane_scale, sum, total[t]);
-    }
-  }
-  const std::int64_t tail_begin = blocks * block_cols;
-  for (int t = 0; t < TB; ++t) {
-    const std::int64_t token = t0 + t;
-    float value = _mm512_reduce_add_ps(total[t]);
-    if (tail_begin < delta.cols) value += tail_dot(delta, row, scales, prep.x.data() + token * prep.cols, tail_begin);
-    value -= avx512_dot(scratch.scaled_zeros.data(), prep.group_sums.data() + token * prep.groups, prep.groups);
-    if (prep.k > 0) value += avx512_dot(scratch.salient.data(), prep.salient_x.data() + token * prep.k, prep.k);
-    y[token * y_row_stride + r] += value;
+    for (int t = 0; t < TB; ++t) _mm512_storeu_ps(totals + t * 16, total[t]);
   }
 }
 
 template <int Bits>
 MESWITCH_TARGET_AVX512 void avx512_rows(const CompressedDelta& delta, const PreparedTokens& prep, std::int64_t row_begin,
-                                        std::int64_t row_end, float* y, std::int64_t y_row_stride, RowScratch& scratch) {
-  constexpr int kTokenBlock = 8;
+                                        std::int64_t row_end, float* y, std::int64_t y_row_stride, TileScratch& scratch) {
+  constexpr std::int64_t kTokenBlock = 8;
   const std::int64_t groups = prep.groups, words = delta.words_per_row();
+  // Row constants as float, once per row for all tokens.
   for (std::int64_t r = row_begin; r < row_end; ++r) {
-    const std::uint32_t* row = delta.qweight + r * words;
-    // Row constants as float, once per row for all tokens.
-    avx512_widen_f16(delta.scales + r * groups, groups, scratch.scales.data());
+    const std::int64_t i = r - row_begin;
+    float* scales = scratch.row_scales(i);
+    avx512_widen_f16(delta.scales + r * groups, groups, scales);
     for (std::int64_t g = 0; g < groups; g += 16) {
       const __mmask16 mask = groups - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (groups - g)) - 1u);
       const __m512 zero = avx512_to_float(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, delta.zeros + r * groups + g)));
-      _mm512_storeu_ps(scratch.scaled_zeros.data() + g, _mm512_mul_ps(zero, _mm512_loadu_ps(scratch.scales.data() + g)));
+      _mm512_storeu_ps(scratch.row_scaled_zeros(i) + g, _mm512_mul_ps(zero, _mm512_loadu_ps(scales + g)));
     }
-    if (delta.k > 0) avx512_widen_f16(delta.salient + r * delta.k, delta.k, scratch.salient.data());
-    for (std::int64_t t0 = 0; t0 < prep.tokens; t0 += kTokenBlock) {
-      switch (std::min<std::int64_t>(kTokenBlock, prep.tokens - t0)) {
-        case 1: avx512_row_tokens<Bits, 1>(delta, prep, row, scratch, t0, r, y, y_row_stride); break;
-        case 2: avx512_row_tokens<Bits, 2>(delta, prep, row, scratch, t0, r, y, y_row_stride); break;
-        case 3: avx512_row_tokens<Bits, 3>(delta, prep, row, scratch, t0, r, y, y_row_stride); break;
-        case 4: avx512_row_tokens<Bits, 4>(delta, prep, row, scratch, t0, r, y, y_row_stride); break;
-        case 5: avx512_row_tokens<Bits, 5>(delta, prep, row, scratch, t0, r, y, y_row_stride); break;
-        case 6: avx512_row_tokens<Bits, 6>(delta, prep, row, scratch, t0, r, y, y_row_stride); break;
-        case 7: avx512_row_tokens<Bits, 7>(delta, prep, row, scratch, t0, r, y, y_row_stride); break;
-        default: avx512_row_tokens<Bits, 8>(delta, prep, row, scratch, t0, r, y, y_row_stride); break;
+    if (delta.k > 0) avx512_widen_f16(delta.salient + r * delta.k, delta.k, scratch.row_salient(i));
+  }
+  const std::int64_t blocks = prep.full_blocks, tail_begin = blocks * prep.block_cols;
+  for (std::int64_t t0 = 0; t0 < prep.tokens; t0 += kTokenBlock) {
+    const std::int64_t n = std::min(kTokenBlock, prep.tokens - t0);
+    const std::int64_t step = chunk_blocks(n, prep.block_cols);
+    for (std::int64_t b0 = 0; b0 < blocks; b0 += step) {
+      const std::int64_t b1 = std::min(blocks, b0 + step);
+      switch (n) {
+        case 1: avx512_chunk<Bits, 1>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
+        case 2: avx512_chunk<Bits, 2>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
+        case 3: avx512_chunk<Bits, 3>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
+        case 4: avx512_chunk<Bits, 4>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
+        case 5: avx512_chunk<Bits, 5>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
+        case 6: avx512_chunk<Bits, 6>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
+        case 7: avx512_chunk<Bits, 7>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
+        default: avx512_chunk<Bits, 8>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
+      }
+    }
+    // Per row and token: lane sums, scalar tail, minus sum_g s_g z_g X_g, plus salient.
+    for (std::int64_t r = row_begin; r < row_end; ++r) {
+      const std::int64_t i = r - row_begin;
+      const std::uint32_t* row = delta.qweight + r * words;
+      for (std::int64_t t = 0; t < n; ++t) {
+        const std::int64_t token = t0 + t;
+        float value = blocks > 0 ? _mm512_reduce_add_ps(_mm512_loadu_ps(scratch.row_totals(i) + t * 16)) : 0.0f;
+        if (tail_begin < delta.cols)
+          value += tail_dot(delta, row, scratch.row_scales(i), prep.x.data() + token * prep.cols, tail_begin);
+        value -= avx512_dot(scratch.row_scaled_zeros(i), prep.group_sums.data() + token * groups, groups);
+        if (prep.k > 0) value += avx512_dot(scratch.row_salient(i), prep.salient_x.data() + token * prep.k, prep.k);
+        y[token * y_row_stride + r] += value;
       }
     }
   }
@@ -262,75 +279,92 @@ MESWITCH_TARGET_AVX2 inline void avx2_widen_f16(const std::uint16_t* source, std
   for (; i < n; ++i) destination[i] = _cvtsh_ss(source[i]);
 }
 
+// As avx512_chunk with 8 lanes.
 template <int Bits, int TB>
-MESWITCH_TARGET_AVX2 void avx2_row_tokens(const CompressedDelta& delta, const PreparedTokens& prep,
-                                          const std::uint32_t* row, const RowScratch& scratch, std::int64_t t0,
-                                          std::int64_t r, float* y, std::int64_t y_row_stride) {
+MESWITCH_TARGET_AVX2 void avx2_chunk(const CompressedDelta& delta, const PreparedTokens& prep, std::int64_t row_begin,
+                                         std::int64_t row_end, std::int64_t t0, std::int64_t block_begin,
+                                         std::int64_t block_end, TileScratch& scratch) {
   using U = Unit<Bits>;
-  constexpr int C = TB == 1 ? 4 : (TB == 2 ? 2 : 1);
-  const std::int64_t blocks = prep.full_blocks, block_cols = prep.block_cols;
-  const float* x[TB];
-  for (int t = 0; t < TB; ++t) x[t] = prep.permuted.data() + (t0 + t) * blocks * block_cols;
-  __m256 total[TB];
-  for (int t = 0; t < TB; ++t) total[t] = _mm256_setzero_ps();
-  const float* scales = scratch.scales.data();
-  for (std::int64_t b = 0; b < blocks; ++b) {
-    const std::uint32_t* block_words = row + b * 8 * U::kWords;
-    _mm_prefetch(reinterpret_cast<const char*>(block_words + 8 * U::kWords * 16), _MM_HINT_T0);
-    __m256i words[U::kWords];
-    words[0] = avx2_unit_word<Bits, 0>(block_words);
-    if constexpr (U::kWords == 3) {
-      words[1] = avx2_unit_word<Bits, 1>(block_words);
-      words[2] = avx2_unit_word<Bits, 2>(block_words);
+  constexpr int C = TB == 1 ? 4 : (TB == 2 ? 2 : 1);  // independent FMA chains per token
+  const std::int64_t block_cols = prep.block_cols, words = delta.words_per_row();
+  for (std::int64_t r = row_begin; r < row_end; ++r) {
+    const std::uint32_t* row = delta.qweight + r * words;
+    const float* scales = scratch.row_scales(r - row_begin);
+    float* totals = scratch.row_totals(r - row_begin);
+    __m256 total[TB];
+    for (int t = 0; t < TB; ++t) total[t] = block_begin == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(totals + t * 8);
+    for (std::int64_t b = block_begin; b < block_end; ++b) {
+      const std::uint32_t* block_words = row + b * 8 * U::kWords;
+      __m256i words_of_lane[U::kWords];
+      words_of_lane[0] = avx2_unit_word<Bits, 0>(block_words);
+      if constexpr (U::kWords == 3) {
+        words_of_lane[1] = avx2_unit_word<Bits, 1>(block_words);
+        words_of_lane[2] = avx2_unit_word<Bits, 2>(block_words);
+      }
+      __m256 acc[TB][C];
+      for (int t = 0; t < TB; ++t)
+        for (int c = 0; c < C; ++c) acc[t][c] = _mm256_setzero_ps();
+      const float* xb[TB];
+      for (int t = 0; t < TB; ++t) xb[t] = prep.permuted.data() + (b * prep.tokens + t0 + t) * block_cols;
+      avx2_block<Bits, TB, C>(words_of_lane, xb, acc, std::make_integer_sequence<int, U::kCodes>{});
+      const __m256i lane_group = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(prep.lane_group.data() + b * 8));
+      const __m256 lane_scale =
+          _mm256_permutevar8x32_ps(_mm256_loadu_ps(scales + prep.first_group[std::size_t(b)]), lane_group);
+      for (int t = 0; t < TB; ++t) {
+        __m256 sum = acc[t][0];
+        for (int c = 1; c < C; ++c) sum = _mm256_add_ps(sum, acc[t][c]);
+        total[t] = _mm256_fmadd_ps(lane_scale, sum, total[t]);
+      }
     }
-    __m256 acc[TB][C];
-    for (int t = 0; t < TB; ++t)
-      for (int c = 0; c < C; ++c) acc[t][c] = _mm256_setzero_ps();
-    const float* xb[TB];
-    for (int t = 0; t < TB; ++t) xb[t] = x[t] + b * block_cols;
-    avx2_block<Bits, TB, C>(words, xb, acc, std::make_integer_sequence<int, U::kCodes>{});
-    const __m256i lane_group = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(prep.lane_group.data() + b * 8));
-    const __m256 lane_scale =
-        _mm256_permutevar8x32_ps(_mm256_loadu_ps(scales + prep.first_group[std::size_t(b)]), lane_group);
-    for (int t = 0; t < TB; ++t) {
-      __m256 sum = acc[t][0];
-      for (int c = 1; c < C; ++c) sum = _mm256_add_ps(sum, acc[t][c]);
-      total[t] = _mm256_fmadd_ps(lane_scale, sum, total[t]);
-    }
-  }
-  const std::int64_t tail_begin = blocks * block_cols;
-  for (int t = 0; t < TB; ++t) {
-    const std::int64_t token = t0 + t;
-    float value = avx2_reduce_add(total[t]);
-    if (tail_begin < delta.cols) value += tail_dot(delta, row, scales, prep.x.data() + token * prep.cols, tail_begin);
-    value -= avx2_dot(scratch.scaled_zeros.data(), prep.group_sums.data() + token * prep.groups, prep.groups);
-    if (prep.k > 0) value += avx2_dot(scratch.salient.data(), prep.salient_x.data() + token * prep.k, prep.k);
-    y[token * y_row_stride + r] += value;
+    for (int t = 0; t < TB; ++t) _mm256_storeu_ps(totals + t * 8, total[t]);
   }
 }
 
 template <int Bits>
 MESWITCH_TARGET_AVX2 void avx2_rows(const CompressedDelta& delta, const PreparedTokens& prep, std::int64_t row_begin,
-                                    std::int64_t row_end, float* y, std::int64_t y_row_stride, RowScratch& scratch) {
-  constexpr int kTokenBlock = 4;
+                                        std::int64_t row_end, float* y, std::int64_t y_row_stride, TileScratch& scratch) {
+  constexpr std::int64_t kTokenBlock = 4;
   const std::int64_t groups = prep.groups, words = delta.words_per_row();
+  // Row constants as float, once per row for all tokens.
   for (std::int64_t r = row_begin; r < row_end; ++r) {
-    const std::uint32_t* row = delta.qweight + r * words;
-    avx2_widen_f16(delta.scales + r * groups, groups, scratch.scales.data());
+    const std::int64_t i = r - row_begin;
+    float* scales = scratch.row_scales(i);
+    avx2_widen_f16(delta.scales + r * groups, groups, scales);
     const std::uint8_t* zeros = delta.zeros + r * groups;
+    float* scaled_zeros = scratch.row_scaled_zeros(i);
     std::int64_t g = 0;
     for (; g + 8 <= groups; g += 8) {
-      const __m256 zero = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zeros + g))));
-      _mm256_storeu_ps(scratch.scaled_zeros.data() + g, _mm256_mul_ps(zero, _mm256_loadu_ps(scratch.scales.data() + g)));
+      const __m256 zero =
+          _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zeros + g))));
+      _mm256_storeu_ps(scaled_zeros + g, _mm256_mul_ps(zero, _mm256_loadu_ps(scales + g)));
     }
-    for (; g < groups; ++g) scratch.scaled_zeros[std::size_t(g)] = float(zeros[g]) * scratch.scales[std::size_t(g)];
-    if (delta.k > 0) avx2_widen_f16(delta.salient + r * delta.k, delta.k, scratch.salient.data());
-    for (std::int64_t t0 = 0; t0 < prep.tokens; t0 += kTokenBlock) {
-      switch (std::min<std::int64_t>(kTokenBlock, prep.tokens - t0)) {
-        case 1: avx2_row_tokens<Bits, 1>(delta, prep, row, scratch, t0, r, y, y_row_stride); break;
-        case 2: avx2_row_tokens<Bits, 2>(delta, prep, row, scratch, t0, r, y, y_row_stride); break;
-        case 3: avx2_row_tokens<Bits, 3>(delta, prep, row, scratch, t0, r, y, y_row_stride); break;
-        default: avx2_row_tokens<Bits, 4>(delta, prep, row, scratch, t0, r, y, y_row_stride); break;
+    for (; g < groups; ++g) scaled_zeros[g] = float(zeros[g]) * scales[g];
+    if (delta.k > 0) avx2_widen_f16(delta.salient + r * delta.k, delta.k, scratch.row_salient(i));
+  }
+  const std::int64_t blocks = prep.full_blocks, tail_begin = blocks * prep.block_cols;
+  for (std::int64_t t0 = 0; t0 < prep.tokens; t0 += kTokenBlock) {
+    const std::int64_t n = std::min(kTokenBlock, prep.tokens - t0);
+    const std::int64_t step = chunk_blocks(n, prep.block_cols);
+    for (std::int64_t b0 = 0; b0 < blocks; b0 += step) {
+      const std::int64_t b1 = std::min(blocks, b0 + step);
+      switch (n) {
+        case 1: avx2_chunk<Bits, 1>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
+        case 2: avx2_chunk<Bits, 2>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
+        case 3: avx2_chunk<Bits, 3>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
+        default: avx2_chunk<Bits, 4>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
+      }
+    }
+    for (std::int64_t r = row_begin; r < row_end; ++r) {
+      const std::int64_t i = r - row_begin;
+      const std::uint32_t* row = delta.qweight + r * words;
+      for (std::int64_t t = 0; t < n; ++t) {
+        const std::int64_t token = t0 + t;
+        float value = blocks > 0 ? avx2_reduce_add(_mm256_loadu_ps(scratch.row_totals(i) + t * 8)) : 0.0f;
+        if (tail_begin < delta.cols)
+          value += tail_dot(delta, row, scratch.row_scales(i), prep.x.data() + token * prep.cols, tail_begin);
+        value -= avx2_dot(scratch.row_scaled_zeros(i), prep.group_sums.data() + token * groups, groups);
+        if (prep.k > 0) value += avx2_dot(scratch.row_salient(i), prep.salient_x.data() + token * prep.k, prep.k);
+        y[token * y_row_stride + r] += value;
       }
     }
   }

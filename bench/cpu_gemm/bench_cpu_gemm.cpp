@@ -1,0 +1,343 @@
+// Fused CPU delta GEMM against baselines measured in the same run:
+//   (a) a dense bf16 GEMV/GEMM of the same shape, bf16 weights widened to float on
+//       the fly (our AVX-512 / AVX2 loop, same threads and row tiling as the delta
+//       kernel; Eigen has no vectorised bf16 x f32 product, so it would be an
+//       unfairly slow baseline);
+//   (b) memory bandwidth: a STREAM-like parallel read (sum) and copy of 1 GiB.
+// Every kernel cycles through enough copies of its weights to exceed the last-level
+// cache, so each call streams its weights from DRAM as in serving, where a layer's
+// weights are long evicted by the time it runs again.
+//
+//   MESWITCH_NUM_THREADS=1 ./bench_cpu_gemm [--json out.json] [--quick]
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "meswitch/cpu/delta_gemm.hpp"
+
+using namespace meswitch;
+using namespace meswitch::cpu;
+
+namespace {
+
+constexpr std::size_t kStreamBytes = std::size_t(1) << 30;
+constexpr std::size_t kRotateBytes = std::size_t(192) << 20;  // > 6x the 32 MiB L3 of the machine we report on
+
+double now_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Median seconds per call of `call(copy)`, cycling through `copies` weight copies.
+double time_calls(int copies, const std::function<void(int)>& call, double min_seconds = 0.4, int min_calls = 20) {
+  for (int i = 0; i < copies; ++i) call(i);  // warm-up: page faults, thread start
+  std::vector<double> samples;
+  const double start = now_seconds();
+  for (int i = 0; (now_seconds() - start < min_seconds || int(samples.size()) < min_calls) && i < 100000; ++i) {
+    const double t0 = now_seconds();
+    call(i % copies);
+    samples.push_back(now_seconds() - t0);
+  }
+  std::sort(samples.begin(), samples.end());
+  return samples[samples.size() / 2];
+}
+
+// ---------------------------------------------------------------- dense bf16 baseline
+
+#if MESWITCH_X86_KERNELS
+template <int TB>
+MESWITCH_TARGET_AVX512 void dense_row_avx512(const std::uint16_t* w, const float* x, std::int64_t cols, float* y,
+                                             std::int64_t y_stride) {
+  __m512 acc[TB][2];
+  for (int t = 0; t < TB; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  for (std::int64_t c = 0; c < cols; c += 32) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + c + 512), _MM_HINT_T0);
+    // bf16 -> f32 is a 16-bit left shift of the widened integer.
+    const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c))), 16));
+    const __m512 w1 = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c + 16))), 16));
+    for (int t = 0; t < TB; ++t) {
+      acc[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * cols + c), acc[t][0]);
+      acc[t][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + t * cols + c + 16), acc[t][1]);
+    }
+  }
+  for (int t = 0; t < TB; ++t) y[t * y_stride] += _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+}
+
+template <int TB>
+MESWITCH_TARGET_AVX2 void dense_row_avx2(const std::uint16_t* w, const float* x, std::int64_t cols, float* y,
+                                         std::int64_t y_stride) {
+  __m256 acc[TB][2];
+  for (int t = 0; t < TB; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  for (std::int64_t c = 0; c < cols; c += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + c + 512), _MM_HINT_T0);
+    const __m256 w0 = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c))), 16));
+    const __m256 w1 = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c + 8))), 16));
+    for (int t = 0; t < TB; ++t) {
+      acc[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * cols + c), acc[t][0]);
+      acc[t][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + t * cols + c + 8), acc[t][1]);
+    }
+  }
+  for (int t = 0; t < TB; ++t) y[t * y_stride] += detail::avx2_reduce_add(_mm256_add_ps(acc[t][0], acc[t][1]));
+}
+
+// y[T, rows] += x[T, cols] @ W^T, W bf16 [rows, cols], cols a multiple of 32.
+void dense_bf16_matmul(CpuPath path, int threads, const std::uint16_t* w, std::int64_t rows, std::int64_t cols,
+                       const float* x, std::int64_t tokens, float* y, std::int64_t y_stride) {
+  const std::int64_t tile = 16;
+  parallel_for((rows + tile - 1) / tile, threads, [&](int, std::int64_t item) {
+    for (std::int64_t r = item * tile; r < std::min(rows, (item + 1) * tile); ++r) {
+      for (std::int64_t t0 = 0; t0 < tokens; t0 += 4) {
+        const std::int64_t n = std::min<std::int64_t>(4, tokens - t0);
+        const std::uint16_t* row = w + r * cols;
+        const float* xt = x + t0 * cols;
+        float* yt = y + t0 * y_stride + r;
+        if (path == CpuPath::Avx512) {
+          switch (n) {
+            case 1: dense_row_avx512<1>(row, xt, cols, yt, y_stride); break;
+            case 2: dense_row_avx512<2>(row, xt, cols, yt, y_stride); break;
+            case 3: dense_row_avx512<3>(row, xt, cols, yt, y_stride); break;
+            default: dense_row_avx512<4>(row, xt, cols, yt, y_stride); break;
+          }
+        } else {
+          switch (n) {
+            case 1: dense_row_avx2<1>(row, xt, cols, yt, y_stride); break;
+            case 2: dense_row_avx2<2>(row, xt, cols, yt, y_stride); break;
+            case 3: dense_row_avx2<3>(row, xt, cols, yt, y_stride); break;
+            default: dense_row_avx2<4>(row, xt, cols, yt, y_stride); break;
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- bandwidth
+
+MESWITCH_TARGET_AVX2 float read_sum(const float* data, std::size_t n) {
+  __m256 a = _mm256_setzero_ps(), b = a, c = a, d = a;
+  for (std::size_t i = 0; i < n; i += 32) {
+    a = _mm256_add_ps(a, _mm256_loadu_ps(data + i));
+    b = _mm256_add_ps(b, _mm256_loadu_ps(data + i + 8));
+    c = _mm256_add_ps(c, _mm256_loadu_ps(data + i + 16));
+    d = _mm256_add_ps(d, _mm256_loadu_ps(data + i + 24));
+  }
+  return detail::avx2_reduce_add(_mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)));
+}
+#endif
+
+struct Bandwidth { double read_gbs, copy_gbs; };
+
+Bandwidth measure_bandwidth(int threads) {
+  std::vector<float> source(kStreamBytes / sizeof(float), 1.0f), destination(source.size(), 0.0f);
+  const std::int64_t chunks = 256;
+  const std::size_t per_chunk = source.size() / chunks;
+  std::vector<float> sums(static_cast<std::size_t>(chunks));
+  double best_read = 1e9, best_copy = 1e9;
+  for (int repeat = 0; repeat < 5; ++repeat) {
+    double t0 = now_seconds();
+    parallel_for(chunks, threads, [&](int, std::int64_t i) {
+#if MESWITCH_X86_KERNELS
+      sums[std::size_t(i)] = read_sum(source.data() + std::size_t(i) * per_chunk, per_chunk);
+#endif
+    });
+    best_read = std::min(best_read, now_seconds() - t0);
+    t0 = now_seconds();
+    parallel_for(chunks, threads, [&](int, std::int64_t i) {
+      std::memcpy(destination.data() + std::size_t(i) * per_chunk, source.data() + std::size_t(i) * per_chunk,
+                  per_chunk * sizeof(float));
+    });
+    best_copy = std::min(best_copy, now_seconds() - t0);
+  }
+  if (sums[0] != float(per_chunk)) std::fprintf(stderr, "read check failed\n");
+  // Copy moves each byte twice (read + write); STREAM counts both.
+  return {double(kStreamBytes) / best_read / 1e9, 2.0 * double(kStreamBytes) / best_copy / 1e9};
+}
+
+// ---------------------------------------------------------------- random deltas
+
+struct DeltaStorage {
+  std::vector<std::uint32_t> qweight;
+  std::vector<std::uint16_t> scales, salient;
+  std::vector<std::uint8_t> zeros;
+  std::vector<std::int32_t> salient_idx;
+  CompressedDelta view;
+  std::size_t bytes = 0;
+};
+
+DeltaStorage random_delta(std::int64_t rows, std::int64_t cols, int bits, std::int64_t group, std::int64_t k, unsigned seed) {
+  std::mt19937 rng(seed);
+  DeltaStorage d;
+  const std::int64_t words = (cols * bits + 31) / 32, groups = cols / group;
+  d.qweight.resize(std::size_t(rows * words));
+  for (auto& w : d.qweight) w = rng();
+  d.scales.resize(std::size_t(rows * groups));
+  std::uniform_real_distribution<float> scale(0.0005f, 0.002f);
+  for (auto& s : d.scales) s = float_to_f16(scale(rng));
+  d.zeros.resize(std::size_t(rows * groups));
+  for (auto& z : d.zeros) z = std::uint8_t(rng() % (1u << bits));
+  std::vector<std::int32_t> all(static_cast<std::size_t>(cols));
+  for (std::int64_t c = 0; c < cols; ++c) all[std::size_t(c)] = std::int32_t(c);
+  std::shuffle(all.begin(), all.end(), rng);
+  d.salient_idx.assign(all.begin(), all.begin() + k);
+  std::sort(d.salient_idx.begin(), d.salient_idx.end());
+  d.salient.resize(std::size_t(rows * k));
+  for (auto& s : d.salient) s = float_to_f16(scale(rng) * 10);
+  d.view = CompressedDelta{d.qweight.data(), d.scales.data(), d.zeros.data(), d.salient_idx.data(), d.salient.data(),
+                           rows, cols, k, bits, group};
+  d.bytes = d.qweight.size() * 4 + d.scales.size() * 2 + d.zeros.size() + d.salient.size() * 2 + d.salient_idx.size() * 4;
+  return d;
+}
+
+struct Row {
+  std::string kind, shape;
+  int bits = 0;
+  std::int64_t tokens = 0;
+  double delta_ms = 0, dense_ms = 0, delta_gbs = 0, dense_gbs = 0;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string json_path;
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--json" && i + 1 < argc) json_path = argv[++i];
+    else if (arg == "--quick") quick = true;
+    else {
+      std::fprintf(stderr, "usage: %s [--json out.json] [--quick]\n", argv[0]);
+      return 2;
+    }
+  }
+  const CpuPath path = resolve_cpu_path();
+  const int threads = resolve_num_threads(0);
+#if !MESWITCH_X86_KERNELS
+  std::fprintf(stderr, "this benchmark needs an x86-64 CPU with AVX2\n");
+  return 1;
+#else
+  if (path == CpuPath::Reference) {
+    std::fprintf(stderr, "the dense baseline needs AVX2; MESWITCH_CPU_PATH=reference is not benchmarked\n");
+    return 1;
+  }
+  const Bandwidth bandwidth = measure_bandwidth(threads);
+  std::printf("path %s, threads %d, read bandwidth %.1f GB/s, copy bandwidth %.1f GB/s\n\n", cpu_path_name(path), threads,
+              bandwidth.read_gbs, bandwidth.copy_gbs);
+
+  struct Shape { std::int64_t rows, cols; };
+  std::vector<Shape> shapes = {{4096, 4096}, {14336, 4096}, {4096, 14336}};
+  if (quick) shapes.resize(1);
+  std::vector<Row> rows;
+  KernelOptions options;
+  options.num_threads = threads;
+  options.path = path;
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+
+  for (const Shape& shape : shapes) {
+    const std::string name = std::to_string(shape.rows) + "x" + std::to_string(shape.cols);
+    const std::int64_t k = shape.cols / 100;  // 1 % salient channels
+    // Dense bf16 weights, enough copies to defeat the cache.
+    const std::size_t dense_bytes = std::size_t(shape.rows * shape.cols) * 2;
+    const int dense_copies = int(std::max<std::size_t>(2, kRotateBytes / dense_bytes + 1));
+    std::vector<std::vector<std::uint16_t>> dense(static_cast<std::size_t>(dense_copies));
+    for (auto& w : dense) {
+      w.resize(std::size_t(shape.rows * shape.cols));
+      for (auto& v : w) v = float_to_bf16(normal(rng) * 0.02f);
+    }
+    for (int bits : {2, 4}) {
+      const DeltaStorage probe = random_delta(shape.rows, shape.cols, bits, 64, k, 1);
+      const int delta_copies = int(std::max<std::size_t>(2, kRotateBytes / probe.bytes + 1));
+      std::vector<DeltaStorage> deltas;
+      for (int i = 0; i < delta_copies; ++i) deltas.push_back(random_delta(shape.rows, shape.cols, bits, 64, k, unsigned(100 + i)));
+      for (std::int64_t tokens : {1, 4, 16}) {
+        if (bits == 4 && tokens != 1) continue;
+        std::vector<float> x(std::size_t(tokens * shape.cols)), y(std::size_t(tokens * shape.rows), 0.0f);
+        for (auto& v : x) v = normal(rng);
+        const TensorView xv(x.data(), DType::F32, {tokens, shape.cols});
+        Row row;
+        row.kind = "single";
+        row.shape = name;
+        row.bits = bits;
+        row.tokens = tokens;
+        row.delta_ms = 1e3 * time_calls(delta_copies, [&](int i) { delta_matmul(deltas[std::size_t(i)].view, xv, y.data(), shape.rows, options); });
+        row.dense_ms = 1e3 * time_calls(dense_copies, [&](int i) {
+          dense_bf16_matmul(path, threads, dense[std::size_t(i)].data(), shape.rows, shape.cols, x.data(), tokens, y.data(), shape.rows);
+        });
+        row.delta_gbs = double(probe.bytes) / (row.delta_ms * 1e-3) / 1e9;
+        row.dense_gbs = double(dense_bytes) / (row.dense_ms * 1e-3) / 1e9;
+        rows.push_back(row);
+        std::fprintf(stderr, "%s %d-bit T=%lld: delta %.3f ms, dense %.3f ms\n", name.c_str(), bits, (long long)tokens,
+                     row.delta_ms, row.dense_ms);
+      }
+      if (bits == 2) {
+        // 8 tokens over 4 experts (2 each): one multi_delta_matmul vs four dense GEMMs
+        // of 2 tokens, each expert with its own weights.
+        const std::int64_t tokens = 8;
+        std::vector<float> x(std::size_t(tokens * shape.cols)), y(std::size_t(tokens * shape.rows), 0.0f);
+        for (auto& v : x) v = normal(rng);
+        const TensorView xv(x.data(), DType::F32, {tokens, shape.cols});
+        const std::vector<std::int64_t> starts = {0, 2, 4, 6, 8};
+        const int groups_of_four = std::max(1, delta_copies / 4);
+        Row row;
+        row.kind = "multi";
+        row.shape = name;
+        row.bits = bits;
+        row.tokens = tokens;
+        row.delta_ms = 1e3 * time_calls(groups_of_four, [&](int i) {
+          std::vector<CompressedDelta> experts;
+          for (int e = 0; e < 4; ++e) experts.push_back(deltas[std::size_t((4 * i + e) % delta_copies)].view);
+          multi_delta_matmul(experts, xv, starts.data(), y.data(), shape.rows, options);
+        });
+        row.dense_ms = 1e3 * time_calls(dense_copies, [&](int i) {
+          for (int e = 0; e < 4; ++e)
+            dense_bf16_matmul(path, threads, dense[std::size_t((i + e) % dense_copies)].data(), shape.rows, shape.cols,
+                              x.data() + 2 * e * shape.cols, 2, y.data() + 2 * e * shape.rows, shape.rows);
+        });
+        row.delta_gbs = 4.0 * double(probe.bytes) / (row.delta_ms * 1e-3) / 1e9;
+        row.dense_gbs = 4.0 * double(dense_bytes) / (row.dense_ms * 1e-3) / 1e9;
+        rows.push_back(row);
+        std::fprintf(stderr, "%s multi 8 tokens / 4 experts: delta %.3f ms, dense %.3f ms\n", name.c_str(), row.delta_ms,
+                     row.dense_ms);
+      }
+    }
+  }
+
+  std::printf("| case | shape (out x in) | bits | tokens | delta ms | dense bf16 ms | delta / dense | delta GB/s | %% of read BW | dense GB/s |\n");
+  std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  for (const Row& row : rows) {
+    const std::string kind = row.kind == "multi" ? "8 tokens / 4 experts" : "one expert";
+    std::printf("| %s | %s | %d | %lld | %.3f | %.3f | %.3fx | %.1f | %.0f %% | %.1f |\n", kind.c_str(), row.shape.c_str(),
+                row.bits, (long long)row.tokens, row.delta_ms, row.dense_ms, row.delta_ms / row.dense_ms, row.delta_gbs,
+                100.0 * row.delta_gbs / bandwidth.read_gbs, row.dense_gbs);
+  }
+  if (!json_path.empty()) {
+    FILE* file = std::fopen(json_path.c_str(), "w");
+    if (file == nullptr) {
+      std::fprintf(stderr, "cannot write %s\n", json_path.c_str());
+      return 1;
+    }
+    std::fprintf(file, "{\"path\": \"%s\", \"threads\": %d, \"read_gbs\": %.3f, \"copy_gbs\": %.3f, \"rows\": [\n",
+                 cpu_path_name(path), threads, bandwidth.read_gbs, bandwidth.copy_gbs);
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+      const Row& row = rows[i];
+      std::fprintf(file,
+                   "  {\"kind\": \"%s\", \"shape\": \"%s\", \"bits\": %d, \"tokens\": %lld, \"delta_ms\": %.5f, "
+                   "\"dense_ms\": %.5f, \"delta_gbs\": %.3f, \"dense_gbs\": %.3f}%s\n",
+                   row.kind.c_str(), row.shape.c_str(), row.bits, (long long)row.tokens, row.delta_ms, row.dense_ms,
+                   row.delta_gbs, row.dense_gbs, i + 1 < rows.size() ? "," : "");
+    }
+    std::fprintf(file, "]}\n");
+    std::fclose(file);
+  }
+  return 0;
+#endif
+}

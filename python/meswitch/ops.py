@@ -1,0 +1,153 @@
+"""Fused CPU delta GEMM: ``out += x @ delta^T`` straight from the compressed pieces.
+
+Thin wrappers over ``meswitch._core``; the work is in ``include/meswitch/cpu/delta_gemm.hpp``.
+Inputs may be NumPy arrays or PyTorch CPU tensors (anything with ``__dlpack__``); nothing
+is copied except the activations, which the kernel widens to float32 once per call.
+``out`` is float32 and is accumulated into, in place.
+
+The kernel path (AVX-512, AVX2 or the portable reference) is chosen at run time;
+``MESWITCH_CPU_PATH=reference|avx2|avx512`` forces one and ``MESWITCH_NUM_THREADS``
+sets the thread count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+_PIECES = ("qweight", "scales", "zeros", "salient_idx", "salient")
+
+__all__ = ["delta_matmul", "multi_delta_matmul", "cpu_kernel_path"]
+
+
+def cpu_kernel_path() -> str:
+    """The CPU kernel path in use now: ``"avx512"``, ``"avx2"`` or ``"reference"``."""
+    from meswitch import _core
+
+    return _core.cpu_kernel_path()
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def _pieces(delta: Any, bits: int | None, group_size: int | None) -> tuple[list[Any], int, int]:
+    """The five arrays, bits and group size of ``delta`` (a mapping or ``(artifact, weight)``)."""
+    entry: Mapping[str, Any] = {}
+    if isinstance(delta, tuple) and len(delta) == 2 and hasattr(delta[0], "stored"):
+        artifact, weight = delta
+        entry = artifact.tensors[weight]
+        if entry.get("kind") != "delta":
+            raise ValueError(f"tensor '{weight}' is stored as '{entry.get('kind')}', not as a delta")
+        arrays = [artifact.stored(f"{weight}.{key}") for key in _PIECES]
+    elif isinstance(delta, Mapping):
+        entry = delta
+        arrays = []
+        for key in _PIECES:
+            matches = [name for name in delta if name == key or str(name).endswith("." + key)]
+            if len(matches) != 1:
+                found = matches or "none"
+                raise ValueError(f"delta pieces: expected exactly one '{key}' entry, found {found}")
+            arrays.append(delta[matches[0]])
+    else:
+        kind = type(delta).__name__
+        raise TypeError(f"delta must be a mapping of pieces or an (artifact, weight) pair, got {kind}")
+    bits = bits if bits is not None else entry.get("bits")
+    group_size = group_size if group_size is not None else entry.get("group_size")
+    if bits is None or group_size is None:
+        raise ValueError("bits and group_size are required (pass them or include them in the delta mapping)")
+    return arrays, int(bits), int(group_size)
+
+
+def _new_out(x: Any, rows: int) -> Any:
+    if _is_torch(x):
+        import torch
+
+        return torch.zeros((x.shape[0], rows), dtype=torch.float32)
+    return np.zeros((x.shape[0], rows), dtype=np.float32)
+
+
+def delta_matmul(x: Any, delta_pieces: Any, out: Any = None, *, bits: int | None = None,
+                 group_size: int | None = None) -> Any:
+    """Add ``x @ delta^T`` to ``out``, unpacking the compressed delta on the fly.
+
+    Parameters
+    ----------
+    x
+        Activations ``[tokens, cols]``: float32, bfloat16 or float16, NumPy array or
+        torch CPU tensor. Any strides (non-negative).
+    delta_pieces
+        The compressed delta of one weight ``[rows, cols]``: a mapping with the pieces
+        ``qweight`` (uint32), ``scales`` (float16), ``zeros`` (uint8), ``salient_idx``
+        (int32) and ``salient`` (float16) -- keys may also be ``"W.qweight"`` style --
+        optionally with ``bits`` and ``group_size``; or an ``(ExpertArtifact, weight_name)``
+        pair, which takes everything from the artifact.
+    out
+        float32 ``[tokens, rows]`` with contiguous rows, accumulated in place. ``None``
+        allocates zeros of the same kind as ``x`` (NumPy or torch).
+    bits
+        Code width 1..4 (overrides the mapping's ``bits``).
+    group_size
+        Columns per quantization group (``0`` = whole row; overrides the mapping's).
+
+    Returns
+    -------
+    The same object as ``out`` (or the new array).
+
+    Raises
+    ------
+    ValueError
+        Wrong dtype, shape or device of any argument (the message names it).
+    """
+    from meswitch import _core
+
+    arrays, bits, group_size = _pieces(delta_pieces, bits, group_size)
+    if out is None:
+        out = _new_out(x, int(arrays[0].shape[0]))
+    _core.delta_matmul(x, *arrays, bits, group_size, out)
+    return out
+
+
+def multi_delta_matmul(x: Any, experts: Sequence[Any], segment_starts: Sequence[int] | Any,
+                       out: Any = None, *, bits: int | None = None, group_size: int | None = None) -> Any:
+    """Add each token's own expert delta: ``out[t] += x[t] @ delta_e^T`` for ``t`` in segment ``e``.
+
+    Tokens must be sorted by expert. Each active expert's packed delta is streamed once
+    for all the tokens of its segment; empty segments cost nothing.
+
+    Parameters
+    ----------
+    x
+        Activations ``[tokens, cols]`` (as in :func:`delta_matmul`).
+    experts
+        One delta per expert, each as :func:`delta_matmul` takes it. All share ``cols``
+        and ``rows``.
+    segment_starts
+        ``E + 1`` non-decreasing token offsets: expert ``e`` owns rows
+        ``[segment_starts[e], segment_starts[e + 1])`` of ``x``.
+    out
+        float32 ``[tokens, rows]``, accumulated in place; ``None`` allocates zeros.
+    bits, group_size
+        Defaults for experts whose mapping lacks them.
+
+    Returns
+    -------
+    The same object as ``out`` (or the new array).
+    """
+    from meswitch import _core
+
+    tuples = []
+    for expert in experts:
+        arrays, expert_bits, expert_group = _pieces(expert, bits, group_size)
+        tuples.append((*arrays, expert_bits, expert_group))
+    if hasattr(segment_starts, "tolist"):
+        segment_starts = segment_starts.tolist()
+    starts = [int(s) for s in segment_starts]
+    if out is None:
+        if not tuples:
+            raise ValueError("experts is empty and no out was given")
+        out = _new_out(x, int(tuples[0][0].shape[0]))
+    _core.multi_delta_matmul(x, tuples, starts, out)
+    return out

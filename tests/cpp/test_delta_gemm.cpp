@@ -1,0 +1,344 @@
+// The fused CPU delta GEMM against a dense dequantize-then-multiply loop written
+// here from docs/format.md (its own packer and unpacker), and every SIMD path this
+// CPU has against the reference path.
+//
+// Tolerance: |y - y_dense| <= 1e-5 * M + 1e-30, where M = sum_c |x_c| * |s| * (code + z)
+// + sum_j |x_idx_j * S_j| is the magnitude of what is accumulated. The fast paths
+// reorder sums (per-lane partial sums, the group trick's s * (sum code x - z X_g)),
+// so each term's rounding is bounded by float epsilon times that magnitude, not by
+// the (possibly much smaller) result.
+#include <algorithm>
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "meswitch/cpu/delta_gemm.hpp"
+
+using namespace meswitch;
+using namespace meswitch::cpu;
+
+namespace {
+
+struct TestDelta {
+  std::int64_t rows = 0, cols = 0, k = 0, group = 0;
+  int bits = 0;
+  std::vector<std::uint32_t> codes;  // unpacked, [rows, cols]
+  std::vector<std::uint32_t> qweight;
+  std::vector<std::uint16_t> scales, salient;
+  std::vector<std::uint8_t> zeros;
+  std::vector<std::int32_t> salient_idx;
+
+  std::int64_t groups() const { return (cols + group - 1) / group; }
+  CompressedDelta view() const {
+    CompressedDelta d;
+    d.qweight = qweight.data();
+    d.scales = scales.data();
+    d.zeros = zeros.data();
+    d.salient_idx = salient_idx.data();
+    d.salient = salient.data();
+    d.rows = rows;
+    d.cols = cols;
+    d.k = k;
+    d.bits = bits;
+    d.group_size = group;
+    return d;
+  }
+};
+
+// Packs like the format says, bit by bit (deliberately the slowest obvious way).
+std::vector<std::uint32_t> pack_bits(const std::vector<std::uint32_t>& codes, std::int64_t rows, std::int64_t cols, int bits) {
+  const std::int64_t words = (cols * bits + 31) / 32;
+  std::vector<std::uint32_t> packed(std::size_t(rows * words), 0);
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t c = 0; c < cols; ++c)
+      for (int b = 0; b < bits; ++b)
+        if ((codes[std::size_t(r * cols + c)] >> b) & 1u) {
+          const std::int64_t bit = c * bits + b;
+          packed[std::size_t(r * words + bit / 32)] |= 1u << (bit % 32);
+        }
+  return packed;
+}
+
+TestDelta random_delta(std::int64_t rows, std::int64_t cols, int bits, std::int64_t group, std::int64_t k, unsigned seed) {
+  std::mt19937 rng(seed);
+  TestDelta d;
+  d.rows = rows;
+  d.cols = cols;
+  d.bits = bits;
+  d.group = group;
+  d.k = k;
+  const std::uint32_t top = (1u << bits) - 1;
+  std::uniform_int_distribution<std::uint32_t> code(0, top);
+  std::uniform_real_distribution<float> scale(0.001f, 0.05f), value(-0.5f, 0.5f);
+  d.codes.resize(std::size_t(rows * cols));
+  for (auto& c : d.codes) c = code(rng);
+  d.scales.resize(std::size_t(rows * d.groups()));
+  d.zeros.resize(std::size_t(rows * d.groups()));
+  for (auto& s : d.scales) s = float_to_f16(scale(rng));
+  for (auto& z : d.zeros) z = std::uint8_t(code(rng));
+  std::vector<std::int32_t> channels(static_cast<std::size_t>(cols));
+  std::iota(channels.begin(), channels.end(), 0);
+  std::shuffle(channels.begin(), channels.end(), rng);
+  d.salient_idx.assign(channels.begin(), channels.begin() + k);
+  std::sort(d.salient_idx.begin(), d.salient_idx.end());
+  d.salient.resize(std::size_t(rows * k));
+  for (auto& s : d.salient) s = float_to_f16(value(rng));
+  // Salient channels carry code = zero, as the writer stores them.
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int32_t c : d.salient_idx) d.codes[std::size_t(r * cols + c)] = d.zeros[std::size_t(r * d.groups() + c / group)];
+  d.qweight = pack_bits(d.codes, rows, cols, bits);
+  return d;
+}
+
+std::vector<float> random_values(std::size_t n, unsigned seed, float spread = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, spread);
+  std::vector<float> v(n);
+  for (auto& x : v) x = normal(rng);
+  return v;
+}
+
+// Dense dequantize-then-multiply: y[t, r] += x[t] . full_delta[r]; also the magnitude.
+void dense_reference(const TestDelta& d, const std::vector<float>& x, std::int64_t tokens, std::vector<double>& y,
+                     std::vector<double>& magnitude) {
+  y.assign(std::size_t(tokens * d.rows), 0.0);
+  magnitude.assign(std::size_t(tokens * d.rows), 0.0);
+  std::vector<float> dense(std::size_t(d.cols));
+  std::vector<double> weight_magnitude(std::size_t(d.cols));
+  for (std::int64_t r = 0; r < d.rows; ++r) {
+    for (std::int64_t c = 0; c < d.cols; ++c) {
+      const std::size_t g = std::size_t(r * d.groups() + c / d.group);
+      const float s = f16_to_float(d.scales[g]);
+      const std::uint32_t code = d.codes[std::size_t(r * d.cols + c)];
+      dense[std::size_t(c)] = (float(code) - float(d.zeros[g])) * s;
+      weight_magnitude[std::size_t(c)] = std::fabs(double(s)) * (double(code) + double(d.zeros[g]));
+    }
+    for (std::int64_t j = 0; j < d.k; ++j) {
+      const float s = f16_to_float(d.salient[std::size_t(r * d.k + j)]);
+      dense[std::size_t(d.salient_idx[std::size_t(j)])] += s;
+      weight_magnitude[std::size_t(d.salient_idx[std::size_t(j)])] += std::fabs(double(s));
+    }
+    for (std::int64_t t = 0; t < tokens; ++t) {
+      double sum = 0, mag = 0;
+      for (std::int64_t c = 0; c < d.cols; ++c) {
+        const double xc = x[std::size_t(t * d.cols + c)];
+        sum += xc * dense[std::size_t(c)];
+        mag += std::fabs(xc) * weight_magnitude[std::size_t(c)];
+      }
+      y[std::size_t(t * d.rows + r)] = sum;
+      magnitude[std::size_t(t * d.rows + r)] = mag;
+    }
+  }
+}
+
+std::vector<CpuPath> available_paths() {
+  std::vector<CpuPath> paths{CpuPath::Reference};
+  if (cpu_supports(CpuPath::Avx2)) paths.push_back(CpuPath::Avx2);
+  if (cpu_supports(CpuPath::Avx512)) paths.push_back(CpuPath::Avx512);
+  return paths;
+}
+
+constexpr double kRelative = 1e-5;
+
+// Runs one delta on every path and checks against the dense loop and the reference path.
+void check_all_paths(const TestDelta& d, std::int64_t tokens, unsigned seed) {
+  const std::vector<float> x = random_values(std::size_t(tokens * d.cols), seed);
+  std::vector<double> expected, magnitude;
+  dense_reference(d, x, tokens, expected, magnitude);
+  const std::vector<float> initial = random_values(std::size_t(tokens * d.rows), seed + 1);  // y is accumulated
+  const TensorView xv(const_cast<float*>(x.data()), DType::F32, {tokens, d.cols});
+  std::vector<float> reference_y;
+  for (CpuPath path : available_paths()) {
+    INFO("path " << cpu_path_name(path) << " bits " << d.bits << " rows " << d.rows << " cols " << d.cols << " group "
+                 << d.group << " k " << d.k << " tokens " << tokens);
+    std::vector<float> y = initial;
+    KernelOptions options;
+    options.path = path;
+    options.num_threads = 2;
+    delta_matmul(d.view(), xv, y.data(), d.rows, options);
+    for (std::size_t i = 0; i < y.size(); ++i) {
+      const double bound = kRelative * magnitude[i] + 1e-30 + 1e-6 * std::fabs(initial[i]);
+      INFO("element " << i << " got " << y[i] - initial[i] << " expected " << expected[i]);
+      REQUIRE(std::fabs(double(y[i]) - double(initial[i]) - expected[i]) <= bound);
+    }
+    if (path == CpuPath::Reference) {
+      reference_y = y;
+    } else {
+      for (std::size_t i = 0; i < y.size(); ++i)
+        REQUIRE(std::fabs(double(y[i]) - double(reference_y[i])) <= 2 * kRelative * magnitude[i] + 1e-6 * std::fabs(initial[i]));
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("delta_matmul matches the dense loop on every CPU path: bits 1-4 and group sizes", "[delta_gemm]") {
+  unsigned seed = 1;
+  for (int bits = 1; bits <= 4; ++bits) {
+    for (std::int64_t group : {32, 64, 128, 0}) {
+      for (std::int64_t cols : {32, 96, 544, 1152, 4096}) {
+        const std::int64_t g = group == 0 ? cols : group;
+        if (cols % g != 0) continue;
+        for (std::int64_t rows : {1, 7, 100}) {
+          if (rows * cols > 100 * 1152) continue;  // keep the reference path quick
+          const std::int64_t k = (seed % 2 == 0) ? 0 : std::max<std::int64_t>(1, cols / 64);
+          for (std::int64_t tokens : {1, 3, 64}) {
+            if (tokens == 64 && rows * cols > 7 * 4096) continue;
+            check_all_paths(random_delta(rows, cols, bits, g, k, seed), tokens, seed * 7);
+            ++seed;
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("delta_matmul handles wide rows and every token block size", "[delta_gemm]") {
+  // cols 4096 with whole-row groups and 8..17 tokens: every token-block remainder on both SIMD paths.
+  for (int bits : {2, 3}) {
+    const TestDelta d = random_delta(5, 4096, bits, 4096, 40, 100 + unsigned(bits));
+    for (std::int64_t tokens : {2, 5, 8, 9, 17}) check_all_paths(d, tokens, 200 + unsigned(tokens));
+  }
+}
+
+TEST_CASE("delta_matmul handles ragged last groups and groups that split SIMD lanes", "[delta_gemm]") {
+  // 100 columns in groups of 32: the last group has 4 columns; all columns take the scalar tail.
+  check_all_paths(random_delta(7, 100, 3, 32, 3, 11), 3, 12);
+  // 1056 = 2 whole 512-column blocks + 32: blocks and tail in one row, last group ragged (1056 = 8*128 + 32).
+  check_all_paths(random_delta(9, 1056, 1, 128, 5, 13), 4, 14);
+  // Groups of 8 split a 16-code (2-bit) lane: the whole row must take the scalar path.
+  check_all_paths(random_delta(3, 64, 2, 8, 2, 15), 2, 16);
+  // Groups of 16 with 4 bits (8 codes per lane) still fit the lanes.
+  check_all_paths(random_delta(5, 256, 4, 16, 4, 17), 3, 18);
+}
+
+TEST_CASE("delta_matmul reads BF16 and F16 activations and strided rows", "[delta_gemm]") {
+  const TestDelta d = random_delta(33, 512, 2, 64, 6, 21);
+  const std::int64_t tokens = 5, stride = 512 + 40;
+  std::vector<float> x = random_values(std::size_t(tokens * d.cols), 22);
+  // Round x to each 16-bit type first so the dense loop sees the same inputs.
+  for (DType dtype : {DType::BF16, DType::F16, DType::F32}) {
+    std::vector<std::uint16_t> half(std::size_t(tokens * stride), 0);
+    std::vector<float> full(std::size_t(tokens * stride), 0.0f), rounded(x.size());
+    for (std::int64_t t = 0; t < tokens; ++t)
+      for (std::int64_t c = 0; c < d.cols; ++c) {
+        const float v = x[std::size_t(t * d.cols + c)];
+        const std::size_t at = std::size_t(t * stride + c);
+        if (dtype == DType::BF16) half[at] = float_to_bf16(v), rounded[std::size_t(t * d.cols + c)] = bf16_to_float(half[at]);
+        if (dtype == DType::F16) half[at] = float_to_f16(v), rounded[std::size_t(t * d.cols + c)] = f16_to_float(half[at]);
+        if (dtype == DType::F32) full[at] = v, rounded[std::size_t(t * d.cols + c)] = v;
+      }
+    void* data = dtype == DType::F32 ? static_cast<void*>(full.data()) : static_cast<void*>(half.data());
+    const TensorView xv(data, dtype, {tokens, d.cols}, {stride, 1});
+    std::vector<double> expected, magnitude;
+    dense_reference(d, rounded, tokens, expected, magnitude);
+    for (CpuPath path : available_paths()) {
+      INFO("path " << cpu_path_name(path) << " dtype " << dtype_name(dtype));
+      const std::int64_t y_stride = d.rows + 3;  // y rows wider than the delta: the pad stays untouched
+      std::vector<float> y(std::size_t(tokens * y_stride), 0.0f);
+      KernelOptions options;
+      options.path = path;
+      delta_matmul(d.view(), xv, y.data(), y_stride, options);
+      for (std::int64_t t = 0; t < tokens; ++t) {
+        for (std::int64_t r = 0; r < d.rows; ++r) {
+          const std::size_t i = std::size_t(t * d.rows + r);
+          REQUIRE(std::fabs(double(y[std::size_t(t * y_stride + r)]) - expected[i]) <= kRelative * magnitude[i] + 1e-30);
+        }
+        for (std::int64_t r = d.rows; r < y_stride; ++r) REQUIRE(y[std::size_t(t * y_stride + r)] == 0.0f);
+      }
+    }
+  }
+}
+
+TEST_CASE("multi_delta_matmul applies each segment's expert and skips empty segments", "[delta_gemm]") {
+  const std::int64_t cols = 1024, rows = 37;
+  std::vector<TestDelta> experts = {random_delta(rows, cols, 2, 64, 10, 31), random_delta(rows, cols, 4, 128, 0, 32),
+                                    random_delta(rows, cols, 3, 32, 4, 33), random_delta(rows, cols, 1, 1024, 2, 34),
+                                    random_delta(rows, cols, 2, 64, 10, 35)};
+  // Segments: 3 tokens, none, 1 token, 4 tokens, none.
+  const std::vector<std::int64_t> starts = {0, 3, 3, 4, 8, 8};
+  const std::int64_t tokens = 8;
+  const std::vector<float> x = random_values(std::size_t(tokens * cols), 36);
+  std::vector<double> expected(std::size_t(tokens * rows)), magnitude(expected.size());
+  for (std::size_t e = 0; e < experts.size(); ++e) {
+    const std::int64_t n = starts[e + 1] - starts[e];
+    if (n == 0) continue;
+    std::vector<float> segment(x.begin() + starts[e] * cols, x.begin() + starts[e + 1] * cols);
+    std::vector<double> y, m;
+    dense_reference(experts[e], segment, n, y, m);
+    std::copy(y.begin(), y.end(), expected.begin() + starts[e] * rows);
+    std::copy(m.begin(), m.end(), magnitude.begin() + starts[e] * rows);
+  }
+  std::vector<CompressedDelta> views;
+  for (const TestDelta& d : experts) views.push_back(d.view());
+  const TensorView xv(const_cast<float*>(x.data()), DType::F32, {tokens, cols});
+  for (CpuPath path : available_paths()) {
+    for (int threads : {1, 2, 3}) {
+      INFO("path " << cpu_path_name(path) << " threads " << threads);
+      std::vector<float> y(std::size_t(tokens * rows), 0.0f);
+      KernelOptions options;
+      options.path = path;
+      options.num_threads = threads;
+      options.row_tile = 8;
+      multi_delta_matmul(views, xv, starts.data(), y.data(), rows, options);
+      for (std::size_t i = 0; i < y.size(); ++i) REQUIRE(std::fabs(double(y[i]) - expected[i]) <= kRelative * magnitude[i] + 1e-30);
+    }
+  }
+  // A batch whose every segment is empty leaves y alone.
+  const std::vector<std::int64_t> none = {0, 0, 0, 0, 0, 0};
+  std::vector<float> y(std::size_t(rows), 1.5f);
+  multi_delta_matmul(views, TensorView(const_cast<float*>(x.data()), DType::F32, {0, cols}), none.data(), y.data(), rows);
+  REQUIRE(std::all_of(y.begin(), y.end(), [](float v) { return v == 1.5f; }));
+}
+
+TEST_CASE("delta_matmul gives the same bits with any thread count", "[delta_gemm]") {
+  const TestDelta d = random_delta(301, 2048, 2, 64, 20, 41);
+  const std::vector<float> x = random_values(std::size_t(3 * d.cols), 42);
+  const TensorView xv(const_cast<float*>(x.data()), DType::F32, {3, d.cols});
+  std::vector<float> one(std::size_t(3 * d.rows), 0.0f), many(one.size(), 0.0f);
+  KernelOptions options;
+  options.num_threads = 1;
+  delta_matmul(d.view(), xv, one.data(), d.rows, options);
+  options.num_threads = 4;
+  options.row_tile = 5;
+  delta_matmul(d.view(), xv, many.data(), d.rows, options);
+  REQUIRE(one == many);
+}
+
+TEST_CASE("make_compressed_delta and the kernels reject bad input with context", "[delta_gemm]") {
+  TestDelta d = random_delta(4, 128, 2, 32, 2, 51);
+  TensorView q(d.qweight.data(), DType::U32, {4, 8}), s(d.scales.data(), DType::F16, {4, 4}), z(d.zeros.data(), DType::U8, {4, 4}),
+      idx(d.salient_idx.data(), DType::I32, {2}), sal(d.salient.data(), DType::F16, {4, 2});
+  const CompressedDelta ok = make_compressed_delta(q, s, z, idx, sal, 2, 32, 128, "layer.w");
+  REQUIRE(ok.rows == 4);
+  REQUIRE(ok.groups() == 4);
+  REQUIRE(make_compressed_delta(q, TensorView(d.scales.data(), DType::F16, {4, 1}), TensorView(d.zeros.data(), DType::U8, {4, 1}),
+                                idx, sal, 2, 0, 128)
+              .group_size == 128);
+  REQUIRE_THROWS_WITH(make_compressed_delta(TensorView(d.qweight.data(), DType::U32, {4, 7}), s, z, idx, sal, 2, 32, 128, "layer.w"),
+                      Catch::Contains("layer.w") && Catch::Contains("qweight") && Catch::Contains("[4, 8]"));
+  REQUIRE_THROWS_WITH(make_compressed_delta(q, TensorView(d.scales.data(), DType::U8, {4, 4}), z, idx, sal, 2, 32, 128, "layer.w"),
+                      Catch::Contains("scales") && Catch::Contains("F16"));
+  REQUIRE_THROWS_WITH(make_compressed_delta(q, s, z, idx, sal, 5, 32, 128), Catch::Contains("bits"));
+  REQUIRE_THROWS_WITH(make_compressed_delta(q, s, z, idx, sal, 2, 256, 128), Catch::Contains("group size"));
+
+  std::vector<float> x(3 * 64), y(3 * 4);
+  REQUIRE_THROWS_WITH(delta_matmul(ok, TensorView(x.data(), DType::F32, {3, 64}), y.data(), 4), Catch::Contains("128 input columns"));
+  std::vector<std::int32_t> x_int(3 * 128);
+  REQUIRE_THROWS_WITH(delta_matmul(ok, TensorView(x_int.data(), DType::I32, {3, 128}), y.data(), 4), Catch::Contains("x must be"));
+  std::vector<float> x_ok(3 * 128);
+  const TensorView xv(x_ok.data(), DType::F32, {3, 128});
+  REQUIRE_THROWS_WITH(delta_matmul(ok, xv, y.data(), 2), Catch::Contains("stride"));
+  const std::vector<std::int64_t> bad_starts = {0, 2, 1};
+  REQUIRE_THROWS_WITH(multi_delta_matmul({ok, ok}, xv, bad_starts.data(), y.data(), 4), Catch::Contains("segment_starts[2]"));
+  d.salient_idx[1] = 500;
+  for (CpuPath path : available_paths()) {
+    KernelOptions options;
+    options.path = path;
+    REQUIRE_THROWS_WITH(delta_matmul(d.view(), xv, y.data(), 4, options), Catch::Contains("salient_idx[1] = 500"));
+  }
+  REQUIRE_THROWS_WITH(parse_cpu_path("sse"), Catch::Contains("sse"));
+}
