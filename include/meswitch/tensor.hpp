@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -119,9 +120,22 @@ inline float load_as_float(const void* data, DType dtype, std::size_t index) {
   }
 }
 
-// Converts `count` contiguous floating elements to float32.
+// Converts `count` contiguous floating elements to float32 (one switch per call, so
+// the loops vectorise: kernels convert their activations with this on every call).
 inline void convert_to_f32(const void* source, DType dtype, float* destination, std::size_t count) {
-  for (std::size_t i = 0; i < count; ++i) destination[i] = load_as_float(source, dtype, i);
+  switch (dtype) {
+    case DType::F32:
+      if (count > 0) std::memcpy(destination, source, count * sizeof(float));
+      return;
+    case DType::BF16:
+      for (std::size_t i = 0; i < count; ++i) destination[i] = bf16_to_float(static_cast<const std::uint16_t*>(source)[i]);
+      return;
+    case DType::F16:
+      for (std::size_t i = 0; i < count; ++i) destination[i] = f16_to_float(static_cast<const std::uint16_t*>(source)[i]);
+      return;
+    default:
+      throw Error(std::string("convert_to_f32: dtype ") + dtype_name(dtype) + " is not floating");
+  }
 }
 
 // Converts `count` float32 values to a floating dtype, rounding to nearest even.

@@ -5,9 +5,11 @@ Inputs may be NumPy arrays or PyTorch CPU tensors (anything with ``__dlpack__``)
 is copied except the activations, which the kernel widens to float32 once per call.
 ``out`` is float32 and is accumulated into, in place.
 
-The kernel path (AVX-512, AVX2 or the portable reference) is chosen at run time;
-``MESWITCH_CPU_PATH=reference|avx2|avx512`` forces one and ``MESWITCH_NUM_THREADS``
-sets the thread count.
+The kernel path is chosen at run time: AVX-512 VNNI (integer dot products of the codes
+with x held as two int8 digits, each x within max|x| / 32512 of its block; 3-bit deltas run
+the float kernel there), AVX-512 or AVX2 (float32 throughout), or the portable reference.
+``MESWITCH_CPU_PATH=reference|avx2|avx512|avx512vnni`` forces one and
+``MESWITCH_NUM_THREADS`` sets the thread count.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ __all__ = ["delta_matmul", "multi_delta_matmul", "cpu_kernel_path"]
 
 
 def cpu_kernel_path() -> str:
-    """The CPU kernel path in use now: ``"avx512"``, ``"avx2"`` or ``"reference"``."""
+    """The CPU kernel path in use now: ``"avx512vnni"``, ``"avx512"``, ``"avx2"`` or ``"reference"``."""
     from meswitch import _core
 
     return _core.cpu_kernel_path()

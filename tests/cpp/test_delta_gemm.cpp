@@ -6,7 +6,9 @@
 // + sum_j |x_idx_j * S_j| is the magnitude of what is accumulated. The fast paths
 // reorder sums (per-lane partial sums, the group trick's s * (sum code x - z X_g)),
 // so each term's rounding is bounded by float epsilon times that magnitude, not by
-// the (possibly much smaller) result.
+// the (possibly much smaller) result. The VNNI path also rounds each x of the code
+// dot products to within max|x| / 32512 of its 64-byte block (two int8 digits), so it
+// may be off by a further sum_c |s| * (code + z) * max_c |x_t| / 32512.
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
@@ -101,20 +103,32 @@ std::vector<float> random_values(std::size_t n, unsigned seed, float spread = 1.
   return v;
 }
 
-// Dense dequantize-then-multiply: y[t, r] += x[t] . full_delta[r]; also the magnitude.
+constexpr double kRelative = 1e-5;
+constexpr double kDigitResolution = 1.0 / 32512;  // VNNI path: x within max|x| / (127 * 256) of its block
+
+// Dense dequantize-then-multiply: y[t, r] += x[t] . full_delta[r]; also the bound each
+// element is checked against on the float paths (`bound`) and on the VNNI path
+// (`digit_bound`), see the top of the file.
 void dense_reference(const TestDelta& d, const std::vector<float>& x, std::int64_t tokens, std::vector<double>& y,
-                     std::vector<double>& magnitude) {
+                     std::vector<double>& bound, std::vector<double>* digit_bound = nullptr) {
   y.assign(std::size_t(tokens * d.rows), 0.0);
-  magnitude.assign(std::size_t(tokens * d.rows), 0.0);
+  bound.assign(std::size_t(tokens * d.rows), 0.0);
+  if (digit_bound != nullptr) digit_bound->assign(std::size_t(tokens * d.rows), 0.0);
+  std::vector<double> largest_x(std::size_t(tokens), 0.0);
+  for (std::int64_t t = 0; t < tokens; ++t)
+    for (std::int64_t c = 0; c < d.cols; ++c)
+      largest_x[std::size_t(t)] = std::max(largest_x[std::size_t(t)], std::fabs(double(x[std::size_t(t * d.cols + c)])));
   std::vector<float> dense(std::size_t(d.cols));
   std::vector<double> weight_magnitude(std::size_t(d.cols));
   for (std::int64_t r = 0; r < d.rows; ++r) {
+    double code_magnitude = 0;  // sum_c |s| * (code + z), salient channels excluded
     for (std::int64_t c = 0; c < d.cols; ++c) {
       const std::size_t g = std::size_t(r * d.groups() + c / d.group);
       const float s = f16_to_float(d.scales[g]);
       const std::uint32_t code = d.codes[std::size_t(r * d.cols + c)];
       dense[std::size_t(c)] = (float(code) - float(d.zeros[g])) * s;
       weight_magnitude[std::size_t(c)] = std::fabs(double(s)) * (double(code) + double(d.zeros[g]));
+      code_magnitude += weight_magnitude[std::size_t(c)];
     }
     for (std::int64_t j = 0; j < d.k; ++j) {
       const float s = f16_to_float(d.salient[std::size_t(r * d.k + j)]);
@@ -129,7 +143,10 @@ void dense_reference(const TestDelta& d, const std::vector<float>& x, std::int64
         mag += std::fabs(xc) * weight_magnitude[std::size_t(c)];
       }
       y[std::size_t(t * d.rows + r)] = sum;
-      magnitude[std::size_t(t * d.rows + r)] = mag;
+      bound[std::size_t(t * d.rows + r)] = kRelative * mag + 1e-30;
+      if (digit_bound != nullptr)
+        (*digit_bound)[std::size_t(t * d.rows + r)] =
+            kRelative * mag + 1e-30 + code_magnitude * largest_x[std::size_t(t)] * kDigitResolution * (1 + 1e-3);
     }
   }
 }
@@ -138,16 +155,18 @@ std::vector<CpuPath> available_paths() {
   std::vector<CpuPath> paths{CpuPath::Reference};
   if (cpu_supports(CpuPath::Avx2)) paths.push_back(CpuPath::Avx2);
   if (cpu_supports(CpuPath::Avx512)) paths.push_back(CpuPath::Avx512);
+  if (cpu_supports(CpuPath::Avx512Vnni)) paths.push_back(CpuPath::Avx512Vnni);
   return paths;
 }
 
-constexpr double kRelative = 1e-5;
+// The VNNI path rounds x to digits for 1, 2 and 4 bits; 3-bit deltas run the float kernel.
+bool rounds_x(CpuPath path, int bits) { return path == CpuPath::Avx512Vnni && bits != 3; }
 
 // Runs one delta on every path and checks against the dense loop and the reference path.
 void check_all_paths(const TestDelta& d, std::int64_t tokens, unsigned seed) {
   const std::vector<float> x = random_values(std::size_t(tokens * d.cols), seed);
-  std::vector<double> expected, magnitude;
-  dense_reference(d, x, tokens, expected, magnitude);
+  std::vector<double> expected, bound, digit_bound;
+  dense_reference(d, x, tokens, expected, bound, &digit_bound);
   const std::vector<float> initial = random_values(std::size_t(tokens * d.rows), seed + 1);  // y is accumulated
   const TensorView xv(const_cast<float*>(x.data()), DType::F32, {tokens, d.cols});
   std::vector<float> reference_y;
@@ -159,16 +178,16 @@ void check_all_paths(const TestDelta& d, std::int64_t tokens, unsigned seed) {
     options.path = path;
     options.num_threads = 2;
     delta_matmul(d.view(), xv, y.data(), d.rows, options);
+    const std::vector<double>& allowed = rounds_x(path, d.bits) ? digit_bound : bound;
     for (std::size_t i = 0; i < y.size(); ++i) {
-      const double bound = kRelative * magnitude[i] + 1e-30 + 1e-6 * std::fabs(initial[i]);
       INFO("element " << i << " got " << y[i] - initial[i] << " expected " << expected[i]);
-      REQUIRE(std::fabs(double(y[i]) - double(initial[i]) - expected[i]) <= bound);
+      REQUIRE(std::fabs(double(y[i]) - double(initial[i]) - expected[i]) <= allowed[i] + 1e-6 * std::fabs(initial[i]));
     }
     if (path == CpuPath::Reference) {
       reference_y = y;
     } else {
       for (std::size_t i = 0; i < y.size(); ++i)
-        REQUIRE(std::fabs(double(y[i]) - double(reference_y[i])) <= 2 * kRelative * magnitude[i] + 1e-6 * std::fabs(initial[i]));
+        REQUIRE(std::fabs(double(y[i]) - double(reference_y[i])) <= allowed[i] + bound[i] + 1e-6 * std::fabs(initial[i]));
     }
   }
 }
@@ -233,8 +252,8 @@ TEST_CASE("delta_matmul reads BF16 and F16 activations and strided rows", "[delt
       }
     void* data = dtype == DType::F32 ? static_cast<void*>(full.data()) : static_cast<void*>(half.data());
     const TensorView xv(data, dtype, {tokens, d.cols}, {stride, 1});
-    std::vector<double> expected, magnitude;
-    dense_reference(d, rounded, tokens, expected, magnitude);
+    std::vector<double> expected, bound, digit_bound;
+    dense_reference(d, rounded, tokens, expected, bound, &digit_bound);
     for (CpuPath path : available_paths()) {
       INFO("path " << cpu_path_name(path) << " dtype " << dtype_name(dtype));
       const std::int64_t y_stride = d.rows + 3;  // y rows wider than the delta: the pad stays untouched
@@ -242,10 +261,11 @@ TEST_CASE("delta_matmul reads BF16 and F16 activations and strided rows", "[delt
       KernelOptions options;
       options.path = path;
       delta_matmul(d.view(), xv, y.data(), y_stride, options);
+      const std::vector<double>& allowed = rounds_x(path, d.bits) ? digit_bound : bound;
       for (std::int64_t t = 0; t < tokens; ++t) {
         for (std::int64_t r = 0; r < d.rows; ++r) {
           const std::size_t i = std::size_t(t * d.rows + r);
-          REQUIRE(std::fabs(double(y[std::size_t(t * y_stride + r)]) - expected[i]) <= kRelative * magnitude[i] + 1e-30);
+          REQUIRE(std::fabs(double(y[std::size_t(t * y_stride + r)]) - expected[i]) <= allowed[i]);
         }
         for (std::int64_t r = d.rows; r < y_stride; ++r) REQUIRE(y[std::size_t(t * y_stride + r)] == 0.0f);
       }
@@ -262,15 +282,17 @@ TEST_CASE("multi_delta_matmul applies each segment's expert and skips empty segm
   const std::vector<std::int64_t> starts = {0, 3, 3, 4, 8, 8};
   const std::int64_t tokens = 8;
   const std::vector<float> x = random_values(std::size_t(tokens * cols), 36);
-  std::vector<double> expected(std::size_t(tokens * rows)), magnitude(expected.size());
+  std::vector<double> expected(std::size_t(tokens * rows)), bound(expected.size()), digit_bound(expected.size());
   for (std::size_t e = 0; e < experts.size(); ++e) {
     const std::int64_t n = starts[e + 1] - starts[e];
     if (n == 0) continue;
     std::vector<float> segment(x.begin() + starts[e] * cols, x.begin() + starts[e + 1] * cols);
-    std::vector<double> y, m;
-    dense_reference(experts[e], segment, n, y, m);
+    std::vector<double> y, b, db;
+    dense_reference(experts[e], segment, n, y, b, &db);
+    if (experts[e].bits == 3) db = b;  // the VNNI path runs 3-bit deltas on the float kernel
     std::copy(y.begin(), y.end(), expected.begin() + starts[e] * rows);
-    std::copy(m.begin(), m.end(), magnitude.begin() + starts[e] * rows);
+    std::copy(b.begin(), b.end(), bound.begin() + starts[e] * rows);
+    std::copy(db.begin(), db.end(), digit_bound.begin() + starts[e] * rows);
   }
   std::vector<CompressedDelta> views;
   for (const TestDelta& d : experts) views.push_back(d.view());
@@ -284,7 +306,8 @@ TEST_CASE("multi_delta_matmul applies each segment's expert and skips empty segm
       options.num_threads = threads;
       options.row_tile = 8;
       multi_delta_matmul(views, xv, starts.data(), y.data(), rows, options);
-      for (std::size_t i = 0; i < y.size(); ++i) REQUIRE(std::fabs(double(y[i]) - expected[i]) <= kRelative * magnitude[i] + 1e-30);
+      const std::vector<double>& allowed = path == CpuPath::Avx512Vnni ? digit_bound : bound;
+      for (std::size_t i = 0; i < y.size(); ++i) REQUIRE(std::fabs(double(y[i]) - expected[i]) <= allowed[i]);
     }
   }
   // A batch whose every segment is empty leaves y alone.

@@ -220,12 +220,15 @@ struct PreparedTokens {
   std::vector<float> group_sums;  // [tokens, groups] X_g
   std::vector<float> salient_x;   // [tokens, k] x[t, salient_idx]
   std::vector<float> permuted;    // [full_blocks, tokens, codes-per-unit, lanes], scaled by x_factor
+  std::vector<std::int8_t> digits;     // VNNI path: [full_blocks, tokens, 2, 8 / bits, 64] (delta_gemm_vnni.hpp)
+  std::vector<float> digit_scales;     // VNNI path: [full_blocks, tokens] value of the lo digit's unit
   std::vector<std::int32_t> first_group;  // [full_blocks] group of lane 0
   std::vector<std::int32_t> lane_group;   // [full_blocks, lanes] group of each lane minus first_group
 };
 
+// `permute` false leaves `permuted` empty (the VNNI path reads digits instead).
 inline void prepare_tokens(const CompressedDelta& delta, const TensorView& x, std::int64_t token_begin,
-                           std::int64_t token_end, int lanes, PreparedTokens& out) {
+                           std::int64_t token_end, int lanes, PreparedTokens& out, bool permute = true) {
   const std::int64_t tokens = token_end - token_begin, cols = delta.cols, groups = delta.groups();
   out.tokens = tokens;
   out.cols = cols;
@@ -267,7 +270,7 @@ inline void prepare_tokens(const CompressedDelta& delta, const TensorView& x, st
   }
 
   const std::int64_t blocks = out.full_blocks;
-  out.permuted.resize(std::size_t(tokens * blocks * out.block_cols));
+  out.permuted.resize(permute ? std::size_t(tokens * blocks * out.block_cols) : 0);
   std::vector<float> factor(static_cast<std::size_t>(codes));
   MESWITCH_DISPATCH_BITS(delta.bits, BITS, {
     for (int p = 0; p < codes; ++p) factor[std::size_t(p)] = Unit<BITS>::x_factor(p);
@@ -275,7 +278,7 @@ inline void prepare_tokens(const CompressedDelta& delta, const TensorView& x, st
   // Block-major, then token: the slice a token block reads for one block is
   // contiguous. (Token-major rows would put the tokens' slices a multiple of 4 KiB
   // apart, into the same L1 sets, and evict each other.)
-  for (std::int64_t b = 0; b < blocks; ++b)
+  for (std::int64_t b = 0; b < (permute ? blocks : 0); ++b)
     for (std::int64_t t = 0; t < tokens; ++t) {
       const float* row = out.x.data() + t * cols + b * out.block_cols;
       float* destination = out.permuted.data() + (b * tokens + t) * out.block_cols;
@@ -317,11 +320,11 @@ struct TileScratch {
   float* row_totals(std::int64_t i) { return totals.data() + i * kMaxTokenBlock * kMaxLanes; }
 };
 
-// Blocks per column chunk: enough that a token block's slice of the permuted x
-// (tokens x chunk columns x 4 bytes) stays within half of a 32 KiB L1, so it is read
-// from L1 for every row of the tile instead of streaming from L2 once per row.
-inline std::int64_t chunk_blocks(std::int64_t tokens, std::int64_t block_cols) {
-  return std::max<std::int64_t>(1, 16384 / (tokens * block_cols * 4));
+// Blocks per column chunk: few enough that a token block's slice of the prepared x
+// (tokens x blocks x bytes per block and token) stays within half of a 32 KiB L1, so
+// it is read from L1 for every row of the tile instead of streaming from L2 once per row.
+inline std::int64_t chunk_blocks(std::int64_t tokens, std::int64_t x_bytes_per_block) {
+  return std::max<std::int64_t>(1, 16384 / (tokens * x_bytes_per_block));
 }
 
 // Columns past the last whole block, scalar: sum_c s_g * code_c * x_c.
@@ -337,6 +340,7 @@ inline float tail_dot(const CompressedDelta& delta, const std::uint32_t* row, co
 }  // namespace meswitch::cpu
 
 #include "meswitch/cpu/delta_gemm_x86.hpp"
+#include "meswitch/cpu/delta_gemm_vnni.hpp"
 
 namespace meswitch::cpu {
 namespace detail {
@@ -380,8 +384,13 @@ inline void run_segments(const CompressedDelta* experts, std::size_t count, cons
     if (y_row_stride < delta.rows)
       throw Error("y row stride " + std::to_string(y_row_stride) + " is smaller than the delta's " +
                   std::to_string(delta.rows) + " output rows");
-    if (path != CpuPath::Reference)
-      prepare_tokens(delta, x, segment_starts[e], segment_starts[e + 1], path == CpuPath::Avx512 ? 16 : 8, prepared[e]);
+    if (path == CpuPath::Avx512Vnni && delta.bits != 3) {
+#if MESWITCH_X86_KERNELS
+      prepare_tokens(delta, x, segment_starts[e], segment_starts[e + 1], 16, prepared[e], false);
+      quantize_digits(delta.bits, prepared[e]);
+#endif
+    } else if (path != CpuPath::Reference)
+      prepare_tokens(delta, x, segment_starts[e], segment_starts[e + 1], path == CpuPath::Avx2 ? 8 : 16, prepared[e]);
     else
       for (std::int64_t j = 0; j < delta.k; ++j)
         if (delta.salient_idx[j] < 0 || delta.salient_idx[j] >= delta.cols)
@@ -404,6 +413,16 @@ inline void run_segments(const CompressedDelta* experts, std::size_t count, cons
     float* y_segment = y + begin * y_row_stride;
     switch (path) {
 #if MESWITCH_X86_KERNELS
+      case CpuPath::Avx512Vnni:
+        if (delta.bits != 3) {
+          MESWITCH_DISPATCH_BITS(delta.bits, BITS, {
+            if constexpr (BITS != 3)
+              avx512_rows<BITS, true>(delta, prepared[item.expert], item.row_begin, item.row_end, y_segment,
+                                      y_row_stride, scratch[std::size_t(worker)]);
+          });
+          break;
+        }
+        [[fallthrough]];  // 3-bit codes straddle bytes: the float AVX-512 kernel
       case CpuPath::Avx512:
         MESWITCH_DISPATCH_BITS(delta.bits, BITS, {
           avx512_rows<BITS>(delta, prepared[item.expert], item.row_begin, item.row_end, y_segment, y_row_stride,

@@ -152,7 +152,14 @@ MESWITCH_TARGET_AVX512 void avx512_chunk(const CompressedDelta& delta, const Pre
   }
 }
 
-template <int Bits>
+template <int Bits, int TB>
+MESWITCH_TARGET_AVX512_VNNI void vnni_chunk(const CompressedDelta& delta, const PreparedTokens& prep, std::int64_t row_begin, std::int64_t row_end,
+                std::int64_t t0, std::int64_t block_begin, std::int64_t block_end, TileScratch& scratch);
+
+// One row tile: row constants, then per token block the column chunks (float FMA
+// kernel, or with Vnni the integer kernel of delta_gemm_vnni.hpp), then per row and
+// token the lane sums, the scalar tail, the zero points and the salient channels.
+template <int Bits, bool Vnni = false>
 MESWITCH_TARGET_AVX512 void avx512_rows(const CompressedDelta& delta, const PreparedTokens& prep, std::int64_t row_begin,
                                         std::int64_t row_end, float* y, std::int64_t y_row_stride, TileScratch& scratch) {
   constexpr std::int64_t kTokenBlock = 8;
@@ -172,9 +179,22 @@ MESWITCH_TARGET_AVX512 void avx512_rows(const CompressedDelta& delta, const Prep
   const std::int64_t blocks = prep.full_blocks, tail_begin = blocks * prep.block_cols;
   for (std::int64_t t0 = 0; t0 < prep.tokens; t0 += kTokenBlock) {
     const std::int64_t n = std::min(kTokenBlock, prep.tokens - t0);
-    const std::int64_t step = chunk_blocks(n, prep.block_cols);
+    const std::int64_t step = chunk_blocks(n, Vnni ? 2 * (8 / Bits) * 64 : prep.block_cols * 4);
     for (std::int64_t b0 = 0; b0 < blocks; b0 += step) {
       const std::int64_t b1 = std::min(blocks, b0 + step);
+      if constexpr (Vnni) {
+        switch (n) {
+          case 1: vnni_chunk<Bits, 1>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
+          case 2: vnni_chunk<Bits, 2>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
+          case 3: vnni_chunk<Bits, 3>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
+          case 4: vnni_chunk<Bits, 4>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
+          case 5: vnni_chunk<Bits, 5>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
+          case 6: vnni_chunk<Bits, 6>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
+          case 7: vnni_chunk<Bits, 7>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
+          default: vnni_chunk<Bits, 8>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
+        }
+        continue;
+      }
       switch (n) {
         case 1: avx512_chunk<Bits, 1>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
         case 2: avx512_chunk<Bits, 2>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
@@ -344,7 +364,7 @@ MESWITCH_TARGET_AVX2 void avx2_rows(const CompressedDelta& delta, const Prepared
   const std::int64_t blocks = prep.full_blocks, tail_begin = blocks * prep.block_cols;
   for (std::int64_t t0 = 0; t0 < prep.tokens; t0 += kTokenBlock) {
     const std::int64_t n = std::min(kTokenBlock, prep.tokens - t0);
-    const std::int64_t step = chunk_blocks(n, prep.block_cols);
+    const std::int64_t step = chunk_blocks(n, prep.block_cols * 4);
     for (std::int64_t b0 = 0; b0 < blocks; b0 += step) {
       const std::int64_t b1 = std::min(blocks, b0 + step);
       switch (n) {

@@ -14,16 +14,23 @@
 #include "meswitch/error.hpp"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
 #define MESWITCH_X86_KERNELS 1
 #define MESWITCH_TARGET_AVX2 __attribute__((target("avx2,fma,f16c,bmi2")))
 #define MESWITCH_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi2")))
+#define MESWITCH_TARGET_AVX512_VNNI \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512vnni,avx2,fma,f16c,bmi2")))
 #else
 #define MESWITCH_X86_KERNELS 0
 #endif
 
 namespace meswitch::cpu {
 
-enum class CpuPath { Auto, Reference, Avx2, Avx512 };
+// Avx512Vnni multiplies 1/2/4-bit codes with x held as two int8 digits per value
+// (cpu/delta_gemm_vnni.hpp: within max|x| / 32512 of each 64-byte block); 3-bit
+// deltas on that path run the float AVX-512 kernel. The other paths are float32
+// throughout.
+enum class CpuPath { Auto, Reference, Avx2, Avx512, Avx512Vnni };
 
 inline const char* cpu_path_name(CpuPath path) {
   switch (path) {
@@ -31,6 +38,7 @@ inline const char* cpu_path_name(CpuPath path) {
     case CpuPath::Reference: return "reference";
     case CpuPath::Avx2: return "avx2";
     case CpuPath::Avx512: return "avx512";
+    case CpuPath::Avx512Vnni: return "avx512vnni";
   }
   return "?";
 }
@@ -40,8 +48,21 @@ inline CpuPath parse_cpu_path(const std::string& name) {
   if (name == "reference") return CpuPath::Reference;
   if (name == "avx2") return CpuPath::Avx2;
   if (name == "avx512") return CpuPath::Avx512;
-  throw Error("unknown CPU kernel path '" + name + "' (expected reference, avx2, avx512 or auto)");
+  if (name == "avx512vnni") return CpuPath::Avx512Vnni;
+  throw Error("unknown CPU kernel path '" + name + "' (expected reference, avx2, avx512, avx512vnni or auto)");
 }
+
+#if MESWITCH_X86_KERNELS
+// F16C straight from CPUID leaf 1 (clang 14's __builtin_cpu_supports does not know
+// "f16c"), asked once: CPUID traps to the hypervisor in a VM and costs microseconds.
+inline bool cpu_has_f16c() {
+  static const bool has = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & bit_F16C) != 0;
+  }();
+  return has;
+}
+#endif
 
 inline bool cpu_supports(CpuPath path) {
   switch (path) {
@@ -49,21 +70,24 @@ inline bool cpu_supports(CpuPath path) {
     case CpuPath::Reference: return true;
 #if MESWITCH_X86_KERNELS
     case CpuPath::Avx2:
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c() &&
              __builtin_cpu_supports("bmi2");
     case CpuPath::Avx512:
       return cpu_supports(CpuPath::Avx2) && __builtin_cpu_supports("avx512f") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512dq");
+    case CpuPath::Avx512Vnni: return cpu_supports(CpuPath::Avx512) && __builtin_cpu_supports("avx512vnni");
 #else
     case CpuPath::Avx2:
-    case CpuPath::Avx512: return false;
+    case CpuPath::Avx512:
+    case CpuPath::Avx512Vnni: return false;
 #endif
   }
   return false;
 }
 
 inline CpuPath best_cpu_path() {
+  if (cpu_supports(CpuPath::Avx512Vnni)) return CpuPath::Avx512Vnni;
   if (cpu_supports(CpuPath::Avx512)) return CpuPath::Avx512;
   if (cpu_supports(CpuPath::Avx2)) return CpuPath::Avx2;
   return CpuPath::Reference;

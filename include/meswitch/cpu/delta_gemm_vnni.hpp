@@ -1,0 +1,142 @@
+// AVX-512 VNNI path of cpu/delta_gemm.hpp: integer dot products straight from the
+// packed bytes, for 1-, 2- and 4-bit codes.
+//
+// Why. The float paths spend one FMA per 16 codes per token, plus the unpacking, so
+// a 2-bit delta is bound by vector throughput at about a fifth of what the memory
+// can deliver. `vpdpbusd` multiplies 64 unsigned bytes by 64 signed bytes and adds
+// each group of four into an int32 lane: 64 codes per instruction.
+//
+// Activations as two int8 digits. Per token and per block of 64 packed bytes
+// (block_cols columns), x is scaled by s = max|x| / 127 and split as
+//
+//     x / s = hi + lo / 128,   hi = round(x / s) in [-127, 127],  lo in [-64, 64]
+//
+// so every x is represented to within s / 256 = max|x| / 32512 of its block: finer
+// than a bf16 activation (2^-9 relative to each value) for all values above 1/64 of
+// the block maximum. Both digits go through the same code bytes, and
+// 128 * dot(codes, hi) + dot(codes, lo) is exact in int32 (at most 2e6 per lane per
+// block). The zero points use the exact float X_g (the group trick), the salient
+// channels and the scalar tail the exact float x; only the code dot products see the
+// digits. Non-finite x in a block makes that block's contribution NaN.
+//
+// Layout. Byte j of a 64-byte block holds the codes of columns
+// block_cols * b + (8 / Bits) * j + p for positions p = 0 .. 8/Bits - 1, code p at bits
+// [p * Bits, (p + 1) * Bits). Position p of all 64 bytes is one shift + AND; the
+// digits are stored per position in the same byte order ([block][token][digit]
+// [position][64]), so a lane's four bytes line up with the four x values they
+// multiply. Lane l (bytes 4l .. 4l+3) covers 32 / Bits consecutive columns: the same
+// lanes as the float paths, so the lane groups, scales and tails are shared.
+#pragma once
+
+#if MESWITCH_X86_KERNELS
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace meswitch::cpu::detail {
+
+constexpr int kVnniDigitShift = 7;  // lo digit weight 1/128
+constexpr std::int64_t kPrefetchWords = 256;
+
+// Fills prep.digits and prep.digit_scales for the blocks in prep (see the layout above).
+// Vectorised by hand: this runs on every call, for every token.
+MESWITCH_TARGET_AVX512_VNNI inline void quantize_digits(int bits, PreparedTokens& prep) {
+  const int per_byte = 8 / bits;
+  const std::int64_t blocks = prep.full_blocks, tokens = prep.tokens, block_cols = prep.block_cols;
+  const std::int64_t block_bytes = 2 * block_cols;
+  prep.digits.resize(std::size_t(blocks * tokens * block_bytes));
+  prep.digit_scales.resize(std::size_t(blocks * tokens));
+  const __m512 magnitude_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  const __m512 lo_weight = _mm512_set1_ps(float(1 << kVnniDigitShift));
+  const __m512 top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f);
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  for (std::int64_t b = 0; b < blocks; ++b)
+    for (std::int64_t t = 0; t < tokens; ++t) {
+      const float* x = prep.x.data() + t * prep.cols + b * block_cols;
+      std::int8_t* digits = prep.digits.data() + (b * tokens + t) * block_bytes;
+      __m512 largest = _mm512_setzero_ps(), poison = _mm512_setzero_ps();  // x * 0 is NaN for NaN and Inf
+      for (std::int64_t c = 0; c < block_cols; c += 16) {
+        const __m512 value = _mm512_loadu_ps(x + c);
+        largest = _mm512_max_ps(largest, _mm512_and_ps(value, magnitude_mask));
+        poison = _mm512_add_ps(poison, _mm512_mul_ps(value, _mm512_setzero_ps()));
+      }
+      const float block_max = _mm512_reduce_max_ps(largest);
+      const bool finite = _mm512_reduce_add_ps(poison) == 0.0f;
+      float& scale = prep.digit_scales[std::size_t(b * tokens + t)];
+      if (!finite || block_max == 0) {  // digits 0; non-finite x poisons the block with NaN
+        std::fill(digits, digits + block_bytes, std::int8_t(0));
+        scale = finite ? 0.0f : std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
+      scale = block_max / 127.0f / float(1 << kVnniDigitShift);
+      const __m512 inverse = _mm512_set1_ps(127.0f / block_max);
+      // Byte j of position p holds column per_byte * j + p: gather 16 such columns at a time.
+      const __m512i stride = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                _mm512_set1_epi32(per_byte));
+      for (int p = 0; p < per_byte; ++p)
+        for (int j = 0; j < 64; j += 16) {
+          const __m512i columns = _mm512_add_epi32(stride, _mm512_set1_epi32(per_byte * j + p));
+          const __m512 value =
+              _mm512_min_ps(top, _mm512_max_ps(bottom, _mm512_mul_ps(_mm512_i32gather_ps(columns, x, 4), inverse)));
+          const __m512 high = _mm512_roundscale_ps(value, kNearest);
+          const __m512 low = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(value, high), lo_weight), kNearest);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(digits + p * 64 + j), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(high)));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(digits + (per_byte + p) * 64 + j),
+                           _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(low)));
+        }
+    }
+}
+
+// Blocks [block_begin, block_end) of every row of the tile for tokens [t0, t0 + TB);
+// the per-lane float partial sums live in scratch between column chunks, exactly as
+// in avx512_chunk.
+template <int Bits, int TB>
+MESWITCH_TARGET_AVX512_VNNI void vnni_chunk(const CompressedDelta& delta, const PreparedTokens& prep,
+                                            std::int64_t row_begin, std::int64_t row_end, std::int64_t t0,
+                                            std::int64_t block_begin, std::int64_t block_end, TileScratch& scratch) {
+  constexpr int kPerByte = 8 / Bits;
+  constexpr std::int64_t kBlockBytes = 2 * kPerByte * 64;
+  const std::int64_t words = delta.words_per_row(), tokens = prep.tokens;
+  const __m512i mask = _mm512_set1_epi8(char((1 << Bits) - 1));
+  for (std::int64_t r = row_begin; r < row_end; ++r) {
+    const std::uint32_t* row = delta.qweight + r * words;
+    const float* scales = scratch.row_scales(r - row_begin);
+    float* totals = scratch.row_totals(r - row_begin);
+    __m512 total[TB];
+    for (int t = 0; t < TB; ++t) total[t] = block_begin == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(totals + t * 16);
+    for (std::int64_t b = block_begin; b < block_end; ++b) {
+      // 1 KiB ahead, past the row's end into the next row of the tile: at one token the
+      // loop is short enough that the hardware prefetcher alone leaves DRAM idle.
+      _mm_prefetch(reinterpret_cast<const char*>(row + b * 16 + kPrefetchWords), _MM_HINT_T0);
+      const __m512i packed = _mm512_loadu_si512(row + b * 16);
+      const std::int8_t* x = prep.digits.data() + (b * tokens + t0) * kBlockBytes;
+      __m512i hi[TB], lo[TB];
+      for (int t = 0; t < TB; ++t) hi[t] = lo[t] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+      for (int p = 0; p < kPerByte; ++p) {
+        // A 16-bit shift pulls the neighbour byte's low bits into the top; the AND drops them.
+        const __m512i codes = _mm512_and_si512(p == 0 ? packed : _mm512_srli_epi16(packed, p * Bits), mask);
+#pragma GCC unroll 8
+        for (int t = 0; t < TB; ++t) {
+          hi[t] = _mm512_dpbusd_epi32(hi[t], codes, _mm512_loadu_si512(x + t * kBlockBytes + p * 64));
+          lo[t] = _mm512_dpbusd_epi32(lo[t], codes, _mm512_loadu_si512(x + t * kBlockBytes + (kPerByte + p) * 64));
+        }
+      }
+      const __m512i lane_group = _mm512_loadu_si512(prep.lane_group.data() + b * 16);
+      const __m512 lane_scale =
+          _mm512_permutexvar_ps(lane_group, _mm512_loadu_ps(scales + prep.first_group[std::size_t(b)]));
+      const float* digit_scale = prep.digit_scales.data() + b * tokens + t0;
+      for (int t = 0; t < TB; ++t) {
+        const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(hi[t], kVnniDigitShift), lo[t]);
+        const __m512 scale = _mm512_mul_ps(lane_scale, _mm512_set1_ps(digit_scale[t]));
+        total[t] = _mm512_fmadd_ps(avx512_to_float(sum), scale, total[t]);
+      }
+    }
+    for (int t = 0; t < TB; ++t) _mm512_storeu_ps(totals + t * 16, total[t]);
+  }
+}
+
+}  // namespace meswitch::cpu::detail
+
+#endif  // MESWITCH_X86_KERNELS
