@@ -21,6 +21,11 @@
 
 #include "meswitch/cpu/delta_gemm.hpp"
 
+// GCC 12's false -Wmaybe-uninitialized inside AVX-512 intrinsics (see delta_gemm_x86.hpp).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 using namespace meswitch;
 using namespace meswitch::cpu;
 

@@ -297,22 +297,27 @@ inline void prepare_tokens(const CompressedDelta& delta, const TensorView& x, st
   }
 }
 
-// Per-worker buffers for one row tile: each row's scales, scale*zero and salient
-// values as float (converted once per row, reused by every token), and the per-lane
-// partial sums of up to kMaxTokenBlock tokens while the columns are walked in chunks.
+// Per-worker buffers for one row tile: the tile's scales, scale*zero and salient values
+// as float (converted once per tile in one pass, since the tile's rows are contiguous
+// in every piece, and reused by every token), and the per-lane partial sums of up to
+// kMaxTokenBlock tokens while the columns are walked in chunks.
 struct TileScratch {
   static constexpr std::int64_t kMaxTokenBlock = 8, kMaxLanes = 16;
   std::int64_t group_stride = 0, salient_stride = 0;
   std::vector<float> scales, scaled_zeros, salient, totals;
 
+  // Room for tiles of up to tile_rows rows, groups groups and k salient channels.
   void reserve(std::int64_t tile_rows, std::int64_t groups, std::int64_t k) {
     // +16: the SIMD paths read a whole vector of scales from the last block's first group.
-    group_stride = groups + 16;
-    salient_stride = k + 16;
-    scales.assign(std::size_t(tile_rows * group_stride), 0.0f);
+    scales.assign(std::size_t(tile_rows * groups + 16), 0.0f);
     scaled_zeros.assign(scales.size(), 0.0f);
-    salient.assign(std::size_t(tile_rows * salient_stride), 0.0f);
+    salient.assign(std::size_t(tile_rows * k + 16), 0.0f);
     totals.assign(std::size_t(tile_rows * kMaxTokenBlock * kMaxLanes), 0.0f);
+  }
+  // Rows packed back to back for the delta at hand (experts of one call may differ).
+  void layout(std::int64_t groups, std::int64_t k) {
+    group_stride = groups;
+    salient_stride = k;
   }
   float* row_scales(std::int64_t i) { return scales.data() + i * group_stride; }
   float* row_scaled_zeros(std::int64_t i) { return scaled_zeros.data() + i * group_stride; }

@@ -34,10 +34,18 @@
 #include <cstdint>
 #include <limits>
 
+// GCC 12's false -Wmaybe-uninitialized inside AVX-512 intrinsics, as in delta_gemm_x86.hpp.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+#define MESWITCH_INLINE inline __attribute__((always_inline))
+
 namespace meswitch::cpu::detail {
 
 constexpr int kVnniDigitShift = 7;  // lo digit weight 1/128
-constexpr std::int64_t kPrefetchWords = 256;
 
 // Fills prep.digits and prep.digit_scales for the blocks in prep (see the layout above).
 // Vectorised by hand: this runs on every call, for every token.
@@ -88,55 +96,101 @@ MESWITCH_TARGET_AVX512_VNNI inline void quantize_digits(int bits, PreparedTokens
     }
 }
 
-// Blocks [block_begin, block_end) of every row of the tile for tokens [t0, t0 + TB);
-// the per-lane float partial sums live in scratch between column chunks, exactly as
-// in avx512_chunk.
-template <int Bits, int TB>
-MESWITCH_TARGET_AVX512_VNNI void vnni_chunk(const CompressedDelta& delta, const PreparedTokens& prep,
-                                            std::int64_t row_begin, std::int64_t row_end, std::int64_t t0,
-                                            std::int64_t block_begin, std::int64_t block_end, TileScratch& scratch) {
+// Rows [r0, r0 + R) of the tile for tokens [t0, t0 + TB) over blocks [block_begin,
+// block_end). The R rows share every load of x: at one token the x digits (8 bytes per
+// code byte for 2 bits) outweigh the codes, and loads rather than arithmetic would bound
+// the loop. The per-lane float partial sums live in scratch between column chunks,
+// exactly as in avx512_chunk.
+template <int Bits, int TB, int R>
+MESWITCH_TARGET_AVX512_VNNI MESWITCH_INLINE void vnni_row_group(const CompressedDelta& delta, const PreparedTokens& prep,
+                                                                std::int64_t row_begin, std::int64_t r0, std::int64_t t0,
+                                                                std::int64_t block_begin, std::int64_t block_end,
+                                                                TileScratch& scratch) {
   constexpr int kPerByte = 8 / Bits;
   constexpr std::int64_t kBlockBytes = 2 * kPerByte * 64;
   const std::int64_t words = delta.words_per_row(), tokens = prep.tokens;
   const __m512i mask = _mm512_set1_epi8(char((1 << Bits) - 1));
-  for (std::int64_t r = row_begin; r < row_end; ++r) {
-    const std::uint32_t* row = delta.qweight + r * words;
-    const float* scales = scratch.row_scales(r - row_begin);
-    float* totals = scratch.row_totals(r - row_begin);
-    __m512 total[TB];
-    for (int t = 0; t < TB; ++t) total[t] = block_begin == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(totals + t * 16);
-    for (std::int64_t b = block_begin; b < block_end; ++b) {
-      // 1 KiB ahead, past the row's end into the next row of the tile: at one token the
-      // loop is short enough that the hardware prefetcher alone leaves DRAM idle.
-      _mm_prefetch(reinterpret_cast<const char*>(row + b * 16 + kPrefetchWords), _MM_HINT_T0);
-      const __m512i packed = _mm512_loadu_si512(row + b * 16);
-      const std::int8_t* x = prep.digits.data() + (b * tokens + t0) * kBlockBytes;
-      __m512i hi[TB], lo[TB];
-      for (int t = 0; t < TB; ++t) hi[t] = lo[t] = _mm512_setzero_si512();
+  const std::uint32_t* row[R];
+  const float* scales[R];
+  __m512 total[R][TB];
+  #pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+    row[i] = delta.qweight + (r0 + i) * words;
+    scales[i] = scratch.row_scales(r0 + i - row_begin);
+    #pragma GCC unroll 8
+    for (int t = 0; t < TB; ++t)
+      total[i][t] = block_begin == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(scratch.row_totals(r0 + i - row_begin) + t * 16);
+  }
+  for (std::int64_t b = block_begin; b < block_end; ++b) {
+    __m512i packed[R];
+    #pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      // The same block of the next row group: the hardware prefetcher alone leaves DRAM
+      // idle between the short rows of a one-token call.
+      _mm_prefetch(reinterpret_cast<const char*>(row[i] + R * words + b * 16), _MM_HINT_T0);
+      packed[i] = _mm512_loadu_si512(row[i] + b * 16);
+    }
+    const std::int8_t* x = prep.digits.data() + (b * tokens + t0) * kBlockBytes;
+    __m512i hi[R][TB], lo[R][TB];
+    #pragma GCC unroll 8
+    for (int i = 0; i < R; ++i)
+      #pragma GCC unroll 8
+      for (int t = 0; t < TB; ++t) hi[i][t] = lo[i][t] = _mm512_setzero_si512();
 #pragma GCC unroll 8
-      for (int p = 0; p < kPerByte; ++p) {
-        // A 16-bit shift pulls the neighbour byte's low bits into the top; the AND drops them.
-        const __m512i codes = _mm512_and_si512(p == 0 ? packed : _mm512_srli_epi16(packed, p * Bits), mask);
+    for (int p = 0; p < kPerByte; ++p) {
+      __m512i codes[R];
+      // A 16-bit shift pulls the neighbour byte's low bits into the top; the AND drops them.
+      #pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) codes[i] = _mm512_and_si512(p == 0 ? packed[i] : _mm512_srli_epi16(packed[i], p * Bits), mask);
 #pragma GCC unroll 8
-        for (int t = 0; t < TB; ++t) {
-          hi[t] = _mm512_dpbusd_epi32(hi[t], codes, _mm512_loadu_si512(x + t * kBlockBytes + p * 64));
-          lo[t] = _mm512_dpbusd_epi32(lo[t], codes, _mm512_loadu_si512(x + t * kBlockBytes + (kPerByte + p) * 64));
+      for (int t = 0; t < TB; ++t) {
+        const __m512i x_hi = _mm512_loadu_si512(x + t * kBlockBytes + p * 64);
+        const __m512i x_lo = _mm512_loadu_si512(x + t * kBlockBytes + (kPerByte + p) * 64);
+        #pragma GCC unroll 8
+        for (int i = 0; i < R; ++i) {
+          hi[i][t] = _mm512_dpbusd_epi32(hi[i][t], codes[i], x_hi);
+          lo[i][t] = _mm512_dpbusd_epi32(lo[i][t], codes[i], x_lo);
         }
       }
-      const __m512i lane_group = _mm512_loadu_si512(prep.lane_group.data() + b * 16);
-      const __m512 lane_scale =
-          _mm512_permutexvar_ps(lane_group, _mm512_loadu_ps(scales + prep.first_group[std::size_t(b)]));
-      const float* digit_scale = prep.digit_scales.data() + b * tokens + t0;
+    }
+    const __m512i lane_group = _mm512_loadu_si512(prep.lane_group.data() + b * 16);
+    const float* digit_scale = prep.digit_scales.data() + b * tokens + t0;
+    #pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const __m512 lane_scale = _mm512_permutexvar_ps(lane_group, _mm512_loadu_ps(scales[i] + prep.first_group[std::size_t(b)]));
+      #pragma GCC unroll 8
       for (int t = 0; t < TB; ++t) {
-        const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(hi[t], kVnniDigitShift), lo[t]);
-        const __m512 scale = _mm512_mul_ps(lane_scale, _mm512_set1_ps(digit_scale[t]));
-        total[t] = _mm512_fmadd_ps(avx512_to_float(sum), scale, total[t]);
+        const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(hi[i][t], kVnniDigitShift), lo[i][t]);
+        total[i][t] = _mm512_fmadd_ps(avx512_to_float(sum), _mm512_mul_ps(lane_scale, _mm512_set1_ps(digit_scale[t])), total[i][t]);
       }
     }
-    for (int t = 0; t < TB; ++t) _mm512_storeu_ps(totals + t * 16, total[t]);
   }
+  #pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+    #pragma GCC unroll 8
+    for (int t = 0; t < TB; ++t) _mm512_storeu_ps(scratch.row_totals(r0 + i - row_begin) + t * 16, total[i][t]);
+}
+
+// Blocks [block_begin, block_end) of every row of the tile for tokens [t0, t0 + TB):
+// rows in groups of 4 at one token, 2 at two (the accumulators of R rows x TB tokens x
+// 2 digits must stay in the 32 vector registers), one at a time otherwise.
+template <int Bits, int TB>
+MESWITCH_TARGET_AVX512_VNNI void vnni_chunk(const CompressedDelta& delta, const PreparedTokens& prep,
+                                            std::int64_t row_begin, std::int64_t row_end, std::int64_t t0,
+                                            std::int64_t block_begin, std::int64_t block_end, TileScratch& scratch) {
+  constexpr int R = TB == 1 ? 4 : (TB == 2 ? 2 : 1);
+  std::int64_t r = row_begin;
+  for (; r + R <= row_end; r += R)
+    vnni_row_group<Bits, TB, R>(delta, prep, row_begin, r, t0, block_begin, block_end, scratch);
+  for (; r < row_end; ++r) vnni_row_group<Bits, TB, 1>(delta, prep, row_begin, r, t0, block_begin, block_end, scratch);
 }
 
 }  // namespace meswitch::cpu::detail
+
+#undef MESWITCH_INLINE
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 #endif  // MESWITCH_X86_KERNELS

@@ -91,15 +91,15 @@ MESWITCH_TARGET_AVX512 MESWITCH_INLINE void avx512_block(const __m512i* words, c
   (avx512_position<Bits, TB, C, Ps>(words, x, acc), ...);
 }
 
-MESWITCH_TARGET_AVX512 inline float avx512_dot(const float* a, const float* b, std::int64_t n) {
-  __m512 sum = _mm512_setzero_ps();
-  std::int64_t i = 0;
-  for (; i + 16 <= n; i += 16) sum = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), sum);
-  if (i < n) {
-    const __mmask16 mask = __mmask16((1u << (n - i)) - 1u);
-    sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a + i), _mm512_maskz_loadu_ps(mask, b + i), sum);
+// sum +/- a[0:n] * b[0:n] lane-wise, unreduced, so a row's terms share one reduction.
+template <bool Subtract = false>
+MESWITCH_TARGET_AVX512 MESWITCH_INLINE __m512 avx512_fma_span(const float* a, const float* b, std::int64_t n, __m512 sum) {
+  for (std::int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1u);
+    const __m512 x = _mm512_maskz_loadu_ps(mask, a + i), y = _mm512_maskz_loadu_ps(mask, b + i);
+    sum = Subtract ? _mm512_fnmadd_ps(x, y, sum) : _mm512_fmadd_ps(x, y, sum);
   }
-  return _mm512_reduce_add_ps(sum);
+  return sum;
 }
 
 // f16 -> float for n values, 16 at a time (vcvtph2ps).
@@ -164,18 +164,16 @@ MESWITCH_TARGET_AVX512 void avx512_rows(const CompressedDelta& delta, const Prep
                                         std::int64_t row_end, float* y, std::int64_t y_row_stride, TileScratch& scratch) {
   constexpr std::int64_t kTokenBlock = 8;
   const std::int64_t groups = prep.groups, words = delta.words_per_row();
-  // Row constants as float, once per row for all tokens.
-  for (std::int64_t r = row_begin; r < row_end; ++r) {
-    const std::int64_t i = r - row_begin;
-    float* scales = scratch.row_scales(i);
-    avx512_widen_f16(delta.scales + r * groups, groups, scales);
-    for (std::int64_t g = 0; g < groups; g += 16) {
-      const __mmask16 mask = groups - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (groups - g)) - 1u);
-      const __m512 zero = avx512_to_float(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, delta.zeros + r * groups + g)));
-      _mm512_storeu_ps(scratch.row_scaled_zeros(i) + g, _mm512_mul_ps(zero, _mm512_loadu_ps(scales + g)));
-    }
-    if (delta.k > 0) avx512_widen_f16(delta.salient + r * delta.k, delta.k, scratch.row_salient(i));
+  // The tile's constants as float, in one pass over its contiguous rows, for all tokens.
+  scratch.layout(groups, delta.k);
+  const std::int64_t tile_groups = (row_end - row_begin) * groups;
+  avx512_widen_f16(delta.scales + row_begin * groups, tile_groups, scratch.scales.data());
+  for (std::int64_t g = 0; g < tile_groups; g += 16) {
+    const __mmask16 mask = tile_groups - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (tile_groups - g)) - 1u);
+    const __m512 zero = avx512_to_float(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, delta.zeros + row_begin * groups + g)));
+    _mm512_storeu_ps(scratch.scaled_zeros.data() + g, _mm512_mul_ps(zero, _mm512_loadu_ps(scratch.scales.data() + g)));
   }
+  if (delta.k > 0) avx512_widen_f16(delta.salient + row_begin * delta.k, (row_end - row_begin) * delta.k, scratch.salient.data());
   const std::int64_t blocks = prep.full_blocks, tail_begin = blocks * prep.block_cols;
   for (std::int64_t t0 = 0; t0 < prep.tokens; t0 += kTokenBlock) {
     const std::int64_t n = std::min(kTokenBlock, prep.tokens - t0);
@@ -206,17 +204,19 @@ MESWITCH_TARGET_AVX512 void avx512_rows(const CompressedDelta& delta, const Prep
         default: avx512_chunk<Bits, 8>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
       }
     }
-    // Per row and token: lane sums, scalar tail, minus sum_g s_g z_g X_g, plus salient.
+    // Per row and token: lane sums, minus sum_g s_g z_g X_g, plus salient, in one vector
+    // and one reduction; then the scalar tail.
     for (std::int64_t r = row_begin; r < row_end; ++r) {
       const std::int64_t i = r - row_begin;
       const std::uint32_t* row = delta.qweight + r * words;
       for (std::int64_t t = 0; t < n; ++t) {
         const std::int64_t token = t0 + t;
-        float value = blocks > 0 ? _mm512_reduce_add_ps(_mm512_loadu_ps(scratch.row_totals(i) + t * 16)) : 0.0f;
+        __m512 sum = blocks > 0 ? _mm512_loadu_ps(scratch.row_totals(i) + t * 16) : _mm512_setzero_ps();
+        sum = avx512_fma_span<true>(scratch.row_scaled_zeros(i), prep.group_sums.data() + token * groups, groups, sum);
+        sum = avx512_fma_span(scratch.row_salient(i), prep.salient_x.data() + token * prep.k, prep.k, sum);
+        float value = _mm512_reduce_add_ps(sum);
         if (tail_begin < delta.cols)
           value += tail_dot(delta, row, scratch.row_scales(i), prep.x.data() + token * prep.cols, tail_begin);
-        value -= avx512_dot(scratch.row_scaled_zeros(i), prep.group_sums.data() + token * groups, groups);
-        if (prep.k > 0) value += avx512_dot(scratch.row_salient(i), prep.salient_x.data() + token * prep.k, prep.k);
         y[token * y_row_stride + r] += value;
       }
     }
@@ -345,22 +345,21 @@ MESWITCH_TARGET_AVX2 void avx2_rows(const CompressedDelta& delta, const Prepared
                                         std::int64_t row_end, float* y, std::int64_t y_row_stride, TileScratch& scratch) {
   constexpr std::int64_t kTokenBlock = 4;
   const std::int64_t groups = prep.groups, words = delta.words_per_row();
-  // Row constants as float, once per row for all tokens.
-  for (std::int64_t r = row_begin; r < row_end; ++r) {
-    const std::int64_t i = r - row_begin;
-    float* scales = scratch.row_scales(i);
-    avx2_widen_f16(delta.scales + r * groups, groups, scales);
-    const std::uint8_t* zeros = delta.zeros + r * groups;
-    float* scaled_zeros = scratch.row_scaled_zeros(i);
-    std::int64_t g = 0;
-    for (; g + 8 <= groups; g += 8) {
-      const __m256 zero =
-          _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zeros + g))));
-      _mm256_storeu_ps(scaled_zeros + g, _mm256_mul_ps(zero, _mm256_loadu_ps(scales + g)));
-    }
-    for (; g < groups; ++g) scaled_zeros[g] = float(zeros[g]) * scales[g];
-    if (delta.k > 0) avx2_widen_f16(delta.salient + r * delta.k, delta.k, scratch.row_salient(i));
+  // The tile's constants as float, in one pass over its contiguous rows, for all tokens.
+  scratch.layout(groups, delta.k);
+  const std::int64_t tile_groups = (row_end - row_begin) * groups;
+  const float* scales = scratch.scales.data();
+  avx2_widen_f16(delta.scales + row_begin * groups, tile_groups, scratch.scales.data());
+  const std::uint8_t* zeros = delta.zeros + row_begin * groups;
+  float* scaled_zeros = scratch.scaled_zeros.data();
+  std::int64_t g = 0;
+  for (; g + 8 <= tile_groups; g += 8) {
+    const __m256 zero =
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zeros + g))));
+    _mm256_storeu_ps(scaled_zeros + g, _mm256_mul_ps(zero, _mm256_loadu_ps(scales + g)));
   }
+  for (; g < tile_groups; ++g) scaled_zeros[g] = float(zeros[g]) * scales[g];
+  if (delta.k > 0) avx2_widen_f16(delta.salient + row_begin * delta.k, (row_end - row_begin) * delta.k, scratch.salient.data());
   const std::int64_t blocks = prep.full_blocks, tail_begin = blocks * prep.block_cols;
   for (std::int64_t t0 = 0; t0 < prep.tokens; t0 += kTokenBlock) {
     const std::int64_t n = std::min(kTokenBlock, prep.tokens - t0);
