@@ -24,7 +24,8 @@
 // [p * Bits, (p + 1) * Bits). Position p of all 64 bytes is one shift + AND; the
 // digits are stored per position in the same byte order ([block][token][digit]
 // [position][64]), so a lane's four bytes line up with the four x values they
-// multiply. Lane l (bytes 4l .. 4l+3) covers 32 / Bits consecutive columns: the same
+// multiply. One GFNI affine transform (vgf2p8affineqb) extracts a position: the bits
+// moved to the bottom of each byte, the rest cleared (a shift + AND otherwise). Lane l (bytes 4l .. 4l+3) covers 32 / Bits consecutive columns: the same
 // lanes as the float paths, so the lane groups, scales and tails are shared.
 #pragma once
 
@@ -96,6 +97,16 @@ MESWITCH_TARGET_AVX512_VNNI inline void quantize_digits(int bits, PreparedTokens
     }
 }
 
+// The GF(2) affine matrix that moves bits [p * Bits, (p + 1) * Bits) of every byte to
+// bits [0, Bits) and clears the rest: output bit b of a byte is the parity of (matrix
+// byte 7 - b AND input byte), so matrix byte 7 - b holds the single input bit p * Bits + b.
+template <int Bits>
+constexpr long long extract_matrix(int p) {
+  std::uint64_t matrix = 0;
+  for (int b = 0; b < Bits; ++b) matrix |= (std::uint64_t(1) << (p * Bits + b)) << (8 * (7 - b));
+  return static_cast<long long>(matrix);
+}
+
 // Rows [r0, r0 + R) of the tile for tokens [t0, t0 + TB) over blocks [block_begin,
 // block_end). The R rows share every load of x: at one token the x digits (8 bytes per
 // code byte for 2 bits) outweigh the codes, and loads rather than arithmetic would bound
@@ -109,21 +120,20 @@ MESWITCH_TARGET_AVX512_VNNI MESWITCH_INLINE void vnni_row_group(const Compressed
   constexpr int kPerByte = 8 / Bits;
   constexpr std::int64_t kBlockBytes = 2 * kPerByte * 64;
   const std::int64_t words = delta.words_per_row(), tokens = prep.tokens;
-  const __m512i mask = _mm512_set1_epi8(char((1 << Bits) - 1));
   const std::uint32_t* row[R];
   const float* scales[R];
   __m512 total[R][TB];
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int i = 0; i < R; ++i) {
     row[i] = delta.qweight + (r0 + i) * words;
     scales[i] = scratch.row_scales(r0 + i - row_begin);
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int t = 0; t < TB; ++t)
       total[i][t] = block_begin == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(scratch.row_totals(r0 + i - row_begin) + t * 16);
   }
   for (std::int64_t b = block_begin; b < block_end; ++b) {
     __m512i packed[R];
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
       // The same block of the next row group: the hardware prefetcher alone leaves DRAM
       // idle between the short rows of a one-token call.
@@ -132,21 +142,21 @@ MESWITCH_TARGET_AVX512_VNNI MESWITCH_INLINE void vnni_row_group(const Compressed
     }
     const std::int8_t* x = prep.digits.data() + (b * tokens + t0) * kBlockBytes;
     __m512i hi[R][TB], lo[R][TB];
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int i = 0; i < R; ++i)
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int t = 0; t < TB; ++t) hi[i][t] = lo[i][t] = _mm512_setzero_si512();
 #pragma GCC unroll 8
     for (int p = 0; p < kPerByte; ++p) {
       __m512i codes[R];
-      // A 16-bit shift pulls the neighbour byte's low bits into the top; the AND drops them.
-      #pragma GCC unroll 8
-      for (int i = 0; i < R; ++i) codes[i] = _mm512_and_si512(p == 0 ? packed[i] : _mm512_srli_epi16(packed[i], p * Bits), mask);
+      const __m512i select = _mm512_set1_epi64(extract_matrix<Bits>(p));
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) codes[i] = _mm512_gf2p8affine_epi64_epi8(packed[i], select, 0);
 #pragma GCC unroll 8
       for (int t = 0; t < TB; ++t) {
         const __m512i x_hi = _mm512_loadu_si512(x + t * kBlockBytes + p * 64);
         const __m512i x_lo = _mm512_loadu_si512(x + t * kBlockBytes + (kPerByte + p) * 64);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int i = 0; i < R; ++i) {
           hi[i][t] = _mm512_dpbusd_epi32(hi[i][t], codes[i], x_hi);
           lo[i][t] = _mm512_dpbusd_epi32(lo[i][t], codes[i], x_lo);
@@ -155,19 +165,19 @@ MESWITCH_TARGET_AVX512_VNNI MESWITCH_INLINE void vnni_row_group(const Compressed
     }
     const __m512i lane_group = _mm512_loadu_si512(prep.lane_group.data() + b * 16);
     const float* digit_scale = prep.digit_scales.data() + b * tokens + t0;
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
       const __m512 lane_scale = _mm512_permutexvar_ps(lane_group, _mm512_loadu_ps(scales[i] + prep.first_group[std::size_t(b)]));
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int t = 0; t < TB; ++t) {
         const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(hi[i][t], kVnniDigitShift), lo[i][t]);
         total[i][t] = _mm512_fmadd_ps(avx512_to_float(sum), _mm512_mul_ps(lane_scale, _mm512_set1_ps(digit_scale[t])), total[i][t]);
       }
     }
   }
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int i = 0; i < R; ++i)
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int t = 0; t < TB; ++t) _mm512_storeu_ps(scratch.row_totals(r0 + i - row_begin) + t * 16, total[i][t]);
 }
 

@@ -156,6 +156,22 @@ template <int Bits, int TB>
 MESWITCH_TARGET_AVX512_VNNI void vnni_chunk(const CompressedDelta& delta, const PreparedTokens& prep, std::int64_t row_begin, std::int64_t row_end,
                 std::int64_t t0, std::int64_t block_begin, std::int64_t block_end, TileScratch& scratch);
 
+// The scales, zeros and salient values of the tile after [row_begin, row_end), into
+// cache while this one computes: short bursts from three arrays that the hardware
+// prefetcher does not see coming at the start of each tile.
+MESWITCH_TARGET_AVX2 inline void prefetch_next_tile_constants(const CompressedDelta& delta, std::int64_t row_begin,
+                                                             std::int64_t row_end) {
+  const std::int64_t next_end = std::min(delta.rows, 2 * row_end - row_begin), groups = delta.groups();
+  if (next_end <= row_end) return;
+  auto fetch = [](const void* begin, std::int64_t bytes) {
+    for (std::int64_t at = 0; at < bytes; at += 64)
+      _mm_prefetch(static_cast<const char*>(begin) + at, _MM_HINT_T0);
+  };
+  fetch(delta.scales + row_end * groups, (next_end - row_end) * groups * 2);
+  fetch(delta.zeros + row_end * groups, (next_end - row_end) * groups);
+  if (delta.k > 0) fetch(delta.salient + row_end * delta.k, (next_end - row_end) * delta.k * 2);
+}
+
 // One row tile: row constants, then per token block the column chunks (float FMA
 // kernel, or with Vnni the integer kernel of delta_gemm_vnni.hpp), then per row and
 // token the lane sums, the scalar tail, the zero points and the salient channels.
@@ -174,6 +190,7 @@ MESWITCH_TARGET_AVX512 void avx512_rows(const CompressedDelta& delta, const Prep
     _mm512_storeu_ps(scratch.scaled_zeros.data() + g, _mm512_mul_ps(zero, _mm512_loadu_ps(scratch.scales.data() + g)));
   }
   if (delta.k > 0) avx512_widen_f16(delta.salient + row_begin * delta.k, (row_end - row_begin) * delta.k, scratch.salient.data());
+  prefetch_next_tile_constants(delta, row_begin, row_end);
   const std::int64_t blocks = prep.full_blocks, tail_begin = blocks * prep.block_cols;
   for (std::int64_t t0 = 0; t0 < prep.tokens; t0 += kTokenBlock) {
     const std::int64_t n = std::min(kTokenBlock, prep.tokens - t0);

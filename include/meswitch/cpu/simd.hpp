@@ -19,17 +19,17 @@
 #define MESWITCH_TARGET_AVX2 __attribute__((target("avx2,fma,f16c,bmi2")))
 #define MESWITCH_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi2")))
 #define MESWITCH_TARGET_AVX512_VNNI \
-  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512vnni,avx2,fma,f16c,bmi2")))
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512vnni,gfni,avx2,fma,f16c,bmi2")))
 #else
 #define MESWITCH_X86_KERNELS 0
 #endif
 
 namespace meswitch::cpu {
 
-// Avx512Vnni multiplies 1/2/4-bit codes with x held as two int8 digits per value
-// (cpu/delta_gemm_vnni.hpp: within max|x| / 32512 of each 64-byte block); 3-bit
-// deltas on that path run the float AVX-512 kernel. The other paths are float32
-// throughout.
+// Avx512Vnni (AVX-512 VNNI + GFNI: Ice Lake, Zen 4 and later) multiplies 1/2/4-bit
+// codes with x held as two int8 digits per value (cpu/delta_gemm_vnni.hpp: within
+// max|x| / 32512 of each 64-byte block); 3-bit deltas on that path run the float
+// AVX-512 kernel. The other paths are float32 throughout.
 enum class CpuPath { Auto, Reference, Avx2, Avx512, Avx512Vnni };
 
 inline const char* cpu_path_name(CpuPath path) {
@@ -76,7 +76,8 @@ inline bool cpu_supports(CpuPath path) {
       return cpu_supports(CpuPath::Avx2) && __builtin_cpu_supports("avx512f") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512dq");
-    case CpuPath::Avx512Vnni: return cpu_supports(CpuPath::Avx512) && __builtin_cpu_supports("avx512vnni");
+    case CpuPath::Avx512Vnni:
+      return cpu_supports(CpuPath::Avx512) && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("gfni");
 #else
     case CpuPath::Avx2:
     case CpuPath::Avx512:
