@@ -76,6 +76,28 @@ MESWITCH_TARGET_AVX512 void dense_row_avx512(const std::uint16_t* w, const float
   for (int t = 0; t < TB; ++t) y[t * y_stride] += _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
 }
 
+// With AVX512-BF16: 32 bf16 products per instruction (vdpbf16ps) on x rounded to bf16,
+// what a bf16 GEMM library does on this CPU; twice the float FMA loop's work per
+// instruction, which matters once several tokens make the dense GEMM compute-bound.
+template <int TB>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void dense_row_avx512bf16(const std::uint16_t* w,
+                                                                                const std::uint16_t* x, std::int64_t cols,
+                                                                                float* y, std::int64_t y_stride) {
+  __m512 acc[TB][2];
+  for (int t = 0; t < TB; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  for (std::int64_t c = 0; c < cols; c += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + c + 512), _MM_HINT_T0);
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + c), w1 = (__m512bh)_mm512_loadu_si512(w + c + 32);
+    for (int t = 0; t < TB; ++t) {
+      acc[t][0] = _mm512_dpbf16_ps(acc[t][0], w0, (__m512bh)_mm512_loadu_si512(x + t * cols + c));
+      acc[t][1] = _mm512_dpbf16_ps(acc[t][1], w1, (__m512bh)_mm512_loadu_si512(x + t * cols + c + 32));
+    }
+  }
+  for (int t = 0; t < TB; ++t) y[t * y_stride] += _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+}
+
+bool has_avx512_bf16() { return __builtin_cpu_supports("avx512bf16") && cpu_supports(CpuPath::Avx512); }
+
 template <int TB>
 MESWITCH_TARGET_AVX2 void dense_row_avx2(const std::uint16_t* w, const float* x, std::int64_t cols, float* y,
                                          std::int64_t y_stride) {
@@ -95,10 +117,32 @@ MESWITCH_TARGET_AVX2 void dense_row_avx2(const std::uint16_t* w, const float* x,
   for (int t = 0; t < TB; ++t) y[t * y_stride] += detail::avx2_reduce_add(_mm256_add_ps(acc[t][0], acc[t][1]));
 }
 
-// y[T, rows] += x[T, cols] @ W^T, W bf16 [rows, cols], cols a multiple of 32.
-void dense_bf16_matmul(CpuPath path, int threads, const std::uint16_t* w, std::int64_t rows, std::int64_t cols,
+// Which dense loop the baseline runs: the fastest this CPU has.
+enum class DenseKernel { Avx2, Avx512, Avx512Bf16 };
+
+DenseKernel best_dense_kernel(CpuPath path) {
+  if (path == CpuPath::Avx2) return DenseKernel::Avx2;
+  return has_avx512_bf16() ? DenseKernel::Avx512Bf16 : DenseKernel::Avx512;
+}
+
+const char* dense_kernel_name(DenseKernel kernel) {
+  switch (kernel) {
+    case DenseKernel::Avx2: return "AVX2 FMA on bf16 widened to f32";
+    case DenseKernel::Avx512: return "AVX-512 FMA on bf16 widened to f32";
+    case DenseKernel::Avx512Bf16: return "AVX512-BF16 vdpbf16ps, x rounded to bf16";
+  }
+  return "?";
+}
+
+// y[T, rows] += x[T, cols] @ W^T, W bf16 [rows, cols], cols a multiple of 64.
+void dense_bf16_matmul(DenseKernel kernel, int threads, const std::uint16_t* w, std::int64_t rows, std::int64_t cols,
                        const float* x, std::int64_t tokens, float* y, std::int64_t y_stride) {
   const std::int64_t tile = 16;
+  std::vector<std::uint16_t> x_bf16;  // the bf16 loop multiplies bf16 activations, as a bf16 GEMM does
+  if (kernel == DenseKernel::Avx512Bf16) {
+    x_bf16.resize(std::size_t(tokens * cols));
+    for (std::size_t i = 0; i < x_bf16.size(); ++i) x_bf16[i] = float_to_bf16(x[i]);
+  }
   parallel_for((rows + tile - 1) / tile, threads, [&](int, std::int64_t item) {
     for (std::int64_t r = item * tile; r < std::min(rows, (item + 1) * tile); ++r) {
       for (std::int64_t t0 = 0; t0 < tokens; t0 += 4) {
@@ -106,7 +150,15 @@ void dense_bf16_matmul(CpuPath path, int threads, const std::uint16_t* w, std::i
         const std::uint16_t* row = w + r * cols;
         const float* xt = x + t0 * cols;
         float* yt = y + t0 * y_stride + r;
-        if (path == CpuPath::Avx512) {
+        if (kernel == DenseKernel::Avx512Bf16) {
+          const std::uint16_t* xb = x_bf16.data() + t0 * cols;
+          switch (n) {
+            case 1: dense_row_avx512bf16<1>(row, xb, cols, yt, y_stride); break;
+            case 2: dense_row_avx512bf16<2>(row, xb, cols, yt, y_stride); break;
+            case 3: dense_row_avx512bf16<3>(row, xb, cols, yt, y_stride); break;
+            default: dense_row_avx512bf16<4>(row, xb, cols, yt, y_stride); break;
+          }
+        } else if (kernel == DenseKernel::Avx512) {
           switch (n) {
             case 1: dense_row_avx512<1>(row, xt, cols, yt, y_stride); break;
             case 2: dense_row_avx512<2>(row, xt, cols, yt, y_stride); break;
@@ -235,8 +287,11 @@ int main(int argc, char** argv) {
     return 1;
   }
   const Bandwidth bandwidth = measure_bandwidth(threads);
-  std::printf("path %s, threads %d, read bandwidth %.1f GB/s, copy bandwidth %.1f GB/s\n\n", cpu_path_name(path), threads,
-              bandwidth.read_gbs, bandwidth.copy_gbs);
+  const int digits = resolve_activation_digits(0);
+  const DenseKernel dense_kernel = best_dense_kernel(path);
+  std::printf("delta: path %s (activation digits %d); dense baseline: %s; threads %d; read bandwidth %.1f GB/s, "
+              "copy bandwidth %.1f GB/s\n\n",
+              cpu_path_name(path), digits, dense_kernel_name(dense_kernel), threads, bandwidth.read_gbs, bandwidth.copy_gbs);
 
   struct Shape { std::int64_t rows, cols; };
   std::vector<Shape> shapes = {{4096, 4096}, {14336, 4096}, {4096, 14336}};
@@ -276,7 +331,7 @@ int main(int argc, char** argv) {
         row.tokens = tokens;
         row.delta_ms = 1e3 * time_calls(delta_copies, [&](int i) { delta_matmul(deltas[std::size_t(i)].view, xv, y.data(), shape.rows, options); });
         row.dense_ms = 1e3 * time_calls(dense_copies, [&](int i) {
-          dense_bf16_matmul(path, threads, dense[std::size_t(i)].data(), shape.rows, shape.cols, x.data(), tokens, y.data(), shape.rows);
+          dense_bf16_matmul(dense_kernel, threads, dense[std::size_t(i)].data(), shape.rows, shape.cols, x.data(), tokens, y.data(), shape.rows);
         });
         row.delta_gbs = double(probe.bytes) / (row.delta_ms * 1e-3) / 1e9;
         row.dense_gbs = double(dense_bytes) / (row.dense_ms * 1e-3) / 1e9;
@@ -305,7 +360,7 @@ int main(int argc, char** argv) {
         });
         row.dense_ms = 1e3 * time_calls(dense_copies, [&](int i) {
           for (int e = 0; e < 4; ++e)
-            dense_bf16_matmul(path, threads, dense[std::size_t((i + e) % dense_copies)].data(), shape.rows, shape.cols,
+            dense_bf16_matmul(dense_kernel, threads, dense[std::size_t((i + e) % dense_copies)].data(), shape.rows, shape.cols,
                               x.data() + 2 * e * shape.cols, 2, y.data() + 2 * e * shape.rows, shape.rows);
         });
         row.delta_gbs = 4.0 * double(probe.bytes) / (row.delta_ms * 1e-3) / 1e9;
@@ -331,8 +386,10 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "cannot write %s\n", json_path.c_str());
       return 1;
     }
-    std::fprintf(file, "{\"path\": \"%s\", \"threads\": %d, \"read_gbs\": %.3f, \"copy_gbs\": %.3f, \"rows\": [\n",
-                 cpu_path_name(path), threads, bandwidth.read_gbs, bandwidth.copy_gbs);
+    std::fprintf(file,
+                 "{\"path\": \"%s\", \"activation_digits\": %d, \"dense\": \"%s\", \"threads\": %d, \"read_gbs\": %.3f, "
+                 "\"copy_gbs\": %.3f, \"rows\": [\n",
+                 cpu_path_name(path), digits, dense_kernel_name(dense_kernel), threads, bandwidth.read_gbs, bandwidth.copy_gbs);
     for (std::size_t i = 0; i < rows.size(); ++i) {
       const Row& row = rows[i];
       std::fprintf(file,

@@ -7,14 +7,17 @@
 // reorder sums (per-lane partial sums, the group trick's s * (sum code x - z X_g)),
 // so each term's rounding is bounded by float epsilon times that magnitude, not by
 // the (possibly much smaller) result. The VNNI path also rounds each x of the code
-// dot products to within max|x| / 32512 of its 64-byte block (two int8 digits), so it
-// may be off by a further sum_c |s| * (code + z) * max_c |x_t| / 32512.
+// dot products to within max|x| / 32512 of its 64-byte block with two int8 digits
+// (max|x| / 254 with one), so it may be off by a further
+// sum_c |s| * (code + z) * max_c |x_t| / 32512 (or / 254).
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "meswitch/cpu/delta_gemm.hpp"
@@ -104,16 +107,15 @@ std::vector<float> random_values(std::size_t n, unsigned seed, float spread = 1.
 }
 
 constexpr double kRelative = 1e-5;
-constexpr double kDigitResolution = 1.0 / 32512;  // VNNI path: x within max|x| / (127 * 256) of its block
 
-// Dense dequantize-then-multiply: y[t, r] += x[t] . full_delta[r]; also the bound each
-// element is checked against on the float paths (`bound`) and on the VNNI path
-// (`digit_bound`), see the top of the file.
+// Dense dequantize-then-multiply: y[t, r] += x[t] . full_delta[r]; also the float
+// paths' bound and the code term sum_c |s| * (code + z) * max_c |x_t| that the VNNI
+// path's rounding of x scales (see the top of the file).
 void dense_reference(const TestDelta& d, const std::vector<float>& x, std::int64_t tokens, std::vector<double>& y,
-                     std::vector<double>& bound, std::vector<double>* digit_bound = nullptr) {
+                     std::vector<double>& bound, std::vector<double>& code_term) {
   y.assign(std::size_t(tokens * d.rows), 0.0);
   bound.assign(std::size_t(tokens * d.rows), 0.0);
-  if (digit_bound != nullptr) digit_bound->assign(std::size_t(tokens * d.rows), 0.0);
+  code_term.assign(std::size_t(tokens * d.rows), 0.0);
   std::vector<double> largest_x(std::size_t(tokens), 0.0);
   for (std::int64_t t = 0; t < tokens; ++t)
     for (std::int64_t c = 0; c < d.cols; ++c)
@@ -144,46 +146,68 @@ void dense_reference(const TestDelta& d, const std::vector<float>& x, std::int64
       }
       y[std::size_t(t * d.rows + r)] = sum;
       bound[std::size_t(t * d.rows + r)] = kRelative * mag + 1e-30;
-      if (digit_bound != nullptr)
-        (*digit_bound)[std::size_t(t * d.rows + r)] =
-            kRelative * mag + 1e-30 + code_magnitude * largest_x[std::size_t(t)] * kDigitResolution * (1 + 1e-3);
+      code_term[std::size_t(t * d.rows + r)] = code_magnitude * largest_x[std::size_t(t)];
     }
   }
 }
 
-std::vector<CpuPath> available_paths() {
-  std::vector<CpuPath> paths{CpuPath::Reference};
-  if (cpu_supports(CpuPath::Avx2)) paths.push_back(CpuPath::Avx2);
-  if (cpu_supports(CpuPath::Avx512)) paths.push_back(CpuPath::Avx512);
-  if (cpu_supports(CpuPath::Avx512Vnni)) paths.push_back(CpuPath::Avx512Vnni);
-  return paths;
+// A CPU path, and on the VNNI path the int8 digits per activation.
+struct Kernel {
+  CpuPath path;
+  int digits = 0;
+  KernelOptions options(int threads = 0) const {
+    KernelOptions o;
+    o.path = path;
+    o.activation_digits = digits;
+    o.num_threads = threads;
+    return o;
+  }
+  // Largest error of x in the code dot products, relative to max|x|: the VNNI path
+  // rounds x for 1, 2 and 4 bits (3-bit deltas run the float kernel there).
+  double resolution(int bits) const {
+    if (path != CpuPath::Avx512Vnni || bits == 3) return 0;
+    return (digits == 1 ? 1.0 / 254 : 1.0 / 32512) * (1 + 1e-3);
+  }
+  std::string name() const { return std::string(cpu_path_name(path)) + (digits ? " digits " + std::to_string(digits) : ""); }
+};
+
+std::vector<Kernel> available_kernels() {
+  std::vector<Kernel> kernels{{CpuPath::Reference}};
+  if (cpu_supports(CpuPath::Avx2)) kernels.push_back({CpuPath::Avx2});
+  if (cpu_supports(CpuPath::Avx512)) kernels.push_back({CpuPath::Avx512});
+  if (cpu_supports(CpuPath::Avx512Vnni)) {
+    kernels.push_back({CpuPath::Avx512Vnni, 2});
+    kernels.push_back({CpuPath::Avx512Vnni, 1});
+  }
+  return kernels;
 }
 
-// The VNNI path rounds x to digits for 1, 2 and 4 bits; 3-bit deltas run the float kernel.
-bool rounds_x(CpuPath path, int bits) { return path == CpuPath::Avx512Vnni && bits != 3; }
+std::vector<double> allowed_error(const Kernel& kernel, int bits, const std::vector<double>& bound,
+                                  const std::vector<double>& code_term) {
+  std::vector<double> allowed(bound.size());
+  for (std::size_t i = 0; i < bound.size(); ++i) allowed[i] = bound[i] + kernel.resolution(bits) * code_term[i];
+  return allowed;
+}
 
 // Runs one delta on every path and checks against the dense loop and the reference path.
 void check_all_paths(const TestDelta& d, std::int64_t tokens, unsigned seed) {
   const std::vector<float> x = random_values(std::size_t(tokens * d.cols), seed);
-  std::vector<double> expected, bound, digit_bound;
-  dense_reference(d, x, tokens, expected, bound, &digit_bound);
+  std::vector<double> expected, bound, code_term;
+  dense_reference(d, x, tokens, expected, bound, code_term);
   const std::vector<float> initial = random_values(std::size_t(tokens * d.rows), seed + 1);  // y is accumulated
   const TensorView xv(const_cast<float*>(x.data()), DType::F32, {tokens, d.cols});
   std::vector<float> reference_y;
-  for (CpuPath path : available_paths()) {
-    INFO("path " << cpu_path_name(path) << " bits " << d.bits << " rows " << d.rows << " cols " << d.cols << " group "
+  for (const Kernel& kernel : available_kernels()) {
+    INFO("kernel " << kernel.name() << " bits " << d.bits << " rows " << d.rows << " cols " << d.cols << " group "
                  << d.group << " k " << d.k << " tokens " << tokens);
     std::vector<float> y = initial;
-    KernelOptions options;
-    options.path = path;
-    options.num_threads = 2;
-    delta_matmul(d.view(), xv, y.data(), d.rows, options);
-    const std::vector<double>& allowed = rounds_x(path, d.bits) ? digit_bound : bound;
+    delta_matmul(d.view(), xv, y.data(), d.rows, kernel.options(2));
+    const std::vector<double> allowed = allowed_error(kernel, d.bits, bound, code_term);
     for (std::size_t i = 0; i < y.size(); ++i) {
       INFO("element " << i << " got " << y[i] - initial[i] << " expected " << expected[i]);
       REQUIRE(std::fabs(double(y[i]) - double(initial[i]) - expected[i]) <= allowed[i] + 1e-6 * std::fabs(initial[i]));
     }
-    if (path == CpuPath::Reference) {
+    if (kernel.path == CpuPath::Reference) {
       reference_y = y;
     } else {
       for (std::size_t i = 0; i < y.size(); ++i)
@@ -252,16 +276,14 @@ TEST_CASE("delta_matmul reads BF16 and F16 activations and strided rows", "[delt
       }
     void* data = dtype == DType::F32 ? static_cast<void*>(full.data()) : static_cast<void*>(half.data());
     const TensorView xv(data, dtype, {tokens, d.cols}, {stride, 1});
-    std::vector<double> expected, bound, digit_bound;
-    dense_reference(d, rounded, tokens, expected, bound, &digit_bound);
-    for (CpuPath path : available_paths()) {
-      INFO("path " << cpu_path_name(path) << " dtype " << dtype_name(dtype));
+    std::vector<double> expected, bound, code_term;
+    dense_reference(d, rounded, tokens, expected, bound, code_term);
+    for (const Kernel& kernel : available_kernels()) {
+      INFO("kernel " << kernel.name() << " dtype " << dtype_name(dtype));
       const std::int64_t y_stride = d.rows + 3;  // y rows wider than the delta: the pad stays untouched
       std::vector<float> y(std::size_t(tokens * y_stride), 0.0f);
-      KernelOptions options;
-      options.path = path;
-      delta_matmul(d.view(), xv, y.data(), y_stride, options);
-      const std::vector<double>& allowed = rounds_x(path, d.bits) ? digit_bound : bound;
+      delta_matmul(d.view(), xv, y.data(), y_stride, kernel.options());
+      const std::vector<double> allowed = allowed_error(kernel, d.bits, bound, code_term);
       for (std::int64_t t = 0; t < tokens; ++t) {
         for (std::int64_t r = 0; r < d.rows; ++r) {
           const std::size_t i = std::size_t(t * d.rows + r);
@@ -282,32 +304,32 @@ TEST_CASE("multi_delta_matmul applies each segment's expert and skips empty segm
   const std::vector<std::int64_t> starts = {0, 3, 3, 4, 8, 8};
   const std::int64_t tokens = 8;
   const std::vector<float> x = random_values(std::size_t(tokens * cols), 36);
-  std::vector<double> expected(std::size_t(tokens * rows)), bound(expected.size()), digit_bound(expected.size());
+  std::vector<double> expected(std::size_t(tokens * rows));
+  std::vector<std::vector<double>> bound(experts.size()), code_term(experts.size());  // per expert, its segment's
   for (std::size_t e = 0; e < experts.size(); ++e) {
     const std::int64_t n = starts[e + 1] - starts[e];
-    if (n == 0) continue;
     std::vector<float> segment(x.begin() + starts[e] * cols, x.begin() + starts[e + 1] * cols);
-    std::vector<double> y, b, db;
-    dense_reference(experts[e], segment, n, y, b, &db);
-    if (experts[e].bits == 3) db = b;  // the VNNI path runs 3-bit deltas on the float kernel
+    std::vector<double> y;
+    dense_reference(experts[e], segment, n, y, bound[e], code_term[e]);
     std::copy(y.begin(), y.end(), expected.begin() + starts[e] * rows);
-    std::copy(b.begin(), b.end(), bound.begin() + starts[e] * rows);
-    std::copy(db.begin(), db.end(), digit_bound.begin() + starts[e] * rows);
   }
   std::vector<CompressedDelta> views;
   for (const TestDelta& d : experts) views.push_back(d.view());
   const TensorView xv(const_cast<float*>(x.data()), DType::F32, {tokens, cols});
-  for (CpuPath path : available_paths()) {
+  for (const Kernel& kernel : available_kernels()) {
     for (int threads : {1, 2, 3}) {
-      INFO("path " << cpu_path_name(path) << " threads " << threads);
+      INFO("kernel " << kernel.name() << " threads " << threads);
       std::vector<float> y(std::size_t(tokens * rows), 0.0f);
-      KernelOptions options;
-      options.path = path;
-      options.num_threads = threads;
+      KernelOptions options = kernel.options(threads);
       options.row_tile = 8;
       multi_delta_matmul(views, xv, starts.data(), y.data(), rows, options);
-      const std::vector<double>& allowed = path == CpuPath::Avx512Vnni ? digit_bound : bound;
-      for (std::size_t i = 0; i < y.size(); ++i) REQUIRE(std::fabs(double(y[i]) - expected[i]) <= allowed[i]);
+      for (std::size_t e = 0; e < experts.size(); ++e) {
+        const std::vector<double> allowed = allowed_error(kernel, experts[e].bits, bound[e], code_term[e]);
+        for (std::size_t i = 0; i < allowed.size(); ++i) {
+          const std::size_t at = std::size_t(starts[e] * rows) + i;
+          REQUIRE(std::fabs(double(y[at]) - expected[at]) <= allowed[i]);
+        }
+      }
     }
   }
   // A batch whose every segment is empty leaves y alone.
@@ -358,10 +380,30 @@ TEST_CASE("make_compressed_delta and the kernels reject bad input with context",
   const std::vector<std::int64_t> bad_starts = {0, 2, 1};
   REQUIRE_THROWS_WITH(multi_delta_matmul({ok, ok}, xv, bad_starts.data(), y.data(), 4), Catch::Contains("segment_starts[2]"));
   d.salient_idx[1] = 500;
-  for (CpuPath path : available_paths()) {
-    KernelOptions options;
-    options.path = path;
+  for (const Kernel& kernel : available_kernels()) {
+    const KernelOptions options = kernel.options();
     REQUIRE_THROWS_WITH(delta_matmul(d.view(), xv, y.data(), 4, options), Catch::Contains("salient_idx[1] = 500"));
   }
   REQUIRE_THROWS_WITH(parse_cpu_path("sse"), Catch::Contains("sse"));
+  KernelOptions three_digits;
+  three_digits.activation_digits = 3;
+  REQUIRE_THROWS_WITH(delta_matmul(ok, xv, y.data(), 4, three_digits), Catch::Contains("activation_digits"));
+}
+
+TEST_CASE("delta_matmul turns NaN and Inf activations into non-finite outputs on every path", "[delta_gemm]") {
+  const TestDelta d = random_delta(6, 1024, 2, 64, 8, 61);
+  std::vector<float> x = random_values(std::size_t(3 * d.cols), 62);
+  x[5] = std::numeric_limits<float>::quiet_NaN();               // token 0
+  x[std::size_t(d.cols + 700)] = std::numeric_limits<float>::infinity();  // token 1; token 2 stays finite
+  const TensorView xv(x.data(), DType::F32, {3, d.cols});
+  for (const Kernel& kernel : available_kernels()) {
+    INFO("kernel " << kernel.name());
+    std::vector<float> y(std::size_t(3 * d.rows), 0.0f);
+    delta_matmul(d.view(), xv, y.data(), d.rows, kernel.options());
+    for (std::int64_t r = 0; r < d.rows; ++r) {
+      REQUIRE_FALSE(std::isfinite(y[std::size_t(r)]));
+      REQUIRE_FALSE(std::isfinite(y[std::size_t(d.rows + r)]));
+      REQUIRE(std::isfinite(y[std::size_t(2 * d.rows + r)]));
+    }
+  }
 }

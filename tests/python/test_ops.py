@@ -3,11 +3,14 @@
 Tolerance: |out - ref| <= 1e-5 * M, with M = |x| @ (|s| * (code + zero))^T + |x[:, idx]| @ |S|^T the
 magnitude of what is accumulated (the kernel reorders float32 sums; the reference is float64 on
 the same, already rounded, activations). The avx512vnni path multiplies 1/2/4-bit codes with x
-held as two int8 digits, each x within max|x| / 32512 of its 64-byte block, so there the bound
-grows by max_c |x_t| / 32512 * sum_c |s| * (code + zero) (docs/benchmarks.md, include/meswitch/cpu).
+held as two int8 digits, each x within max|x| / 32512 of its 64-byte block (max|x| / 254 with
+MESWITCH_ACTIVATION_DIGITS=1), so there the bound grows by that resolution times
+max_c |x_t| * sum_c |s| * (code + zero) (docs/benchmarks.md, include/meswitch/cpu).
 """
 
 from __future__ import annotations
+
+import os
 
 import ml_dtypes
 import numpy as np
@@ -18,7 +21,8 @@ from meswitch import ops
 torch = pytest.importorskip("torch")
 
 RTOL = 1e-5
-DIGIT_RESOLUTION = 1 / 32512  # avx512vnni: |x - digits| <= max|x of the block| / (127 * 256)
+# avx512vnni: |x - digits| <= max|x of the block| / (127 * 256) with two digits, / 254 with one
+DIGIT_RESOLUTION = {"1": 1 / 254, "2": 1 / 32512}
 
 
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -68,7 +72,8 @@ def reference(x: np.ndarray, d: dict, path: str) -> tuple[np.ndarray, np.ndarray
     x = x.astype(np.float64)
     allowed = RTOL * (np.abs(x) @ weight_mag.T)
     if path == "avx512vnni" and d["bits"] != 3:  # 3-bit deltas run the float kernel there
-        allowed += np.abs(x).max(1, keepdims=True) * DIGIT_RESOLUTION * code_mag[None, :] * (1 + 1e-3)
+        resolution = DIGIT_RESOLUTION[os.environ.get("MESWITCH_ACTIVATION_DIGITS") or "2"]
+        allowed += np.abs(x).max(1, keepdims=True) * resolution * code_mag[None, :] * (1 + 1e-3)
     return x @ dense.T, allowed
 
 
@@ -220,10 +225,12 @@ def test_kernel_path_is_reported():
     assert ops.cpu_kernel_path() in ("avx512vnni", "avx512", "avx2", "reference")
 
 
-@pytest.mark.parametrize("path", ["reference", "avx2", "avx512", "avx512vnni"])
+@pytest.mark.parametrize(("path", "digits"),
+                         [("reference", ""), ("avx2", ""), ("avx512", ""), ("avx512vnni", "2"), ("avx512vnni", "1")])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
-def test_every_kernel_path_this_cpu_has(monkeypatch, path, bits):
+def test_every_kernel_path_this_cpu_has(monkeypatch, path, digits, bits):
     monkeypatch.setenv("MESWITCH_CPU_PATH", path)
+    monkeypatch.setenv("MESWITCH_ACTIVATION_DIGITS", digits)
     d = make_delta(19, 1024, bits, 64, k=10, seed=40 + bits)
     x = np.random.default_rng(7).standard_normal((5, 1024)).astype(np.float32)
     try:

@@ -55,7 +55,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -87,7 +89,24 @@ struct KernelOptions {
   int num_threads = 0;              // 0: MESWITCH_NUM_THREADS, else hardware threads
   CpuPath path = CpuPath::Auto;     // Auto: MESWITCH_CPU_PATH, else the best this CPU has
   std::int64_t row_tile = 0;        // output rows per work item; 0 picks 16
+  // VNNI path only: x as 1 int8 digit (within max|x| / 254 of its block) or 2 (within
+  // max|x| / 32512); 0: MESWITCH_ACTIVATION_DIGITS, else 2.
+  int activation_digits = 0;
 };
+
+// `requested` (1 or 2) wins over MESWITCH_ACTIVATION_DIGITS, which wins over 2.
+inline int resolve_activation_digits(int requested) {
+  if (requested == 0) {
+    const char* text = std::getenv("MESWITCH_ACTIVATION_DIGITS");
+    if (text == nullptr || *text == '\0') return 2;
+    if (std::string(text) != "1" && std::string(text) != "2")
+      throw Error(std::string("MESWITCH_ACTIVATION_DIGITS='") + text + "' must be 1 or 2");
+    return text[0] - '0';
+  }
+  if (requested != 1 && requested != 2)
+    throw Error("activation_digits must be 0 (default), 1 or 2, got " + std::to_string(requested));
+  return requested;
+}
 
 namespace detail {
 
@@ -212,6 +231,26 @@ struct Unit {
 
 inline int unit_codes(int bits) { return bits == 3 ? 32 : 32 / bits; }
 
+// Cache-line aligned storage for what the SIMD kernels load a whole vector at a time:
+// a 64-byte load from a 16-byte aligned malloc block splits across two cache lines,
+// which costs the integer kernel about a quarter of its speed.
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  static constexpr std::size_t kAlignment = 64;
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(kAlignment))); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(kAlignment)); }
+  template <typename U>
+  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const CacheLineAllocator<U>&) const { return false; }
+};
+template <typename T>
+using AlignedVector = std::vector<T, CacheLineAllocator<T>>;
+
 // x of one segment's tokens, in every form the SIMD kernels read.
 struct PreparedTokens {
   std::int64_t tokens = 0, cols = 0, groups = 0, k = 0;
@@ -219,8 +258,9 @@ struct PreparedTokens {
   std::vector<float> x;           // [tokens, cols] float32
   std::vector<float> group_sums;  // [tokens, groups] X_g
   std::vector<float> salient_x;   // [tokens, k] x[t, salient_idx]
-  std::vector<float> permuted;    // [full_blocks, tokens, codes-per-unit, lanes], scaled by x_factor
-  std::vector<std::int8_t> digits;     // VNNI path: [full_blocks, tokens, 2, 8 / bits, 64] (delta_gemm_vnni.hpp)
+  AlignedVector<float> permuted;  // [full_blocks, tokens, codes-per-unit, lanes], scaled by x_factor
+  int digit_count = 2;                 // VNNI path: int8 digits per x value, 1 or 2 (delta_gemm_vnni.hpp)
+  AlignedVector<std::int8_t> digits;   // VNNI path: [full_blocks, tokens, digit_count, 8 / bits, 64]
   std::vector<float> digit_scales;     // VNNI path: [full_blocks, tokens] value of the lo digit's unit
   std::vector<std::int32_t> first_group;  // [full_blocks] group of lane 0
   std::vector<std::int32_t> lane_group;   // [full_blocks, lanes] group of each lane minus first_group
@@ -365,6 +405,7 @@ inline void run_segments(const CompressedDelta* experts, std::size_t count, cons
                          const KernelOptions& options) {
   const CpuPath path = resolve_cpu_path(options.path);
   const int threads = resolve_num_threads(options.num_threads);
+  const int digits = resolve_activation_digits(options.activation_digits);
   if (options.row_tile < 0) throw Error("row_tile must be >= 0, got " + std::to_string(options.row_tile));
   const std::int64_t row_tile = options.row_tile > 0 ? options.row_tile : 16;
   if (x.rank() != 2) throw Error("x must be 2-D [tokens, cols], got shape " + shape_string(x.shape));
@@ -392,7 +433,7 @@ inline void run_segments(const CompressedDelta* experts, std::size_t count, cons
     if (path == CpuPath::Avx512Vnni && delta.bits != 3) {
 #if MESWITCH_X86_KERNELS
       prepare_tokens(delta, x, segment_starts[e], segment_starts[e + 1], 16, prepared[e], false);
-      quantize_digits(delta.bits, prepared[e]);
+      quantize_digits(delta.bits, digits, prepared[e]);
 #endif
     } else if (path != CpuPath::Reference)
       prepare_tokens(delta, x, segment_starts[e], segment_starts[e + 1], path == CpuPath::Avx2 ? 8 : 16, prepared[e]);

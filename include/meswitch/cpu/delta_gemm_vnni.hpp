@@ -48,12 +48,15 @@ namespace meswitch::cpu::detail {
 
 constexpr int kVnniDigitShift = 7;  // lo digit weight 1/128
 
+inline std::int64_t vnni_token_block(int digit_count) { return digit_count == 2 ? 4 : 8; }
+
 // Fills prep.digits and prep.digit_scales for the blocks in prep (see the layout above).
 // Vectorised by hand: this runs on every call, for every token.
-MESWITCH_TARGET_AVX512_VNNI inline void quantize_digits(int bits, PreparedTokens& prep) {
+MESWITCH_TARGET_AVX512_VNNI inline void quantize_digits(int bits, int digit_count, PreparedTokens& prep) {
   const int per_byte = 8 / bits;
   const std::int64_t blocks = prep.full_blocks, tokens = prep.tokens, block_cols = prep.block_cols;
-  const std::int64_t block_bytes = 2 * block_cols;
+  const std::int64_t block_bytes = digit_count * block_cols;
+  prep.digit_count = digit_count;
   prep.digits.resize(std::size_t(blocks * tokens * block_bytes));
   prep.digit_scales.resize(std::size_t(blocks * tokens));
   const __m512 magnitude_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
@@ -78,7 +81,7 @@ MESWITCH_TARGET_AVX512_VNNI inline void quantize_digits(int bits, PreparedTokens
         scale = finite ? 0.0f : std::numeric_limits<float>::quiet_NaN();
         continue;
       }
-      scale = block_max / 127.0f / float(1 << kVnniDigitShift);
+      scale = block_max / 127.0f / float(digit_count == 2 ? 1 << kVnniDigitShift : 1);
       const __m512 inverse = _mm512_set1_ps(127.0f / block_max);
       // Byte j of position p holds column per_byte * j + p: gather 16 such columns at a time.
       const __m512i stride = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -91,8 +94,9 @@ MESWITCH_TARGET_AVX512_VNNI inline void quantize_digits(int bits, PreparedTokens
           const __m512 high = _mm512_roundscale_ps(value, kNearest);
           const __m512 low = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(value, high), lo_weight), kNearest);
           _mm_storeu_si128(reinterpret_cast<__m128i*>(digits + p * 64 + j), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(high)));
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(digits + (per_byte + p) * 64 + j),
-                           _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(low)));
+          if (digit_count == 2)
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(digits + (per_byte + p) * 64 + j),
+                             _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(low)));
         }
     }
 }
@@ -108,17 +112,17 @@ constexpr long long extract_matrix(int p) {
 }
 
 // Rows [r0, r0 + R) of the tile for tokens [t0, t0 + TB) over blocks [block_begin,
-// block_end). The R rows share every load of x: at one token the x digits (8 bytes per
-// code byte for 2 bits) outweigh the codes, and loads rather than arithmetic would bound
-// the loop. The per-lane float partial sums live in scratch between column chunks,
-// exactly as in avx512_chunk.
-template <int Bits, int TB, int R>
+// block_end), x as Digits int8 digits. The R rows share every load of x: at one token
+// the x digits (4 or 8 bytes per code byte for 2 bits) outweigh the codes. The
+// per-lane float partial sums live in scratch between column chunks, exactly as in
+// avx512_chunk.
+template <int Bits, int TB, int R, int Digits>
 MESWITCH_TARGET_AVX512_VNNI MESWITCH_INLINE void vnni_row_group(const CompressedDelta& delta, const PreparedTokens& prep,
                                                                 std::int64_t row_begin, std::int64_t r0, std::int64_t t0,
                                                                 std::int64_t block_begin, std::int64_t block_end,
                                                                 TileScratch& scratch) {
   constexpr int kPerByte = 8 / Bits;
-  constexpr std::int64_t kBlockBytes = 2 * kPerByte * 64;
+  constexpr std::int64_t kBlockBytes = Digits * kPerByte * 64;
   const std::int64_t words = delta.words_per_row(), tokens = prep.tokens;
   const std::uint32_t* row[R];
   const float* scales[R];
@@ -141,7 +145,7 @@ MESWITCH_TARGET_AVX512_VNNI MESWITCH_INLINE void vnni_row_group(const Compressed
       packed[i] = _mm512_loadu_si512(row[i] + b * 16);
     }
     const std::int8_t* x = prep.digits.data() + (b * tokens + t0) * kBlockBytes;
-    __m512i hi[R][TB], lo[R][TB];
+    __m512i hi[R][TB], lo[R][TB];  // sums of codes * hi digit and codes * lo digit (2 digits only)
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i)
 #pragma GCC unroll 8
@@ -155,11 +159,12 @@ MESWITCH_TARGET_AVX512_VNNI MESWITCH_INLINE void vnni_row_group(const Compressed
 #pragma GCC unroll 8
       for (int t = 0; t < TB; ++t) {
         const __m512i x_hi = _mm512_loadu_si512(x + t * kBlockBytes + p * 64);
-        const __m512i x_lo = _mm512_loadu_si512(x + t * kBlockBytes + (kPerByte + p) * 64);
 #pragma GCC unroll 8
-        for (int i = 0; i < R; ++i) {
-          hi[i][t] = _mm512_dpbusd_epi32(hi[i][t], codes[i], x_hi);
-          lo[i][t] = _mm512_dpbusd_epi32(lo[i][t], codes[i], x_lo);
+        for (int i = 0; i < R; ++i) hi[i][t] = _mm512_dpbusd_epi32(hi[i][t], codes[i], x_hi);
+        if constexpr (Digits == 2) {
+          const __m512i x_lo = _mm512_loadu_si512(x + t * kBlockBytes + (kPerByte + p) * 64);
+#pragma GCC unroll 8
+          for (int i = 0; i < R; ++i) lo[i][t] = _mm512_dpbusd_epi32(lo[i][t], codes[i], x_lo);
         }
       }
     }
@@ -170,7 +175,8 @@ MESWITCH_TARGET_AVX512_VNNI MESWITCH_INLINE void vnni_row_group(const Compressed
       const __m512 lane_scale = _mm512_permutexvar_ps(lane_group, _mm512_loadu_ps(scales[i] + prep.first_group[std::size_t(b)]));
 #pragma GCC unroll 8
       for (int t = 0; t < TB; ++t) {
-        const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(hi[i][t], kVnniDigitShift), lo[i][t]);
+        __m512i sum = hi[i][t];
+        if constexpr (Digits == 2) sum = _mm512_add_epi32(_mm512_slli_epi32(sum, kVnniDigitShift), lo[i][t]);
         total[i][t] = _mm512_fmadd_ps(avx512_to_float(sum), _mm512_mul_ps(lane_scale, _mm512_set1_ps(digit_scale[t])), total[i][t]);
       }
     }
@@ -181,18 +187,48 @@ MESWITCH_TARGET_AVX512_VNNI MESWITCH_INLINE void vnni_row_group(const Compressed
     for (int t = 0; t < TB; ++t) _mm512_storeu_ps(scratch.row_totals(r0 + i - row_begin) + t * 16, total[i][t]);
 }
 
-// Blocks [block_begin, block_end) of every row of the tile for tokens [t0, t0 + TB):
-// rows in groups of 4 at one token, 2 at two (the accumulators of R rows x TB tokens x
-// 2 digits must stay in the 32 vector registers), one at a time otherwise.
-template <int Bits, int TB>
-MESWITCH_TARGET_AVX512_VNNI void vnni_chunk(const CompressedDelta& delta, const PreparedTokens& prep,
-                                            std::int64_t row_begin, std::int64_t row_end, std::int64_t t0,
-                                            std::int64_t block_begin, std::int64_t block_end, TileScratch& scratch) {
-  constexpr int R = TB == 1 ? 4 : (TB == 2 ? 2 : 1);
+// Every row of the tile: rows in groups of R sharing each x load, as many as the
+// accumulators (R rows x TB tokens x Digits) leave room for in 32 vector registers.
+template <int Bits, int TB, int Digits>
+MESWITCH_TARGET_AVX512_VNNI void vnni_rows(const CompressedDelta& delta, const PreparedTokens& prep,
+                                           std::int64_t row_begin, std::int64_t row_end, std::int64_t t0,
+                                           std::int64_t block_begin, std::int64_t block_end, TileScratch& scratch) {
+  constexpr int R = TB * Digits <= 2 ? 4 : (TB * Digits <= 4 ? 2 : 1);
   std::int64_t r = row_begin;
   for (; r + R <= row_end; r += R)
-    vnni_row_group<Bits, TB, R>(delta, prep, row_begin, r, t0, block_begin, block_end, scratch);
-  for (; r < row_end; ++r) vnni_row_group<Bits, TB, 1>(delta, prep, row_begin, r, t0, block_begin, block_end, scratch);
+    vnni_row_group<Bits, TB, R, Digits>(delta, prep, row_begin, r, t0, block_begin, block_end, scratch);
+  for (; r < row_end; ++r)
+    vnni_row_group<Bits, TB, 1, Digits>(delta, prep, row_begin, r, t0, block_begin, block_end, scratch);
+}
+
+// n tokens from t0: up to 8 with one digit, up to 4 with two (more would spill the
+// accumulators); avx512_rows hands out token blocks of that size (vnni_token_block).
+template <int Bits>
+MESWITCH_TARGET_AVX512_VNNI void vnni_chunk(const CompressedDelta& delta, const PreparedTokens& prep,
+                                            std::int64_t row_begin, std::int64_t row_end, std::int64_t t0,
+                                            std::int64_t n, std::int64_t b0, std::int64_t b1, TileScratch& scratch) {
+#define MESWITCH_VNNI_ROWS(TB, DIGITS) \
+  vnni_rows<Bits, TB, DIGITS>(delta, prep, row_begin, row_end, t0, b0, b1, scratch)
+  if (prep.digit_count == 1) {
+    switch (n) {
+      case 1: MESWITCH_VNNI_ROWS(1, 1); break;
+      case 2: MESWITCH_VNNI_ROWS(2, 1); break;
+      case 3: MESWITCH_VNNI_ROWS(3, 1); break;
+      case 4: MESWITCH_VNNI_ROWS(4, 1); break;
+      case 5: MESWITCH_VNNI_ROWS(5, 1); break;
+      case 6: MESWITCH_VNNI_ROWS(6, 1); break;
+      case 7: MESWITCH_VNNI_ROWS(7, 1); break;
+      default: MESWITCH_VNNI_ROWS(8, 1); break;
+    }
+  } else {
+    switch (n) {
+      case 1: MESWITCH_VNNI_ROWS(1, 2); break;
+      case 2: MESWITCH_VNNI_ROWS(2, 2); break;
+      case 3: MESWITCH_VNNI_ROWS(3, 2); break;
+      default: MESWITCH_VNNI_ROWS(4, 2); break;
+    }
+  }
+#undef MESWITCH_VNNI_ROWS
 }
 
 }  // namespace meswitch::cpu::detail

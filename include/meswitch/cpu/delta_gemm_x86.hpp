@@ -152,9 +152,12 @@ MESWITCH_TARGET_AVX512 void avx512_chunk(const CompressedDelta& delta, const Pre
   }
 }
 
-template <int Bits, int TB>
-MESWITCH_TARGET_AVX512_VNNI void vnni_chunk(const CompressedDelta& delta, const PreparedTokens& prep, std::int64_t row_begin, std::int64_t row_end,
-                std::int64_t t0, std::int64_t block_begin, std::int64_t block_end, TileScratch& scratch);
+// delta_gemm_vnni.hpp: blocks [b0, b1) of the tile's rows for n tokens from t0.
+inline std::int64_t vnni_token_block(int digit_count);
+template <int Bits>
+MESWITCH_TARGET_AVX512_VNNI void vnni_chunk(const CompressedDelta& delta, const PreparedTokens& prep,
+                                            std::int64_t row_begin, std::int64_t row_end, std::int64_t t0,
+                                            std::int64_t n, std::int64_t b0, std::int64_t b1, TileScratch& scratch);
 
 // The scales, zeros and salient values of the tile after [row_begin, row_end), into
 // cache while this one computes: short bursts from three arrays that the hardware
@@ -178,7 +181,7 @@ MESWITCH_TARGET_AVX2 inline void prefetch_next_tile_constants(const CompressedDe
 template <int Bits, bool Vnni = false>
 MESWITCH_TARGET_AVX512 void avx512_rows(const CompressedDelta& delta, const PreparedTokens& prep, std::int64_t row_begin,
                                         std::int64_t row_end, float* y, std::int64_t y_row_stride, TileScratch& scratch) {
-  constexpr std::int64_t kTokenBlock = 8;
+  const std::int64_t token_block = Vnni ? vnni_token_block(prep.digit_count) : 8;
   const std::int64_t groups = prep.groups, words = delta.words_per_row();
   // The tile's constants as float, in one pass over its contiguous rows, for all tokens.
   scratch.layout(groups, delta.k);
@@ -192,22 +195,13 @@ MESWITCH_TARGET_AVX512 void avx512_rows(const CompressedDelta& delta, const Prep
   if (delta.k > 0) avx512_widen_f16(delta.salient + row_begin * delta.k, (row_end - row_begin) * delta.k, scratch.salient.data());
   prefetch_next_tile_constants(delta, row_begin, row_end);
   const std::int64_t blocks = prep.full_blocks, tail_begin = blocks * prep.block_cols;
-  for (std::int64_t t0 = 0; t0 < prep.tokens; t0 += kTokenBlock) {
-    const std::int64_t n = std::min(kTokenBlock, prep.tokens - t0);
-    const std::int64_t step = chunk_blocks(n, Vnni ? 2 * (8 / Bits) * 64 : prep.block_cols * 4);
+  for (std::int64_t t0 = 0; t0 < prep.tokens; t0 += token_block) {
+    const std::int64_t n = std::min(token_block, prep.tokens - t0);
+    const std::int64_t step = chunk_blocks(n, Vnni ? prep.digit_count * (8 / Bits) * 64 : prep.block_cols * 4);
     for (std::int64_t b0 = 0; b0 < blocks; b0 += step) {
       const std::int64_t b1 = std::min(blocks, b0 + step);
       if constexpr (Vnni) {
-        switch (n) {
-          case 1: vnni_chunk<Bits, 1>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
-          case 2: vnni_chunk<Bits, 2>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
-          case 3: vnni_chunk<Bits, 3>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
-          case 4: vnni_chunk<Bits, 4>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
-          case 5: vnni_chunk<Bits, 5>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
-          case 6: vnni_chunk<Bits, 6>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
-          case 7: vnni_chunk<Bits, 7>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
-          default: vnni_chunk<Bits, 8>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
-        }
+        vnni_chunk<Bits>(delta, prep, row_begin, row_end, t0, n, b0, b1, scratch);
         continue;
       }
       switch (n) {
