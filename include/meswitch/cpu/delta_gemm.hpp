@@ -44,6 +44,12 @@
 // block. Columns past the last whole block, and group sizes that are not a multiple of
 // the unit, take a scalar path.
 //
+// Paths (cpu/simd.hpp): the float kernels above (AVX-512, AVX2) are exact to float32
+// rounding; the AVX-512 VNNI path (delta_gemm_vnni.hpp, the default where the CPU has
+// VNNI + GFNI) takes the same lanes but multiplies the code bytes with x held as int8
+// digits, 64 codes per instruction, because the float kernels are bound by FMA
+// throughput at a fraction of memory bandwidth.
+//
 // Work split: output rows in tiles (16 rows) handed to threads (cpu/threading.hpp).
 // Inside a tile the columns are walked in chunks small enough that the chunk of x for
 // a block of up to 8 tokens (4 on AVX2) stays in L1 while every row of the tile uses
@@ -344,7 +350,7 @@ inline void prepare_tokens(const CompressedDelta& delta, const TensorView& x, st
 struct TileScratch {
   static constexpr std::int64_t kMaxTokenBlock = 8, kMaxLanes = 16;
   std::int64_t group_stride = 0, salient_stride = 0;
-  std::vector<float> scales, scaled_zeros, salient, totals;
+  AlignedVector<float> scales, scaled_zeros, salient, totals;
 
   // Room for tiles of up to tile_rows rows, groups groups and k salient channels.
   void reserve(std::int64_t tile_rows, std::int64_t groups, std::int64_t k) {
