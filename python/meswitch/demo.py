@@ -12,7 +12,8 @@ from meswitch.family import EXPERTS, family_dir
 PROMPTS = {
     "chat": "<|user|>hi! how was your weekend?<|end|>\n<|assistant|>",
     "math": "Maya has 17 apples. Maya buys 25 more apples. How many apples does Maya have now?\n",
-    "code": "def fibonacci(n):\n",
+    # With a docstring: after a bare signature the tiny code expert ends the snippet at once.
+    "code": 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
 }
 #: The metric shown per domain (lower is better for both).
 METRIC = {"chat": "bits_per_byte", "math": "perplexity", "code": "perplexity"}
