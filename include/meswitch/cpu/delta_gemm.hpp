@@ -391,7 +391,6 @@ inline float tail_dot(const CompressedDelta& delta, const std::uint32_t* row, co
 }  // namespace meswitch::cpu
 
 #include "meswitch/cpu/delta_gemm_x86.hpp"
-#include "meswitch/cpu/delta_gemm_vnni.hpp"
 
 namespace meswitch::cpu {
 namespace detail {

@@ -1,13 +1,14 @@
 // AVX-512 VNNI path of cpu/delta_gemm.hpp: integer dot products straight from the
-// packed bytes, for 1-, 2- and 4-bit codes.
+// packed bytes, for 1-, 2- and 4-bit codes. Included from delta_gemm_x86.hpp (whose
+// helpers it uses); needs AVX-512 VNNI and GFNI at run time (cpu/simd.hpp checks).
 //
 // Why. The float paths spend one FMA per 16 codes per token, plus the unpacking, so
 // a 2-bit delta is bound by vector throughput at about a fifth of what the memory
 // can deliver. `vpdpbusd` multiplies 64 unsigned bytes by 64 signed bytes and adds
 // each group of four into an int32 lane: 64 codes per instruction.
 //
-// Activations as two int8 digits. Per token and per block of 64 packed bytes
-// (block_cols columns), x is scaled by s = max|x| / 127 and split as
+// Activations as int8 digits. Per token and per block of 64 packed bytes (block_cols
+// columns), x is scaled by s = max|x| / 127 and, with two digits (the default), split as
 //
 //     x / s = hi + lo / 128,   hi = round(x / s) in [-127, 127],  lo in [-64, 64]
 //
@@ -15,17 +16,19 @@
 // than a bf16 activation (2^-9 relative to each value) for all values above 1/64 of
 // the block maximum. Both digits go through the same code bytes, and
 // 128 * dot(codes, hi) + dot(codes, lo) is exact in int32 (at most 2e6 per lane per
-// block). The zero points use the exact float X_g (the group trick), the salient
-// channels and the scalar tail the exact float x; only the code dot products see the
-// digits. Non-finite x in a block makes that block's contribution NaN.
+// block). With one digit (MESWITCH_ACTIVATION_DIGITS=1) only hi is kept: within
+// s / 2 = max|x| / 254, half the instructions. The zero points use the exact float X_g
+// (the group trick), the salient channels and the scalar tail the exact float x; only
+// the code dot products see the digits. Non-finite x in a block makes that block's
+// contribution NaN.
 //
 // Layout. Byte j of a 64-byte block holds the codes of columns
 // block_cols * b + (8 / Bits) * j + p for positions p = 0 .. 8/Bits - 1, code p at bits
-// [p * Bits, (p + 1) * Bits). Position p of all 64 bytes is one shift + AND; the
-// digits are stored per position in the same byte order ([block][token][digit]
-// [position][64]), so a lane's four bytes line up with the four x values they
-// multiply. One GFNI affine transform (vgf2p8affineqb) extracts a position: the bits
-// moved to the bottom of each byte, the rest cleared (a shift + AND otherwise). Lane l (bytes 4l .. 4l+3) covers 32 / Bits consecutive columns: the same
+// [p * Bits, (p + 1) * Bits). One GFNI affine transform (vgf2p8affineqb) extracts
+// position p of all 64 bytes: its bits moved to the bottom of each byte, the rest
+// cleared. The digits are stored per position in the same byte order ([block][token]
+// [digit][position][64]), so a lane's four bytes line up with the four x values they
+// multiply. Lane l (bytes 4l .. 4l+3) covers 32 / Bits consecutive columns: the same
 // lanes as the float paths, so the lane groups, scales and tails are shared.
 #pragma once
 
@@ -34,15 +37,6 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-
-// GCC 12's false -Wmaybe-uninitialized inside AVX-512 intrinsics, as in delta_gemm_x86.hpp.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-
-#define MESWITCH_INLINE inline __attribute__((always_inline))
 
 namespace meswitch::cpu::detail {
 
@@ -232,11 +226,5 @@ MESWITCH_TARGET_AVX512_VNNI void vnni_chunk(const CompressedDelta& delta, const 
 }
 
 }  // namespace meswitch::cpu::detail
-
-#undef MESWITCH_INLINE
-
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
 
 #endif  // MESWITCH_X86_KERNELS

@@ -404,6 +404,8 @@ MESWITCH_TARGET_AVX2 void avx2_rows(const CompressedDelta& delta, const Prepared
 
 }  // namespace meswitch::cpu::detail
 
+#include "meswitch/cpu/delta_gemm_vnni.hpp"  // inside this file's warning and MESWITCH_INLINE scope
+
 #undef MESWITCH_INLINE
 
 #if defined(__GNUC__) && !defined(__clang__)
