@@ -37,12 +37,17 @@ inline bool file_exists(const std::string& path) {
   return ::stat(path.c_str(), &info) == 0;
 }
 
-// Temporary files of AtomicFileWriter ("NAME.tmp.XXXXXX") left in the scratch directory.
+// Temporary files of AtomicFileWriter ("NAME.tmp.XXXXXX") that this process left in the
+// scratch directory. Only this process's files (scratch_path prefixes the pid): ctest
+// runs test cases in parallel, and another case's writer may be mid-write right now.
 inline int temporary_files_left() {
+  const std::string mine = std::to_string(::getpid()) + "_";
   int count = 0;
   if (DIR* directory = ::opendir(MESWITCH_TEST_TMP)) {
-    while (dirent* entry = ::readdir(directory))
-      if (std::string(entry->d_name).find(".tmp.") != std::string::npos) ++count;
+    while (dirent* entry = ::readdir(directory)) {
+      const std::string name = entry->d_name;
+      if (name.compare(0, mine.size(), mine) == 0 && name.find(".tmp.") != std::string::npos) ++count;
+    }
     ::closedir(directory);
   }
   return count;

@@ -52,10 +52,11 @@
 //
 // Work split: output rows in tiles (16 rows) handed to threads (cpu/threading.hpp).
 // Inside a tile the columns are walked in chunks small enough that the chunk of x for
-// a block of up to 8 tokens (4 on AVX2) stays in L1 while every row of the tile uses
-// it; each row's codes are unpacked once per token block, so a segment's tokens share
-// one pass over the expert's packed delta (the tile's codes stay in L1/L2 between
-// token blocks). Per-lane partial sums wait in per-thread scratch between chunks.
+// a block of up to 8 tokens (4 on AVX2 and on VNNI with two digits) stays in L1 while
+// every row of the tile uses it; each row's codes are unpacked once per token block, so
+// a segment's tokens share one pass over the expert's packed delta (the tile's codes
+// stay in L1/L2 between token blocks). Per-lane partial sums wait in per-thread scratch
+// between chunks.
 #pragma once
 
 #include <algorithm>
@@ -267,7 +268,7 @@ struct PreparedTokens {
   AlignedVector<float> permuted;  // [full_blocks, tokens, codes-per-unit, lanes], scaled by x_factor
   int digit_count = 2;                 // VNNI path: int8 digits per x value, 1 or 2 (delta_gemm_vnni.hpp)
   AlignedVector<std::int8_t> digits;   // VNNI path: [full_blocks, tokens, digit_count, 8 / bits, 64]
-  std::vector<float> digit_scales;     // VNNI path: [full_blocks, tokens] value of the lo digit's unit
+  std::vector<float> digit_scales;     // VNNI path: [full_blocks, tokens] value of one unit of the last digit
   std::vector<std::int32_t> first_group;  // [full_blocks] group of lane 0
   std::vector<std::int32_t> lane_group;   // [full_blocks, lanes] group of each lane minus first_group
 };
