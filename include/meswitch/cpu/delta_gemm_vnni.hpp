@@ -57,6 +57,8 @@ MESWITCH_TARGET_AVX512_VNNI inline void quantize_digits(int bits, int digit_coun
   const __m512 lo_weight = _mm512_set1_ps(float(1 << kVnniDigitShift));
   const __m512 top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f);
   constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512i stride = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(per_byte));  // lane i reads column per_byte * i
   for (std::int64_t b = 0; b < blocks; ++b)
     for (std::int64_t t = 0; t < tokens; ++t) {
       const float* x = prep.x.data() + t * prep.cols + b * block_cols;
@@ -78,8 +80,6 @@ MESWITCH_TARGET_AVX512_VNNI inline void quantize_digits(int bits, int digit_coun
       scale = block_max / 127.0f / float(digit_count == 2 ? 1 << kVnniDigitShift : 1);
       const __m512 inverse = _mm512_set1_ps(127.0f / block_max);
       // Byte j of position p holds column per_byte * j + p: gather 16 such columns at a time.
-      const __m512i stride = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                _mm512_set1_epi32(per_byte));
       for (int p = 0; p < per_byte; ++p)
         for (int j = 0; j < 64; j += 16) {
           const __m512i columns = _mm512_add_epi32(stride, _mm512_set1_epi32(per_byte * j + p));

@@ -189,10 +189,8 @@ MESWITCH_TARGET_AVX512 void avx512_rows(const CompressedDelta& delta, const Prep
   avx512_widen_f16(delta.scales + row_begin * groups, tile_groups, scratch.scales.data());
   for (std::int64_t g = 0; g < tile_groups; g += 16) {
     const __mmask16 mask = tile_groups - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (tile_groups - g)) - 1u);
-    // Scales widened again rather than read back from scratch (measured faster with two threads).
-    const __m512 scale = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, delta.scales + row_begin * groups + g));
     const __m512 zero = avx512_to_float(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, delta.zeros + row_begin * groups + g)));
-    _mm512_storeu_ps(scratch.scaled_zeros.data() + g, _mm512_mul_ps(zero, scale));
+    _mm512_storeu_ps(scratch.scaled_zeros.data() + g, _mm512_mul_ps(zero, _mm512_loadu_ps(scratch.scales.data() + g)));
   }
   if (delta.k > 0) avx512_widen_f16(delta.salient + row_begin * delta.k, (row_end - row_begin) * delta.k, scratch.salient.data());
   prefetch_next_tile_constants(delta, row_begin, row_end);

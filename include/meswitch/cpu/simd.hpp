@@ -27,9 +27,9 @@
 namespace meswitch::cpu {
 
 // Avx512Vnni (AVX-512 VNNI + GFNI: Ice Lake, Zen 4 and later) multiplies 1/2/4-bit
-// codes with x held as two int8 digits per value (cpu/delta_gemm_vnni.hpp: within
-// max|x| / 32512 of each 64-byte block); 3-bit deltas on that path run the float
-// AVX-512 kernel. The other paths are float32 throughout.
+// codes with x held as one or two int8 digits per value (cpu/delta_gemm_vnni.hpp: two,
+// the default, keep x within max|x| / 32512 of each 64-byte block, one within / 254);
+// 3-bit deltas on that path run the float AVX-512 kernel. The other paths are float32 throughout.
 enum class CpuPath { Auto, Reference, Avx2, Avx512, Avx512Vnni };
 
 inline const char* cpu_path_name(CpuPath path) {
