@@ -87,7 +87,8 @@ def run_method(label: str, base: Path, expert: Path, domain: str, workdir: Path,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", type=Path, default=family_dir())
-    parser.add_argument("--experts", nargs="+", default=list(EXPERTS))
+    parser.add_argument("--experts", nargs="+", choices=EXPERTS, default=list(EXPERTS),
+                        help="experts to evaluate (default: all); the others keep their rows from --json")
     parser.add_argument("--max-examples", type=int, default=None, help="limit held-out examples (quick runs)")
     parser.add_argument("--no-ablation", action="store_true", help="skip the ablations (keeps the previous ones)")
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "data" / "quality.json")
@@ -152,8 +153,13 @@ def main() -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    if args.no_ablation and args.json.exists():  # keep the ablations of the previous full run
-        results["ablation"] = json.loads(args.json.read_text()).get("ablation", {})
+    previous = json.loads(args.json.read_text()) if args.json.exists() else {}
+    if args.no_ablation:  # keep the ablations of the previous full run
+        results["ablation"] = previous.get("ablation", {})
+    # Experts left out of this run keep their previous rows and ablations, in family order.
+    for key in ("experts", "ablation"):
+        merged = {**previous.get(key, {}), **results[key]}
+        results[key] = {domain: merged[domain] for domain in EXPERTS if domain in merged}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
     write_markdown(results, args.markdown)

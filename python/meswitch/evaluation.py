@@ -13,6 +13,9 @@ perplexity
 bits_per_byte
     Summed NLL in bits divided by the UTF-8 length of the scored text. Unlike perplexity it
     does not depend on the tokenizer, so it compares models with different vocabularies.
+word_perplexity
+    ``exp`` of the summed NLL divided by the number of whitespace-separated words of the
+    scored text: a perplexity that, like bits per byte, does not depend on the tokenizer.
 exact_match (math)
     Greedy decoding from ``question + "\\n"``; the number after the first ``####`` must
     equal the reference answer.
@@ -107,8 +110,9 @@ def token_statistics(
     Returns
     -------
     dict
-        ``nll`` (summed, nats), ``tokens`` (scored), ``correct`` (top-1 hits) and
-        ``bytes`` (UTF-8 length of the scored part of the texts).
+        ``nll`` (summed, nats), ``tokens`` (scored), ``correct`` (top-1 hits),
+        ``bytes`` (UTF-8 length of the scored part of the texts) and ``words``
+        (whitespace-separated words of the scored part).
     """
     import torch
 
@@ -142,9 +146,11 @@ def token_statistics(
             total_tokens += int(valid.sum())
             total_correct += int(((logits[:, :-1].argmax(-1) == targets) & valid).sum())
     model.train(was_training)
-    # Count the bytes of what was scored: long texts are truncated to max_length tokens.
-    n_bytes = sum(len(tokenizer.decode(s[1:]).encode("utf-8")) for s in sequences if len(s) >= 2)
-    return {"nll": total_nll, "tokens": total_tokens, "correct": total_correct, "bytes": n_bytes}
+    # Count the bytes and words of what was scored: long texts are truncated to max_length tokens.
+    scored = [tokenizer.decode(s[1:]) for s in sequences if len(s) >= 2]
+    n_bytes = sum(len(text.encode("utf-8")) for text in scored)
+    n_words = sum(len(text.split()) for text in scored)
+    return {"nll": total_nll, "tokens": total_tokens, "correct": total_correct, "bytes": n_bytes, "words": n_words}
 
 
 def perplexity(model, tokenizer, texts: Sequence[str], max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 16) -> float:
@@ -294,7 +300,7 @@ def evaluate(
     -------
     dict
         ``{"model": ..., "parameters": ..., "vocab_size": ..., "<domain>": {...}}``
-        with ``perplexity``, ``bits_per_byte``, ``tokens`` and ``n_texts`` per
+        with ``perplexity``, ``bits_per_byte``, ``word_perplexity``, ``tokens`` and ``n_texts`` per
         domain, plus ``exact_match*`` for math and ``next_token_accuracy`` for code.
     """
     if model is None or tokenizer is None:
@@ -315,6 +321,7 @@ def evaluate(
         entry: dict[str, Any] = {
             "perplexity": math.exp(stats["nll"] / stats["tokens"]),
             "bits_per_byte": stats["nll"] / math.log(2) / stats["bytes"],
+            "word_perplexity": math.exp(stats["nll"] / max(1, stats["words"])),
             "tokens": stats["tokens"],
             "n_texts": len(texts),
         }
@@ -331,6 +338,7 @@ def evaluate(
 _COLUMNS = (
     ("chat", "perplexity", "chat ppl", "{:.2f}"),
     ("chat", "bits_per_byte", "chat bpb", "{:.3f}"),
+    ("chat", "word_perplexity", "chat word ppl", "{:.1f}"),
     ("math", "perplexity", "math ppl", "{:.2f}"),
     ("math", "exact_match_generated", "math EM (generated)", "{:.1%}"),
     ("math", "exact_match_gsm8k", "math EM (GSM8K)", "{:.1%}"),

@@ -53,6 +53,22 @@ def test_perplexity_matches_manual_log_softmax(base):
     assert evaluation.perplexity(model, tokenizer, texts, batch_size=1) == pytest.approx(expected, rel=1e-5)
 
 
+def test_tokenizer_independent_units_count_the_scored_text(base):
+    model, tokenizer = base
+    texts = ["Tom has 3 apples. Ann gives Tom 4 more apples.", "def add(a, b):\n    return a + b\n"]
+    stats = evaluation.token_statistics(model, tokenizer, texts)
+    assert stats["bytes"] == sum(len(t.encode("utf-8")) for t in texts)
+    assert stats["words"] == 10 + 7  # whitespace-separated words of the two texts
+    manual_nll = sum(_manual_scores(model, tokenizer, t)[0] for t in texts)
+    assert stats["nll"] == pytest.approx(manual_nll, rel=1e-5)
+    # Truncation scores only the first max_length tokens, and counts only their bytes and words.
+    ids = tokenizer(texts[0], add_special_tokens=False)["input_ids"]
+    short = evaluation.token_statistics(model, tokenizer, texts[:1], max_length=5)
+    kept = tokenizer.decode(ids[:4])
+    assert short["tokens"] == 4
+    assert short["bytes"] == len(kept.encode("utf-8")) and short["words"] == len(kept.split())
+
+
 def test_next_token_accuracy_matches_manual(base):
     model, tokenizer = base
     text = "import os\n\n\ndef main():\n    print(os.getcwd())\n"
@@ -168,3 +184,19 @@ def test_code_expert_is_sharded():
 def test_family_size_budget():
     total = sum(p.stat().st_size for p in family_dir().rglob("*") if p.is_file())
     assert total <= 64 * 1024 * 1024
+
+
+@pytest.mark.parametrize("domain", EXPERTS)
+def test_each_expert_beats_the_base_on_its_own_domain(domain):
+    """The shipped deltas are real specialisation, not noise (docs/results.md has the full table).
+
+    Bits per byte compares models with different tokenizers (the chat expert's role markers).
+    On the full held-out sets the gaps are 7-14 %; 5 % on 40 texts leaves room for sampling.
+    """
+    texts = [r["text"] for r in evaluation.load_heldout(domain, max_examples=40)]
+
+    def bits_per_byte(name: str) -> float:
+        stats = evaluation.token_statistics(*evaluation.load_model(family_dir() / name), texts)
+        return stats["nll"] / math.log(2) / stats["bytes"]
+
+    assert bits_per_byte(domain) < 0.95 * bits_per_byte("base")

@@ -311,6 +311,27 @@ class TrainConfig:
     weight_decay: float = 0.1
 
 
+@dataclass(frozen=True)
+class ExpertRecipe:
+    """How one expert is fine-tuned from the base: every parameter, on its own domain only."""
+
+    steps: int
+    lr: float
+    seq_len: int
+    batch_size: int
+
+
+# Every recipe sees 4096 tokens per step. Chat dialogues are long (a held-out dialogue
+# averages about 360 tokens), so the chat expert trains on 512-token blocks: the base's
+# 128-token blocks leave the later positions of a conversation untrained, and chitchat
+# English is otherwise close to what the base already saw in pretraining.
+EXPERT_RECIPES = {
+    "chat": ExpertRecipe(steps=600, lr=1e-3, seq_len=512, batch_size=8),
+    "math": ExpertRecipe(steps=300, lr=3e-4, seq_len=128, batch_size=32),
+    "code": ExpertRecipe(steps=300, lr=3e-4, seq_len=128, batch_size=32),
+}
+
+
 def to_blocks(tokenizer, texts: Sequence[str], seq_len: int, seed: int) -> torch.Tensor:
     """Tokenize ``texts`` in a seeded order into one EOS-separated stream cut into ``seq_len`` blocks."""
     order = list(range(len(texts)))
@@ -405,11 +426,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--intermediate", type=int, default=688)
     parser.add_argument("--base-steps", type=int, default=600)
-    parser.add_argument("--expert-steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32, help="base pretraining batch (sequences)")
+    parser.add_argument("--seq-len", type=int, default=128, help="base pretraining sequence length")
     parser.add_argument("--base-lr", type=float, default=2e-3)
-    parser.add_argument("--expert-lr", type=float, default=3e-4)
+    parser.add_argument(
+        "--experts",
+        nargs="+",
+        choices=DOMAINS,
+        default=list(DOMAINS),
+        help="experts to fine-tune (default: all); a subset needs --reuse-base",
+    )
+    parser.add_argument("--expert-steps", type=int, default=None, help="override every recipe's step count")
+    parser.add_argument("--expert-lr", type=float, default=None, help="override every recipe's peak learning rate")
     parser.add_argument(
         "--reuse-base",
         action="store_true",
@@ -417,6 +445,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if set(args.experts) != set(DOMAINS) and not args.reuse_base:
+        # A new base with only some experts retrained would leave the others stale.
+        parser.error("--experts with a subset of the experts needs --reuse-base")
 
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -496,15 +527,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
         # what fine-tuning learned (no float32-to-float16 rounding hides in the delta).
         base = base.half().float()
 
-    expert_cfg = TrainConfig(
-        args.expert_steps, args.expert_lr, max(1, args.expert_steps // 10), args.batch_size, args.seq_len
-    )
     params: dict[str, int] = {"base": n_params}
     for i, name in enumerate(DOMAINS):
+        if name not in args.experts:
+            continue
+        recipe = EXPERT_RECIPES[name]
+        steps = args.expert_steps or recipe.steps
+        expert_cfg = TrainConfig(
+            steps, args.expert_lr or recipe.lr, max(1, steps // 10), recipe.batch_size, recipe.seq_len
+        )
         t0 = time.time()
         expert = copy.deepcopy(base)
         expert_tokenizer = tokenizer
-        pool = pools[name]
         if name == "chat":
             # Role markers become single tokens; the new embedding rows start at the mean.
             expert_tokenizer = copy.deepcopy(tokenizer)
@@ -512,7 +546,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             expert_tokenizer.chat_template = CHAT_TEMPLATE
             torch.manual_seed(args.seed + 100)  # the resize samples the new rows
             expert.resize_token_embeddings(len(expert_tokenizer))
-            pool = to_blocks(expert_tokenizer, corpora[name], args.seq_len, args.seed + i)
+        if expert_tokenizer is tokenizer and recipe.seq_len == args.seq_len:
+            pool = pools[name]
+        else:
+            pool = to_blocks(expert_tokenizer, corpora[name], recipe.seq_len, args.seed + i)
+        print(f"{name}: {steps} steps of {recipe.batch_size} x {recipe.seq_len} tokens, "
+              f"peak lr {expert_cfg.lr:g}", flush=True)
         losses = train_phase(expert, [pool], expert_cfg, args.seed + 10 + i, name)
         timings[name], final_loss[name] = time.time() - t0, sum(losses[-20:]) / len(losses[-20:])
         params[name] = sum(p.numel() for p in expert.parameters())
