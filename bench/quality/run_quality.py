@@ -115,6 +115,8 @@ def main() -> None:
                 ("meswitch 2-bit + 1% salient", tiny_family_settings(bits=2, salient=0.01), calibration),
                 ("meswitch 2-bit + 1% salient + clip search", tiny_family_settings(bits=2, salient=0.01, clip_grid=20),
                  calibration),
+                ("meswitch 2-bit + 1% salient, 4-bit vocabulary",
+                 tiny_family_settings(bits=2, salient=0.01, vocab_bits=4), calibration),
                 ("meswitch --avg-bits 2.3", tiny_family_settings(avg_bits=2.3), calibration),
                 ("RTN 2-bit", tiny_family_settings(bits=2, salient=0, clip_grid=1), None),
             ]

@@ -86,7 +86,7 @@ def _run_compress(args: argparse.Namespace) -> int:
 
     settings = CompressionSettings(bits=args.bits, group_size=args.group_size, salient=parse_salient(args.salient),
                                    clip_grid=args.clip_grid, min_clip=args.min_clip, avg_bits=args.avg_bits,
-                                   ragged_groups=args.ragged_groups)
+                                   vocab_bits=args.vocab_bits, ragged_groups=args.ragged_groups)
     report = compress(args.base, args.expert, args.out, settings=settings, calibration=args.calib,
                       name=args.name, domain=args.domain or "", progress=not args.quiet)
     for line in report.summary_lines():
@@ -123,6 +123,7 @@ def _inspect_artifact(path: Path, args: argparse.Namespace) -> int:
     print(f"  {'base fingerprint':<22} {manifest['base']['fingerprint'][:16]}...")
     print(f"  {'quantization':<22} bits={quant['bits']} group={quant['group_size'] or 'row'} "
           f"salient={quant['salient']} clip_grid={quant['clip_grid']} avg_bits={quant['avg_bits']} "
+          f"vocab_bits={quant.get('vocab_bits')} "
           f"calibration={quant['calibration']['kind']}")
     print(f"  {'tensors':<22} " + ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items())))
     print(f"  {'delta parameters':<22} {stats['delta_parameters']:,}  ({stats['avg_bits']:.3f} bits each)")
@@ -196,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="allow a shorter last group where the group size does not divide the width")
     compress.add_argument("--salient", default="1%", help="salient channels per matrix: '1%%' or a count")
     compress.add_argument("--avg-bits", type=float, help="budget: average bits per delta parameter (planner)")
+    compress.add_argument("--vocab-bits", type=int,
+                          help="bits for the embedding and lm_head deltas, 1-4 (default: --bits)")
     compress.add_argument("--clip-grid", type=int, default=1,
                           help="step-size search points; 1 (default) keeps the full range")
     compress.add_argument("--min-clip", type=float, default=0.5, help="smallest clip ratio searched")

@@ -58,6 +58,9 @@ class CompressionSettings:
     avg_bits
         If set, the budget planner picks bits and salient count per matrix to
         minimise the total measured error at this average bits per delta parameter.
+    vocab_bits
+        Bits for the embedding and ``lm_head`` deltas; ``None`` uses ``bits``. Every
+        error in ``lm_head`` lands directly on the logits.
     ragged_groups
         Allow a shorter last group in matrices whose width ``group_size`` does not
         divide (otherwise that is an error naming the tensor).
@@ -69,12 +72,15 @@ class CompressionSettings:
     clip_grid: int = 1
     min_clip: float = 0.5
     avg_bits: float | None = None
+    vocab_bits: int | None = None
     ragged_groups: bool = False
     max_shard_bytes: int = 128 << 20
 
     def validate(self) -> None:
         if self.bits not in (1, 2, 3, 4):
             raise ValueError(f"bits must be 1, 2, 3 or 4, got {self.bits}")
+        if self.vocab_bits is not None and self.vocab_bits not in (1, 2, 3, 4):
+            raise ValueError(f"vocab_bits must be 1, 2, 3 or 4, got {self.vocab_bits}")
         if self.group_size < 0:
             raise ValueError(f"group size must be positive or 0 (whole row), got {self.group_size}")
         if self.salient < 0:
@@ -465,6 +471,8 @@ def _compress_delta(writer, tensor: str, role: str, base: Path, expert: Path, ba
     rows, cols = delta.shape
     weight = _channel_weights(statistics, tensor, role, cols)
     bits, k, group_size = settings.bits, salient_count(settings.salient, cols), settings.group_size
+    if role in ("embedding", "lm_head") and settings.vocab_bits is not None:
+        bits = settings.vocab_bits
     if plan is not None:
         bits, k = plan[tensor].bits, plan[tensor].salient
         if plan[tensor].group_size is not None:

@@ -160,6 +160,7 @@ def test_corrupted_artifact_is_refused(pair, tmp_path):
 @pytest.mark.parametrize(("settings", "pattern"), [
     (CompressionSettings(bits=0), "bits"),
     (CompressionSettings(bits=5), "bits"),
+    (CompressionSettings(vocab_bits=0), "vocab_bits"),
 ])
 def test_bad_settings(pair, tmp_path, settings, pattern):
     base, expert = pair
@@ -255,6 +256,22 @@ def test_budget_planner_spends_bits_where_they_reduce_error():
     assert plan["hard"].bits == 2 and plan["easy"].bits == 2
     with pytest.raises(ValueError, match="below the cheapest"):
         plan_budget(candidates, {"easy": 100, "hard": 100}, avg_bits=0.5)
+
+
+def test_vocab_bits_apply_to_embedding_and_lm_head_only(pair, tmp_path):
+    base, expert = pair
+    report = compress(base, expert, tmp_path / "v.meswitch", settings=CompressionSettings(bits=2, vocab_bits=4,
+                      group_size=32), progress=False)
+    bits = {e["role"]: set() for e in report.tensors.values() if e["kind"] == "delta"}
+    for entry in report.tensors.values():
+        if entry["kind"] == "delta":
+            bits[entry["role"]].add(entry["bits"])
+    assert bits == {"linear": {2}, "embedding": {4}, "lm_head": {4}}
+    # The stored codes follow: the decompressed lm_head is as close as a 4-bit quantization.
+    plain = compress(base, expert, tmp_path / "p.meswitch", settings=CompressionSettings(bits=2, group_size=32),
+                     progress=False)
+    assert report.tensors["lm_head.weight"]["error"] < plain.tensors["lm_head.weight"]["error"] / 4
+    assert report.avg_bits > plain.avg_bits
 
 
 def test_avg_bits_budget_is_met(pair, tmp_path):
