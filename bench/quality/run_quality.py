@@ -1,10 +1,12 @@
 """Quality of compressed experts on the bundled tiny family: the table and ablations of docs/results.md.
 
-Run: ``python bench/quality/run_quality.py`` (about 20-40 minutes on 2 cores).
+Run: ``python bench/quality/run_quality.py`` (about 20-40 minutes on 2 cores; with
+``--no-ablation`` about 12).
 
 For each expert (chat, math, code) it evaluates on the expert's own held-out
 domain: the FP16 expert, the base alone, meswitch 2-bit + 1 % salient channels
-(activation-aware, calibration from the training split), meswitch at
+(activation-aware, calibration from the training split) alone, with the clipping search,
+with learned step sizes (300 steps) and with 4-bit vocabulary matrices, meswitch at
 ``--avg-bits 2.3`` (budget planner), RTN 2-bit (no salient channels, no step-size
 search) and BitDelta 1-bit (sign x one scale per matrix); then the ablations
 (salient fraction 0-5 % at 2 bits, bits 1-4 at 1 % salient) and the size table
@@ -115,6 +117,8 @@ def main() -> None:
                 ("meswitch 2-bit + 1% salient", tiny_family_settings(bits=2, salient=0.01), calibration),
                 ("meswitch 2-bit + 1% salient + clip search", tiny_family_settings(bits=2, salient=0.01, clip_grid=20),
                  calibration),
+                ("meswitch 2-bit + 1% salient + learned step sizes",
+                 tiny_family_settings(bits=2, salient=0.01, refine_steps=300), calibration),
                 ("meswitch 2-bit + 1% salient, 4-bit vocabulary",
                  tiny_family_settings(bits=2, salient=0.01, vocab_bits=4), calibration),
                 ("meswitch --avg-bits 2.3", tiny_family_settings(avg_bits=2.3), calibration),

@@ -86,7 +86,8 @@ def _run_compress(args: argparse.Namespace) -> int:
 
     settings = CompressionSettings(bits=args.bits, group_size=args.group_size, salient=parse_salient(args.salient),
                                    clip_grid=args.clip_grid, min_clip=args.min_clip, avg_bits=args.avg_bits,
-                                   vocab_bits=args.vocab_bits, ragged_groups=args.ragged_groups)
+                                   vocab_bits=args.vocab_bits, refine_steps=args.refine_steps,
+                                   refine_lr=args.refine_lr, ragged_groups=args.ragged_groups)
     report = compress(args.base, args.expert, args.out, settings=settings, calibration=args.calib,
                       name=args.name, domain=args.domain or "", progress=not args.quiet)
     for line in report.summary_lines():
@@ -125,6 +126,10 @@ def _inspect_artifact(path: Path, args: argparse.Namespace) -> int:
           f"salient={quant['salient']} clip_grid={quant['clip_grid']} avg_bits={quant['avg_bits']} "
           f"vocab_bits={quant.get('vocab_bits')} "
           f"calibration={quant['calibration']['kind']}")
+    if quant.get("refine"):
+        refine = quant["refine"]
+        print(f"  {'learned step sizes':<22} {refine['steps']} steps on {refine['texts']} texts, KL per token "
+              f"{refine['kl_before']:.4f} -> {refine['kl_after']:.4f}")
     print(f"  {'tensors':<22} " + ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items())))
     print(f"  {'delta parameters':<22} {stats['delta_parameters']:,}  ({stats['avg_bits']:.3f} bits each)")
     print(f"  {'stored':<22} {_human_bytes(size)} in {len(manifest['shards'])} shard(s), sha256 verified")
@@ -202,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--clip-grid", type=int, default=1,
                           help="step-size search points; 1 (default) keeps the full range")
     compress.add_argument("--min-clip", type=float, default=0.5, help="smallest clip ratio searched")
+    compress.add_argument("--refine-steps", type=int, default=0,
+                          help="learnable step sizes: Adam steps training the scales end to end on --calib (default 0)")
+    compress.add_argument("--refine-lr", type=float, default=1e-2, help="learning rate of the scale multipliers")
     compress.add_argument("--name", help="expert name (default: expert directory name)")
     compress.add_argument("--domain", help="domain description stored in the manifest")
     compress.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -61,6 +61,10 @@ class CompressionSettings:
     vocab_bits
         Bits for the embedding and ``lm_head`` deltas; ``None`` uses ``bits``. Every
         error in ``lm_head`` lands directly on the logits.
+    refine_steps, refine_lr
+        Learnable step sizes: after quantizing, train one multiplier per scale group
+        end to end against the FP16 expert on the calibration text for this many
+        Adam steps (0 = off; needs calibration text). See ``meswitch.refine``.
     ragged_groups
         Allow a shorter last group in matrices whose width ``group_size`` does not
         divide (otherwise that is an error naming the tensor).
@@ -73,6 +77,8 @@ class CompressionSettings:
     min_clip: float = 0.5
     avg_bits: float | None = None
     vocab_bits: int | None = None
+    refine_steps: int = 0
+    refine_lr: float = 1e-2
     ragged_groups: bool = False
     max_shard_bytes: int = 128 << 20
 
@@ -87,6 +93,8 @@ class CompressionSettings:
             raise ValueError(f"salient must be >= 0, got {self.salient}")
         if self.clip_grid < 1 or not 0 < self.min_clip <= 1:
             raise ValueError("clip_grid must be >= 1 and min_clip in (0, 1]")
+        if self.refine_steps < 0 or self.refine_lr <= 0:
+            raise ValueError(f"refine_steps must be >= 0 and refine_lr > 0, got {self.refine_steps}, {self.refine_lr}")
         if self.avg_bits is not None and not 1.0 <= self.avg_bits <= 6.0:
             raise ValueError(f"avg_bits must be within [1, 6], got {self.avg_bits}")
 
@@ -347,6 +355,9 @@ def compress(base: str | Path, expert: str | Path, out: str | Path, *,
 
     statistics: Mapping[str, np.ndarray] | None
     calibration_info: dict[str, Any] = {"kind": "weight-only"}
+    texts: list[str] = []
+    if settings.refine_steps and (calibration is None or isinstance(calibration, Mapping)):
+        raise ValueError("refine_steps needs calibration text (the refinement runs the model on it)")
     if calibration is None:
         statistics = None
     elif isinstance(calibration, Mapping):
@@ -366,7 +377,9 @@ def compress(base: str | Path, expert: str | Path, out: str | Path, *,
     if settings.avg_bits is not None:
         plan = _plan(base, expert, base_ckpt, expert_ckpt, delta_names, statistics, settings, progress)
 
-    writer = _core.ArtifactWriter(str(out), settings.max_shard_bytes)
+    # With refinement the quantized artifact is an intermediate: ``out`` appears only refined.
+    written = out.with_name(out.name + ".unrefined") if settings.refine_steps else out
+    writer = _core.ArtifactWriter(str(written), settings.max_shard_bytes)
     try:
         entries, totals = _write_tensors(writer, names, delta_names, base, expert, base_ckpt, expert_ckpt,
                                          statistics, settings, plan, progress)
@@ -391,6 +404,14 @@ def compress(base: str | Path, expert: str | Path, out: str | Path, *,
     except BaseException:
         writer.abort()  # the staging directory goes now, not when the traceback is collected
         raise
+    if settings.refine_steps:
+        from meswitch.refine import refine_step_sizes
+
+        try:
+            refine_step_sizes(base, expert, written, out, texts, steps=settings.refine_steps,
+                              lr=settings.refine_lr, progress=bool(progress))
+        finally:
+            shutil.rmtree(written, ignore_errors=True)
     artifact_bytes = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
     return CompressionReport(str(out), time.perf_counter() - start, totals["params"], totals["params"] * 2,
                              artifact_bytes, totals["storage_bits"] / max(1, totals["params"]), entries)

@@ -328,3 +328,61 @@ def test_cli_compress_inspect_eval_on_the_bundled_family(tmp_path, capsys):
     assert main(["compress", "--base", str(family / "base"), "--expert", str(family / "math"), "--quiet",
                  "--out", str(tmp_path / "strict.meswitch")]) == 1
     assert "does not divide the width 688" in capsys.readouterr().err
+
+
+def _calibration_kl(model, teacher, tokenizer, texts) -> float:
+    """Mean per-token KL(teacher || model) over ``texts``, computed independently of meswitch.refine."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([[tokenizer.eos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"][:255]])
+            target = torch.log_softmax(teacher(input_ids=ids).logits[0].double(), -1)
+            student = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+            total += float((target.exp() * (target - student)).sum())
+            count += ids.shape[1]
+    return total / count
+
+
+def test_learned_step_sizes_lower_the_kl_and_change_only_scales(tmp_path, capsys):
+    from meswitch.calibration import read_calibration_texts
+    from meswitch.evaluation import load_model
+    from meswitch.family import family_dir
+
+    torch.set_num_threads(2)
+    base, expert = family_dir() / "base", family_dir() / "math"
+    texts = read_calibration_texts(family_dir().parent / "calib" / "math.jsonl")[:8]
+    settings = dict(bits=2, salient=0.01, ragged_groups=True)
+    compress(base, expert, tmp_path / "plain.meswitch", settings=CompressionSettings(**settings),
+             calibration=texts, progress=False)
+    compress(base, expert, tmp_path / "refined.meswitch", settings=CompressionSettings(**settings, refine_steps=20),
+             calibration=texts, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.meswitch", "refined.meswitch"]  # no intermediate
+    plain, refined = load_artifact(tmp_path / "plain.meswitch"), load_artifact(tmp_path / "refined.meswitch")
+    summary = refined.manifest["quantization"]["refine"]
+    assert summary["steps"] == 20 and summary["kl_after"] < summary["kl_before"]
+    changed = 0
+    for name, entry in plain.tensors.items():
+        if entry["kind"] != "delta":
+            continue
+        for piece in ("qweight", "zeros", "salient_idx", "salient"):
+            assert np.array_equal(plain.stored(f"{name}.{piece}"), refined.stored(f"{name}.{piece}")), (name, piece)
+        changed += not np.array_equal(plain.stored(f"{name}.scales"), refined.stored(f"{name}.scales"))
+    assert changed == sum(e["kind"] == "delta" for e in plain.tensors.values())
+    # Through the ordinary C++ dequantization path the stored scales give the KL the refinement reported.
+    teacher, tokenizer = load_model(expert)
+    kl_plain = _calibration_kl(load_compressed_model(base, plain)[0], teacher, tokenizer, texts)
+    kl_refined = _calibration_kl(load_compressed_model(base, refined)[0], teacher, tokenizer, texts)
+    assert kl_plain == pytest.approx(summary["kl_before"], rel=1e-3)
+    assert kl_refined == pytest.approx(summary["kl_after"], rel=1e-3)
+    assert kl_refined < kl_plain
+    from meswitch.cli import main
+
+    assert main(["inspect", str(tmp_path / "refined.meswitch")]) == 0
+    assert "learned step sizes     20 steps on 8 texts" in capsys.readouterr().out
+
+
+def test_learned_step_sizes_need_calibration_text(pair, tmp_path):
+    base, expert = pair
+    with pytest.raises(ValueError, match="refine_steps needs calibration text"):
+        compress(base, expert, tmp_path / "r.meswitch", settings=CompressionSettings(refine_steps=5), progress=False)
+    assert not list(tmp_path.iterdir())
