@@ -47,10 +47,14 @@ class ExpertArtifact:
     def tensors(self) -> dict[str, dict[str, Any]]:
         return self.manifest["tensors"]
 
+    def stored_dtype(self, name: str) -> str:
+        """The safetensors dtype of a stored tensor (``"F16"``, ``"U32"``, ...)."""
+        return self._core.stored_dtype(name)
+
     def stored(self, name: str) -> np.ndarray:
         """A stored tensor (e.g. ``W.qweight``) as a read-only NumPy view."""
         array = self._core.stored(name)
-        if self._core.stored_dtype(name) == "BF16":
+        if self.stored_dtype(name) == "BF16":
             array = array.view(ml_dtypes.bfloat16)
         return array
 

@@ -23,12 +23,14 @@ from typing import Any
 import numpy as np
 
 
-def _scale_groups(artifact, base_weights: dict[str, Any], model_params: dict[str, Any]):
+def _scale_groups(artifact, base: str | os.PathLike[str], model_params: dict[str, Any]):
     """Per delta weight: fixed (code - zero), the stored scales and everything else of the dense weight."""
     import torch
 
     from meswitch import _core
+    from meswitch.checkpoint import open_checkpoint
 
+    base_ckpt = open_checkpoint(base)
     groups = {}
     for name, entry in artifact.tensors.items():
         if entry["kind"] != "delta" or name not in model_params:
@@ -43,7 +45,7 @@ def _scale_groups(artifact, base_weights: dict[str, Any], model_params: dict[str
         salient_idx = torch.from_numpy(artifact.stored(f"{name}.salient_idx").astype(np.int64))
         # Salient columns hold code == zero (they dequantize to 0) and their exact values
         # come from the salient block, which stays as stored.
-        fixed = base_weights[name].reshape(rows, cols).clone()
+        fixed = torch.from_numpy(np.array(base_ckpt.get_array(name, widen=True), dtype=np.float32)).reshape(rows, cols)
         fixed[:, salient_idx] += torch.from_numpy(artifact.stored(f"{name}.salient").astype(np.float32))
         extra = model_params[name].detach()[rows:].clone()  # an expanded vocabulary's whole rows
         groups[name] = {"centred": centred, "scales": scales, "column_group": column_group, "fixed": fixed,
@@ -107,10 +109,7 @@ def refine_step_sizes(base: str | os.PathLike[str], expert: str | os.PathLike[st
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    base_model, _ = load_model(base)
-    base_weights = {n: p.detach() for n, p in base_model.named_parameters()}
-    groups = _scale_groups(source, base_weights, dict(model.named_parameters()))
-    del base_model, base_weights
+    groups = _scale_groups(source, base, dict(model.named_parameters()))
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     sequences = [torch.tensor([start] + tokenizer(t, add_special_tokens=False)["input_ids"][: max_length - 1])
                  for t in texts]
@@ -175,7 +174,7 @@ def _rewrite(source, out: Path, refined_scales: dict[str, np.ndarray], summary: 
                     writer.add_tensor(stored, "F16", refined_scales[weight].view(np.uint16))
                 else:
                     array = source.stored(stored)
-                    dtype = source._core.stored_dtype(stored)
+                    dtype = source.stored_dtype(stored)
                     writer.add_tensor(stored, dtype, np.ascontiguousarray(array.view(np.uint16) if dtype == "BF16"
                                                                            else array))
         for side in source.side_files():
