@@ -88,7 +88,7 @@ def refine_step_sizes(base: str | os.PathLike[str], expert: str | os.PathLike[st
     -------
     dict
         ``kl_before`` and ``kl_after`` (mean per token, nats, on the calibration texts),
-        ``steps``, ``lr`` and ``scale_groups``.
+        ``steps``, ``lr``, ``texts`` (calibration texts used) and ``scale_groups``.
     """
     import torch
     from torch.func import functional_call
