@@ -6,6 +6,8 @@
 #   ./dev.sh sanitize   the C++ tests under AddressSanitizer + UndefinedBehaviorSanitizer
 #   ./dev.sh fuzz [S]   the safetensors header fuzzer for S seconds (default 60)
 #   ./dev.sh bench-io   the 1 GiB checkpoint read benchmark
+#   ./dev.sh develop    build the C++ tests and meswitch._core in build/dev, linked into
+#                       python/meswitch, for `PYTHONPATH=python python -m pytest` without installing
 set -euo pipefail
 cd "$(dirname "$0")"
 JOBS=${JOBS:-$(nproc)}
@@ -51,13 +53,17 @@ case "${1:-help}" in
     cp fuzz/corpus/* build/fuzz/corpus/
     build/fuzz/fuzz/fuzz_safetensors_header -max_total_time="${2:-60}" -max_len=4096 build/fuzz/corpus
     ;;
+  develop)
+    build_cpp build/dev -DMESWITCH_PYTHON=ON -DMESWITCH_CUDA=OFF -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)"
+    for module in build/dev/_core*.so; do ln -sf "../../$module" python/meswitch/; done
+    ;;
   bench-io)
     deps
     install_python
     python3 bench/io/bench_read.py "${@:2}"
     ;;
   *)
-    sed -n '2,9p' "$0"
+    sed -n '2,11p' "$0"
     exit 2
     ;;
 esac
