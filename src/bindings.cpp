@@ -124,11 +124,14 @@ PYBIND11_MODULE(_core, m) {
   m.attr("__version__") = kVersion;
 
   static py::exception<FormatError> format_error(m, "FormatError", PyExc_ValueError);
+  static py::exception<OutputPathError> output_path_error(m, "OutputPathError", PyExc_FileExistsError);
   py::register_exception_translator([](std::exception_ptr pointer) {
     try {
       if (pointer) std::rethrow_exception(pointer);
     } catch (const FormatError& error) {
       py::set_error(format_error, error.what());
+    } catch (const OutputPathError& error) {
+      py::set_error(output_path_error, error.what());
     } catch (const IoError& error) {
       PyErr_SetString(PyExc_OSError, error.what());
     }

@@ -3,7 +3,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "bindings_common.hpp"
 #include "meswitch/artifact.hpp"
@@ -30,13 +33,35 @@ void add_tensor(ArtifactWriter& writer, const std::string& name, const std::stri
   writer.add_tensor(name, dtype, shape, array.data());
 }
 
+const OutputMarker& output_marker(const std::string& kind) {
+  if (kind == "artifact") return kArtifactMarker;
+  if (kind == "decompressed") return kDecompressedMarker;
+  throw py::value_error("output kind must be 'artifact' or 'decompressed', got '" + kind + "'");
+}
+
+std::vector<ProtectedPath> protected_paths(const std::vector<std::pair<std::string, std::string>>& inputs) {
+  std::vector<ProtectedPath> paths;
+  for (const auto& [role, path] : inputs) paths.push_back({role, path});
+  return paths;
+}
+
 }  // namespace
 
 void bind_artifact(py::module_& m) {
   py::class_<ArtifactWriter>(m, "ArtifactWriter")
-      .def(py::init<std::string, std::uint64_t>(), py::arg("directory"), py::arg("max_shard_bytes") = 128ull << 20)
+      .def(py::init([](const std::string& directory, std::uint64_t max_shard_bytes, bool replace,
+                       const std::vector<std::pair<std::string, std::string>>& inputs) {
+             return std::make_unique<ArtifactWriter>(directory, max_shard_bytes, replace, protected_paths(inputs));
+           }),
+           py::arg("directory"), py::arg("max_shard_bytes") = 128ull << 20, py::arg("replace") = false,
+           py::arg("inputs") = std::vector<std::pair<std::string, std::string>>{})
       .def("add_tensor", &add_tensor, py::arg("name"), py::arg("dtype"), py::arg("array"))
       .def("add_file", &ArtifactWriter::add_file, py::arg("relative_path"), py::arg("source_path"))
+      .def("add_file_content",
+           [](ArtifactWriter& self, const std::string& relative_path, const py::bytes& content) {
+             self.add_file_content(relative_path, std::string(content));
+           },
+           py::arg("relative_path"), py::arg("content"))
       .def("commit",
            [](ArtifactWriter& self, const std::string& manifest_json) {
              self.commit(nlohmann::json::parse(manifest_json));
@@ -49,6 +74,15 @@ void bind_artifact(py::module_& m) {
       .def_static("open", &ExpertArtifact::open, py::arg("directory"), py::arg("verify_checksums") = true,
                   py::call_guard<py::gil_scoped_release>())
       .def("manifest_json", [](const ExpertArtifact& self) { return self.manifest().dump(); })
+      .def("side_files",
+           [](const ExpertArtifact& self) {
+             std::vector<std::string> paths;
+             for (const ArtifactSideFile& file : self.side_files()) paths.push_back(file.path);
+             return paths;
+           })
+      .def("read_side_file",
+           [](const ExpertArtifact& self, const std::string& path) { return py::bytes(self.read_side_file(path)); },
+           py::arg("path"))
       .def("has_stored", &ExpertArtifact::has_stored, py::arg("name"))
       .def("stored",
            [](const ExpertArtifact& self, const std::string& name) {
@@ -69,5 +103,19 @@ void bind_artifact(py::module_& m) {
           return base_fingerprint(SafetensorsCheckpoint::open(base_path), config_text).dump();
         },
         py::arg("base_path"), py::arg("config_text"), py::call_guard<py::gil_scoped_release>());
+  m.def("check_output_directory",
+        [](const std::string& path, const std::string& kind, bool replace,
+           const std::vector<std::pair<std::string, std::string>>& inputs) {
+          check_output_directory(path, output_marker(kind), replace, protected_paths(inputs));
+        },
+        py::arg("path"), py::arg("kind"), py::arg("replace") = false,
+        py::arg("inputs") = std::vector<std::pair<std::string, std::string>>{},
+        "refuse an output path that is not ours to replace (see output_directory.hpp)");
+  m.def("commit_directory", &commit_directory, py::arg("staging"), py::arg("target"),
+        py::call_guard<py::gil_scoped_release>(), "move a complete staging directory into place in one step");
+  m.def("output_marker_file", [](const std::string& kind) { return std::string(output_marker(kind).file); },
+        py::arg("kind"));
+  m.def("output_marker_format", [](const std::string& kind) { return std::string(output_marker(kind).format); },
+        py::arg("kind"));
   m.def("sha256_file", &sha256_file, py::arg("path"), py::call_guard<py::gil_scoped_release>());
 }

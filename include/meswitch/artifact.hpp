@@ -2,26 +2,35 @@
 //
 //   manifest.json                        format version, expert and base identity,
 //                                        quantization settings, per-tensor entries,
-//                                        sha256 of every shard (spec: docs/format.md)
+//                                        sha256 of every shard and side file
+//                                        (spec: docs/format.md, checks: artifact_manifest.hpp)
 //   deltas-0000i-of-0000N.safetensors    the tensors, readable by any safetensors reader
 //   expert/                              the expert's config.json, tokenizer files, ...
 //
 // Per weight W of kind "delta" the shards hold W.qweight (U32 [rows, words]),
 // W.scales (F16 [rows, groups]), W.zeros (U8 [rows, groups]), W.salient_idx
 // (I32 [k]), W.salient (F16 [rows, k]) and, for an expanded vocabulary,
-// W.extra_rows (F16 [extra, cols]). Kind "full" stores W.full whole; kind "same"
-// stores nothing (the tensor equals the base's).
+// W.extra_rows ([extra, cols] in the expert's dtype). Kind "full" stores W.full
+// whole; kind "same" stores nothing (the tensor equals the base's).
 //
-// Writing stages everything in a temporary sibling directory and renames it into
-// place on commit, so an interrupted compression leaves no artifact behind.
+// Writing stages everything in a temporary sibling directory and swaps it into
+// place on commit (output_directory.hpp), so an interrupted compression leaves the
+// old artifact or the new one, never half of one. Reading trusts nothing: the
+// manifest is checked completely, every shard and side file must be a regular file
+// inside the artifact whose sha256 matches, and every stored tensor must be the
+// dtype and shape its entry implies.
 #pragma once
 
+#include <fcntl.h>
 #include <dirent.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -31,16 +40,15 @@
 #include <string>
 #include <vector>
 
+#include "meswitch/artifact_manifest.hpp"
 #include "meswitch/error.hpp"
+#include "meswitch/output_directory.hpp"
 #include "meswitch/safetensors.hpp"
 #include "meswitch/sha256.hpp"
 #include "meswitch/sharded_safetensors.hpp"
 #include "meswitch/tensor.hpp"
 
 namespace meswitch {
-
-constexpr int kArtifactFormatVersion = 1;
-constexpr const char* kArtifactFormatName = "meswitch-expert";
 
 // Names of the stored pieces of one compressed weight.
 struct DeltaTensorNames {
@@ -72,19 +80,38 @@ inline std::string read_text_file(const std::string& path) {
   return buffer.str();
 }
 
-inline void remove_tree(const std::string& path) {
-  if (DIR* directory = ::opendir(path.c_str())) {
-    while (dirent* entry = ::readdir(directory)) {
-      const std::string name = entry->d_name;
-      if (name == "." || name == "..") continue;
-      const std::string child = path + "/" + name;
-      struct stat info {};
-      if (::lstat(child.c_str(), &info) == 0 && S_ISDIR(info.st_mode)) remove_tree(child);
-      else ::unlink(child.c_str());
-    }
-    ::closedir(directory);
+// Refuses anything but a regular file: a symbolic link inside an artifact could point
+// anywhere on the reader's machine.
+inline void require_regular_file(const std::string& path) {
+  struct stat info {};
+  if (::lstat(path.c_str(), &info) != 0) throw IoError("cannot open '" + path + "': " + std::strerror(errno));
+  if (S_ISLNK(info.st_mode)) throw FormatError(path, "", "is a symbolic link; an artifact holds regular files only");
+  if (!S_ISREG(info.st_mode)) throw FormatError(path, "", "is not a regular file");
+}
+
+// The bytes of a regular file, opened without following a final symbolic link.
+inline std::string read_regular_file(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) {
+    if (errno == ELOOP) throw FormatError(path, "", "is a symbolic link; an artifact holds regular files only");
+    throw IoError("cannot open '" + path + "': " + std::strerror(errno));
   }
-  ::rmdir(path.c_str());
+  struct stat info {};
+  std::string text;
+  const bool regular = ::fstat(fd, &info) == 0 && S_ISREG(info.st_mode);
+  if (regular) {
+    text.resize(std::size_t(info.st_size));
+    std::size_t done = 0;
+    while (done < text.size()) {
+      const ssize_t got = ::read(fd, &text[done], text.size() - done);
+      if (got <= 0) break;
+      done += std::size_t(got);
+    }
+    text.resize(done);
+  }
+  ::close(fd);
+  if (!regular) throw FormatError(path, "", "is not a regular file");
+  return text;
 }
 
 inline std::string shard_file_name(std::size_t index, std::size_t count) {
@@ -117,14 +144,21 @@ inline nlohmann::json base_fingerprint(const SafetensorsCheckpoint& base, const 
 
 class ArtifactWriter {
  public:
-  // `max_shard_bytes` bounds the memory held before a shard is flushed to disk.
-  explicit ArtifactWriter(std::string directory, std::uint64_t max_shard_bytes = 128ull << 20)
-      : directory_(strip_slash(std::move(directory))), max_shard_bytes_(max_shard_bytes) {
+  // Checks the output path first (output_directory.hpp): an existing artifact is
+  // replaced only when `replace` is set; anything else there, the current directory
+  // and the `inputs` (base, expert) are refused before any work. A shard is flushed
+  // before it would pass `max_shard_bytes` (a single larger tensor gets a shard of its own).
+  explicit ArtifactWriter(std::string directory, std::uint64_t max_shard_bytes = 128ull << 20, bool replace = false,
+                          std::vector<ProtectedPath> inputs = {})
+      : directory_(strip_slash(std::move(directory))), max_shard_bytes_(max_shard_bytes), replace_(replace),
+        inputs_(std::move(inputs)) {
+    if (max_shard_bytes_ == 0) throw Error("max_shard_bytes must be positive");
+    check_output_directory(directory_, kArtifactMarker, replace_, inputs_);
     std::vector<char> pattern(directory_.begin(), directory_.end());
     const char suffix[] = ".tmp.XXXXXX";
     pattern.insert(pattern.end(), suffix, suffix + sizeof suffix);
     if (::mkdtemp(pattern.data()) == nullptr)
-      throw IoError("cannot create a staging directory beside '" + directory_ + "'");
+      throw IoError("cannot create a staging directory beside '" + directory_ + "': " + std::strerror(errno));
     staging_ = pattern.data();
   }
 
@@ -134,35 +168,42 @@ class ArtifactWriter {
   ArtifactWriter(const ArtifactWriter&) = delete;
   ArtifactWriter& operator=(const ArtifactWriter&) = delete;
 
-  // Queues one tensor (bytes copied); flushes a shard when the queue is large enough.
+  // Queues one tensor (bytes copied); shards never pass max_shard_bytes of tensor data
+  // unless one tensor alone does.
   void add_tensor(const std::string& name, DType dtype, const Shape& shape, const void* data) {
     if (!names_.insert(name).second) throw FormatError(directory_, name, "added twice to the artifact");
     Pending pending{{name, dtype, shape}, {}};
     const auto* bytes = static_cast<const std::uint8_t*>(data);
-    pending.bytes.assign(bytes, bytes + pending.spec.nbytes());
-    pending_bytes_ += pending.bytes.size();
+    const std::uint64_t size = pending.spec.nbytes();
+    if (!pending_.empty() && pending_bytes_ + size > max_shard_bytes_) flush();
+    pending.bytes.assign(bytes, bytes + size);
+    pending_bytes_ += size;
     pending_.push_back(std::move(pending));
     if (pending_bytes_ >= max_shard_bytes_) flush();
   }
 
-  // Copies a small side file (config.json, tokenizer ...) into the artifact.
+  // Copies a small file of the expert (config.json, tokenizer ...) into the artifact as
+  // expert/NAME and records its sha256 in the manifest.
   void add_file(const std::string& relative_path, const std::string& source_path) {
-    if (relative_path.empty() || relative_path.find("..") != std::string::npos || relative_path[0] == '/')
-      throw Error("artifact side file name '" + relative_path + "' must be a plain relative path");
-    const std::string text = detail::read_text_file(source_path);
-    std::string target = staging_;
-    std::size_t start = 0;
-    for (std::size_t slash; (slash = relative_path.find('/', start)) != std::string::npos; start = slash + 1) {
-      target += "/" + relative_path.substr(start, slash - start);
-      ::mkdir(target.c_str(), 0755);
-    }
-    AtomicFileWriter file(staging_ + "/" + relative_path);
-    file.write(text.data(), text.size());
-    file.commit();
+    add_file_content(relative_path, detail::read_text_file(source_path));
   }
 
-  // Writes the last shard and manifest.json (with "format", "format_version" and
-  // "shards" filled in), then moves the artifact into place, replacing an old one.
+  void add_file_content(const std::string& relative_path, const std::string& content) {
+    const std::string prefix = "expert/";
+    if (relative_path.compare(0, prefix.size(), prefix) != 0 ||
+        !detail::is_plain_file_name(relative_path.substr(prefix.size())))
+      throw Error("artifact side file '" + relative_path + "' must be named expert/NAME with NAME a plain file name");
+    for (const ArtifactSideFile& file : files_)
+      if (file.path == relative_path) throw Error("artifact side file '" + relative_path + "' added twice");
+    ::mkdir((staging_ + "/expert").c_str(), 0755);
+    AtomicFileWriter file(staging_ + "/" + relative_path);
+    file.write(content.data(), content.size());
+    file.commit();
+    files_.push_back({relative_path, sha256_hex(content.data(), content.size()), content.size()});
+  }
+
+  // Writes the last shard and manifest.json (with "format", "format_version", "shards"
+  // and "files" filled in), then swaps the artifact into place in one step.
   void commit(nlohmann::json manifest) {
     flush();
     nlohmann::json shards = nlohmann::json::array();
@@ -174,28 +215,23 @@ class ArtifactWriter {
       std::vector<std::string> tensors = shard_tensors_[i];
       shards.push_back({{"file", final_name}, {"sha256", sha256_file(final_path)}, {"tensors", tensors}});
     }
+    nlohmann::json files = nlohmann::json::array();
+    std::vector<ArtifactSideFile> sorted = files_;
+    std::sort(sorted.begin(), sorted.end(), [](const auto& a, const auto& b) { return a.path < b.path; });
+    for (const ArtifactSideFile& file : sorted)
+      files.push_back({{"path", file.path}, {"sha256", file.sha256}, {"bytes", file.bytes}});
     manifest["format"] = kArtifactFormatName;
     manifest["format_version"] = kArtifactFormatVersion;
     manifest["shards"] = shards;
+    manifest["files"] = files;
     const std::string text = manifest.dump(2) + "\n";
     AtomicFileWriter manifest_file(staging_ + "/manifest.json");
     manifest_file.write(text.data(), text.size());
     manifest_file.commit();
-
-    // Replace an existing artifact: move it aside first so the rename cannot fail on a non-empty directory.
-    std::string old_aside;
-    struct stat info {};
-    if (::stat(directory_.c_str(), &info) == 0) {
-      old_aside = staging_ + ".old";
-      if (::rename(directory_.c_str(), old_aside.c_str()) != 0)
-        throw IoError("cannot move the existing '" + directory_ + "' aside");
-    }
-    if (::rename(staging_.c_str(), directory_.c_str()) != 0) {
-      if (!old_aside.empty()) ::rename(old_aside.c_str(), directory_.c_str());
-      throw IoError("cannot move the artifact into '" + directory_ + "'");
-    }
+    // Whatever appeared at the target while compressing is checked again, just before the swap.
+    check_output_directory(directory_, kArtifactMarker, replace_, inputs_);
+    commit_directory(staging_, directory_);
     committed_ = true;
-    if (!old_aside.empty()) detail::remove_tree(old_aside);
   }
 
   // Discards everything written so far (also what the destructor does when not committed).
@@ -248,50 +284,73 @@ class ArtifactWriter {
   std::string directory_;
   std::string staging_;
   std::uint64_t max_shard_bytes_;
+  bool replace_;
+  std::vector<ProtectedPath> inputs_;
   std::vector<Pending> pending_;
   std::uint64_t pending_bytes_ = 0;
   std::size_t shard_count_ = 0;
   std::vector<std::vector<std::string>> shard_tensors_;
+  std::vector<ArtifactSideFile> files_;
   std::set<std::string> names_;
   bool committed_ = false;
 };
 
 class ExpertArtifact {
  public:
-  // Opens NAME.meswitch/, checks the format version and (by default) every shard's sha256.
+  // Opens NAME.meswitch/ and checks all of it (see the top of this file); shard and
+  // side-file checksums only when `verify_checksums` (the default).
   static ExpertArtifact open(const std::string& directory, bool verify_checksums = true) {
+    const std::string manifest_path = directory + "/manifest.json";
+    detail::require_regular_file(manifest_path);
+    return from_manifest(directory, detail::read_regular_file(manifest_path), verify_checksums);
+  }
+
+  // The same with the manifest's text given (the fuzzer's entry point).
+  static ExpertArtifact from_manifest(const std::string& directory, const std::string& manifest_text,
+                                      bool verify_checksums = true) {
     ExpertArtifact artifact;
     artifact.directory_ = directory;
-    const std::string manifest_path = directory + "/manifest.json";
-    artifact.manifest_ = nlohmann::json::parse(detail::read_text_file(manifest_path), nullptr, false);
-    const nlohmann::json& manifest = artifact.manifest_;
-    if (manifest.is_discarded() || !manifest.is_object())
-      throw FormatError(manifest_path, "", "manifest is not a valid JSON object");
-    if (manifest.value("format", "") != kArtifactFormatName)
-      throw FormatError(manifest_path, "", "not a meswitch expert artifact (format is not '" +
-                                               std::string(kArtifactFormatName) + "')");
-    if (!manifest.contains("format_version") || !manifest["format_version"].is_number_integer() ||
-        manifest["format_version"].get<int>() > kArtifactFormatVersion || manifest["format_version"].get<int>() < 1)
-      throw FormatError(manifest_path, "", "unsupported format_version " + manifest.value("format_version", nlohmann::json()).dump() +
-                                               " (this build reads up to " + std::to_string(kArtifactFormatVersion) + ")");
-    if (!manifest.contains("shards") || !manifest["shards"].is_array() || !manifest.contains("tensors") ||
-        !manifest["tensors"].is_object())
-      throw FormatError(manifest_path, "", "manifest lacks 'shards' or 'tensors'");
-    for (const auto& shard : manifest["shards"]) {
-      const std::string file = shard.value("file", "");
-      if (file.empty() || file.find('/') != std::string::npos)
-        throw FormatError(manifest_path, "", "shard entry without a plain file name");
-      const std::string path = directory + "/" + file;
+    artifact.manifest_path_ = directory + "/manifest.json";
+    ArtifactManifest parsed = parse_artifact_manifest(manifest_text, artifact.manifest_path_);
+    artifact.manifest_ = std::move(parsed.json);
+    artifact.files_ = std::move(parsed.files);
+    for (const ArtifactShard& shard : parsed.shards) {
+      const std::string path = directory + "/" + shard.file;
+      detail::require_regular_file(path);
       if (verify_checksums) {
         const std::string actual = sha256_file(path);
-        if (actual != shard.value("sha256", ""))
-          throw FormatError(path, "", "sha256 " + actual + " does not match the manifest's " + shard.value("sha256", ""));
+        if (actual != shard.sha256)
+          throw FormatError(path, "", "sha256 " + actual + " does not match the manifest's " + shard.sha256);
       }
       artifact.shards_.push_back(std::make_shared<SafetensorsFile>(SafetensorsFile::open(path)));
-      for (const auto& tensor : artifact.shards_.back()->tensors())
+      std::set<std::string> listed(shard.tensors.begin(), shard.tensors.end());
+      for (const auto& tensor : artifact.shards_.back()->tensors()) {
+        if (listed.erase(tensor.name) == 0)
+          throw FormatError(path, tensor.name, "stored in the shard but not listed for it in the manifest");
         artifact.location_[tensor.name] = artifact.shards_.size() - 1;
+      }
+      if (!listed.empty()) throw FormatError(path, *listed.begin(), "listed in the manifest but missing from the shard");
     }
+    artifact.check_entries();
+    artifact.check_side_files(verify_checksums);
     return artifact;
+  }
+
+  // The side files recorded in the manifest ("expert/config.json", ...).
+  const std::vector<ArtifactSideFile>& side_files() const { return files_; }
+
+  // One side file's bytes, read without following links and checked against its sha256.
+  std::string read_side_file(const std::string& relative_path) const {
+    for (const ArtifactSideFile& file : files_) {
+      if (file.path != relative_path) continue;
+      const std::string path = directory_ + "/" + file.path;
+      const std::string text = detail::read_regular_file(path);
+      const std::string actual = sha256_hex(text.data(), text.size());
+      if (actual != file.sha256)
+        throw FormatError(path, "", "sha256 " + actual + " does not match the manifest's " + file.sha256);
+      return text;
+    }
+    throw FormatError(manifest_path_, "", "no side file '" + relative_path + "' in the manifest");
   }
 
   const nlohmann::json& manifest() const { return manifest_; }
@@ -349,7 +408,9 @@ class ExpertArtifact {
     const std::int64_t extra = info.value("extra_rows", std::int64_t(0));
     if (extra > 0) {
       view.has_extra_rows = true;
-      view.extra_rows = checked(names.extra_rows, DType::F16, {extra, view.cols});
+      DType dtype{};
+      parse_dtype(info.at("dtype").get<std::string>(), dtype);  // checked with the manifest
+      view.extra_rows = checked(names.extra_rows, dtype, {extra, view.cols});
     }
     return view;
   }
@@ -358,7 +419,7 @@ class ExpertArtifact {
   void check_base(const SafetensorsCheckpoint& base, const std::string& config_text) const {
     const nlohmann::json expected = manifest_.at("base");
     const nlohmann::json actual = base_fingerprint(base, config_text);
-    if (expected.value("fingerprint", "") == actual["fingerprint"]) return;
+    if (expected.value("fingerprint", "") == actual["fingerprint"]) return check_entries_against(base);
     std::string detail = "fingerprint " + actual["fingerprint"].get<std::string>() + " != recorded " +
                          expected.value("fingerprint", std::string("<none>"));
     const nlohmann::json expected_tensors = expected.value("tensors", nlohmann::json::object());
@@ -379,6 +440,30 @@ class ExpertArtifact {
  private:
   ExpertArtifact() = default;
 
+  // "same" entries must match the base tensor's dtype and shape; a delta needs a
+  // floating base tensor of [rows, cols].
+  void check_entries_against(const SafetensorsCheckpoint& base) const {
+    for (const auto& item : manifest_["tensors"].items()) {
+      const std::string kind = item.value()["kind"].get<std::string>();
+      if (kind == "full") continue;
+      if (!base.contains(item.key()))
+        throw FormatError(manifest_path_, item.key(), "entry of kind '" + kind + "' but the base has no such tensor");
+      const TensorInfo& info = base.info(item.key());
+      if (kind == "same") {
+        const Shape shape = item.value()["shape"].get<Shape>();
+        if (dtype_name(info.dtype) != item.value()["dtype"].get<std::string>() || info.shape != shape)
+          throw FormatError(manifest_path_, item.key(), "entry 'same' says " + item.value()["dtype"].get<std::string>() +
+                                                            " " + shape_string(shape) + ", the base tensor is " +
+                                                            dtype_name(info.dtype) + " " + shape_string(info.shape));
+      } else {
+        const Shape shape{item.value()["rows"].get<std::int64_t>(), item.value()["cols"].get<std::int64_t>()};
+        if (!is_floating(info.dtype) || info.shape != shape)
+          throw FormatError(manifest_path_, item.key(), "delta of " + shape_string(shape) + " but the base tensor is " +
+                                                            dtype_name(info.dtype) + " " + shape_string(info.shape));
+      }
+    }
+  }
+
   TensorView checked(const std::string& tensor_name, DType dtype, const Shape& shape) const {
     const TensorView view = stored(tensor_name);
     if (view.dtype != dtype || view.shape != shape)
@@ -387,8 +472,72 @@ class ExpertArtifact {
     return view;
   }
 
+  // Every stored tensor is the one its entry implies, and nothing else is stored.
+  void check_entries() const {
+    std::set<std::string> expected;
+    for (const auto& item : manifest_["tensors"].items()) {
+      const std::string& weight = item.key();
+      const nlohmann::json& info = item.value();
+      const std::string kind = info["kind"].get<std::string>();
+      DType dtype{};
+      parse_dtype(info["dtype"].get<std::string>(), dtype);
+      if (kind == "full") {
+        checked(weight + ".full", dtype, info["shape"].get<Shape>());
+        expected.insert(weight + ".full");
+      } else if (kind == "delta") {
+        delta(weight);  // checks the five tensors and their contents
+        const DeltaTensorNames names(weight);
+        expected.insert({names.qweight, names.scales, names.zeros, names.salient_idx, names.salient});
+        const std::int64_t extra = info["extra_rows"].get<std::int64_t>();
+        if (extra > 0) {
+          checked(names.extra_rows, dtype, {extra, info["cols"].get<std::int64_t>()});
+          expected.insert(names.extra_rows);
+        }
+      }
+    }
+    for (const auto& item : location_)
+      if (expected.count(item.first) == 0)
+        throw FormatError(shards_[item.second]->path(), item.first, "stored but described by no manifest entry");
+  }
+
+  // Side files: regular files directly in expert/, each listed with its size and sha256,
+  // and nothing else there.
+  void check_side_files(bool verify_checksums) const {
+    std::set<std::string> listed;
+    for (const ArtifactSideFile& file : files_) {
+      const std::string path = directory_ + "/" + file.path;
+      detail::require_regular_file(path);
+      struct stat info {};
+      ::lstat(path.c_str(), &info);
+      if (std::uint64_t(info.st_size) != file.bytes)
+        throw FormatError(path, "", "holds " + std::to_string(info.st_size) + " bytes, the manifest says " +
+                                        std::to_string(file.bytes));
+      if (verify_checksums) read_side_file(file.path);
+      listed.insert(file.path.substr(std::string("expert/").size()));
+    }
+    const std::string side_directory = directory_ + "/expert";
+    struct stat info {};
+    if (::lstat(side_directory.c_str(), &info) != 0) {
+      if (!files_.empty()) throw FormatError(side_directory, "", "is missing (the manifest lists side files)");
+      return;
+    }
+    if (!S_ISDIR(info.st_mode)) throw FormatError(side_directory, "", "is not a directory");
+    DIR* directory = ::opendir(side_directory.c_str());
+    if (directory == nullptr) throw IoError("cannot list '" + side_directory + "'");
+    std::string unlisted;
+    while (dirent* entry = ::readdir(directory)) {
+      const std::string name = entry->d_name;
+      if (name != "." && name != ".." && listed.count(name) == 0 && unlisted.empty()) unlisted = name;
+    }
+    ::closedir(directory);
+    if (!unlisted.empty())
+      throw FormatError(side_directory + "/" + unlisted, "", "is not listed in the manifest's 'files'");
+  }
+
   std::string directory_;
+  std::string manifest_path_;
   nlohmann::json manifest_;
+  std::vector<ArtifactSideFile> files_;
   std::vector<std::shared_ptr<SafetensorsFile>> shards_;
   std::map<std::string, std::size_t> location_;
 };

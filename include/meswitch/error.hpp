@@ -44,4 +44,11 @@ class IoError : public Error {
   using Error::Error;
 };
 
+// An output path meswitch will not write: an existing file or directory that is not
+// an earlier output of the same kind, an input of the command, the current directory.
+class OutputPathError : public Error {
+ public:
+  using Error::Error;
+};
+
 }  // namespace meswitch

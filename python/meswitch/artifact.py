@@ -29,7 +29,9 @@ class ExpertArtifact:
     Raises
     ------
     meswitch.FormatError
-        Unknown format or version, checksum mismatch, malformed shard.
+        Unknown format or version, a malformed manifest (every field is checked before
+        use), a checksum mismatch, a malformed shard, a stored tensor whose dtype or
+        shape disagrees with its entry, a side file that is a link, unlisted or altered.
     """
 
     def __init__(self, path: str | os.PathLike[str], verify_checksums: bool = True) -> None:
@@ -79,11 +81,12 @@ class ExpertArtifact:
         for weight, entry in self.tensors.items():
             dtype = NUMPY_DTYPES[entry["dtype"]]
             kind = entry["kind"]
+            # The reader checked every entry against its stored tensors and, through
+            # check_base, against the base's dtypes and shapes.
             if kind == "same":
                 yield weight, base_ckpt.get_array(weight)
             elif kind == "full":
-                array = self.stored(f"{weight}.full")
-                yield weight, array.view(dtype) if array.dtype != dtype else array
+                yield weight, self.stored(f"{weight}.full")
             elif kind == "delta":
                 base_rows = base_ckpt.get_array(weight, widen=True).reshape(entry["rows"], entry["cols"])
                 dense = base_rows + self.delta(weight)
@@ -91,12 +94,14 @@ class ExpertArtifact:
                     extra = self.stored(f"{weight}.extra_rows").astype(np.float32)
                     dense = np.concatenate([dense, extra], axis=0)
                 yield weight, dense.reshape(entry["shape"]).astype(dtype)
-            else:
-                raise ValueError(f"{self.path}: tensor '{weight}': unknown kind '{kind}'")
 
-    def side_files(self) -> list[Path]:
-        directory = self.path / "expert"
-        return sorted(p for p in directory.iterdir() if p.is_file()) if directory.is_dir() else []
+    def side_files(self) -> list[str]:
+        """The expert's small files recorded in the manifest (``"expert/config.json"``, ...)."""
+        return list(self._core.side_files())
+
+    def read_side_file(self, path: str) -> bytes:
+        """One side file's bytes, read without following links and checked against its sha256."""
+        return self._core.read_side_file(path)
 
 
 def load_artifact(path: str | os.PathLike[str], verify_checksums: bool = True) -> ExpertArtifact:
@@ -105,23 +110,47 @@ def load_artifact(path: str | os.PathLike[str], verify_checksums: bool = True) -
 
 
 def decompress(base: str | os.PathLike[str], artifact: str | os.PathLike[str] | ExpertArtifact,
-               out: str | os.PathLike[str]) -> Path:
+               out: str | os.PathLike[str], *, force: bool = False) -> Path:
     """Write base + dequantized delta as a Hugging Face model directory (loads with transformers).
 
-    The directory is built beside ``out`` and renamed into place when complete.
+    Parameters
+    ----------
+    base, artifact
+        The base model directory and the compressed expert.
+    out
+        The model directory to write. It must not exist, be empty, or hold an earlier
+        output of ``decompress`` (marked by ``meswitch_decompressed.json``); the latter
+        is replaced only with ``force``. The current directory, the base, the artifact
+        and their parents are refused.
+    force
+        Replace an earlier output of ``decompress`` at ``out``.
+
+    The directory is built beside ``out`` and swapped into place in one step when
+    complete: a crash leaves the old output or the new one, never neither.
+
+    Raises
+    ------
+    meswitch._core.OutputPathError
+        ``out`` is not ours to write (a ``FileExistsError``).
     """
-    expert = artifact if isinstance(artifact, ExpertArtifact) else load_artifact(artifact)
+    from meswitch import __version__, _core
+
     out = Path(out)
+    expert = artifact if isinstance(artifact, ExpertArtifact) else load_artifact(artifact)
+    inputs = [("the base model", str(base)), ("the artifact", str(expert.path))]
+    _core.check_output_directory(str(out), "decompressed", force, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=out.name + ".tmp.", dir=out.parent))
     try:
         tensors = dict(expert.weights(base))
         save_file(tensors, staging / "model.safetensors", metadata={"format": "pt", "meswitch_artifact": expert.name})
         for side in expert.side_files():
-            shutil.copy2(side, staging / side.name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+            (staging / Path(side).name).write_bytes(expert.read_side_file(side))
+        marker = {"format": _core.output_marker_format("decompressed"), "artifact": expert.name,
+                  "base_fingerprint": expert.manifest["base"]["fingerprint"], "created_by": f"meswitch {__version__}"}
+        (staging / _core.output_marker_file("decompressed")).write_text(json.dumps(marker, indent=2) + "\n")
+        _core.check_output_directory(str(out), "decompressed", force, inputs)  # again: it may have changed meanwhile
+        _core.commit_directory(str(staging), str(out))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

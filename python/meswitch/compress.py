@@ -13,6 +13,7 @@ import heapq
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -316,7 +317,7 @@ def compress(base: str | Path, expert: str | Path, out: str | Path, *,
              settings: CompressionSettings | None = None,
              calibration: str | Path | Sequence[str] | Mapping[str, np.ndarray] | None = None,
              name: str | None = None, domain: str = "",
-             progress: bool | Callable[[int, int, str], None] = True) -> CompressionReport:
+             progress: bool | Callable[[int, int, str], None] = True, force: bool = False) -> CompressionReport:
     """Compress ``expert`` against ``base`` into the artifact directory ``out``.
 
     Parameters
@@ -324,7 +325,11 @@ def compress(base: str | Path, expert: str | Path, out: str | Path, *,
     base, expert
         Hugging Face model directories (safetensors, sharded or not, f32/f16/bf16).
     out
-        Artifact directory, conventionally ``NAME.meswitch``; replaced atomically.
+        Artifact directory, conventionally ``NAME.meswitch``. It must not exist, be
+        empty, or hold an earlier artifact, which is replaced only with ``force``; the
+        current directory, the base, the expert and their parents are refused. The
+        new artifact is swapped into place in one step: a crash leaves the old one or
+        the new one, never neither.
     settings
         Quantization settings (:class:`CompressionSettings`).
     calibration
@@ -334,6 +339,8 @@ def compress(base: str | Path, expert: str | Path, out: str | Path, *,
         Expert name (default: the expert directory's name) and a domain description.
     progress
         ``True`` for a progress bar, ``False`` for none, or a callback ``(done, total, tensor)``.
+    force
+        Replace an earlier artifact at ``out``.
 
     Returns
     -------
@@ -344,6 +351,8 @@ def compress(base: str | Path, expert: str | Path, out: str | Path, *,
     settings = settings or CompressionSettings()
     settings.validate()
     base, expert, out = Path(base), Path(expert), Path(out)
+    inputs = [("the base model", str(base)), ("the expert", str(expert))]
+    _core.check_output_directory(str(out), "artifact", force, inputs)  # before any work
     start = time.perf_counter()
     base_config, expert_config = _load_config_text(base), _load_config_text(expert)
     base_ckpt, expert_ckpt = open_checkpoint(base), open_checkpoint(expert)
@@ -377,9 +386,17 @@ def compress(base: str | Path, expert: str | Path, out: str | Path, *,
     if settings.avg_bits is not None:
         plan = _plan(base, expert, base_ckpt, expert_ckpt, delta_names, statistics, settings, progress)
 
-    # With refinement the quantized artifact is an intermediate: ``out`` appears only refined.
-    written = out.with_name(out.name + ".unrefined") if settings.refine_steps else out
-    writer = _core.ArtifactWriter(str(written), settings.max_shard_bytes)
+    # With refinement the quantized artifact is an intermediate in a private scratch
+    # directory beside ``out``: ``out`` appears only refined.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=out.name + ".tmp.", dir=out.parent)) if settings.refine_steps else None
+    written = scratch / "unrefined.meswitch" if scratch is not None else out
+    try:
+        writer = _core.ArtifactWriter(str(written), settings.max_shard_bytes, force, inputs)
+    except BaseException:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
     try:
         entries, totals = _write_tensors(writer, names, delta_names, base, expert, base_ckpt, expert_ckpt,
                                          statistics, settings, plan, progress)
@@ -403,15 +420,17 @@ def compress(base: str | Path, expert: str | Path, out: str | Path, *,
         writer.commit(json.dumps(manifest))
     except BaseException:
         writer.abort()  # the staging directory goes now, not when the traceback is collected
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
         raise
-    if settings.refine_steps:
+    if scratch is not None:
         from meswitch.refine import refine_step_sizes
 
         try:
             refine_step_sizes(base, expert, written, out, texts, steps=settings.refine_steps,
-                              lr=settings.refine_lr, progress=bool(progress))
+                              lr=settings.refine_lr, progress=bool(progress), force=force, inputs=inputs)
         finally:
-            shutil.rmtree(written, ignore_errors=True)
+            shutil.rmtree(scratch, ignore_errors=True)
     artifact_bytes = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
     return CompressionReport(str(out), time.perf_counter() - start, totals["params"], totals["params"] * 2,
                              artifact_bytes, totals["storage_bits"] / max(1, totals["params"]), entries)
@@ -509,11 +528,13 @@ def _compress_delta(writer, tensor: str, role: str, base: Path, expert: Path, ba
     writer.add_tensor(f"{tensor}.zeros", "U8", np.ascontiguousarray(result.pieces["zeros"]))
     writer.add_tensor(f"{tensor}.salient_idx", "I32", np.ascontiguousarray(result.pieces["salient_idx"]))
     writer.add_tensor(f"{tensor}.salient", "F16", np.ascontiguousarray(result.pieces["salient"]))
-    if extra.shape[0] > 0:
-        writer.add_tensor(f"{tensor}.extra_rows", "F16", np.ascontiguousarray(extra.astype(np.float16)))
+    info = expert_ckpt.info(tensor)
+    if extra.shape[0] > 0:  # whole rows in the expert's own dtype, bit for bit
+        rows_past_base = np.ascontiguousarray(expert_ckpt.get_array(tensor)[rows:])
+        writer.add_tensor(f"{tensor}.extra_rows", info["dtype"],
+                          rows_past_base.view(np.uint16) if info["dtype"] == "BF16" else rows_past_base)
     totals["params"] += rows * cols
     totals["storage_bits"] += result.storage_bits
-    info = expert_ckpt.info(tensor)
     return {"kind": "delta", "role": role, "dtype": info["dtype"], "shape": info["shape"],
             "rows": rows, "cols": cols, "bits": result.bits, "group_size": result.group_size,
             "salient": result.salient, "extra_rows": int(extra.shape[0]),

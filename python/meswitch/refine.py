@@ -67,7 +67,8 @@ def _dense(group: dict[str, Any]):
 def refine_step_sizes(base: str | os.PathLike[str], expert: str | os.PathLike[str],
                       artifact: str | os.PathLike[str], out: str | os.PathLike[str], texts: Sequence[str], *,
                       steps: int = 300, lr: float = 1e-2, batch_size: int = 8, max_length: int = 256, seed: int = 0,
-                      progress: bool = True) -> dict[str, Any]:
+                      progress: bool = True, force: bool = False,
+                      inputs: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
     """Train the scales of ``artifact`` end to end and write the result to ``out``.
 
     Parameters
@@ -77,12 +78,15 @@ def refine_step_sizes(base: str | os.PathLike[str], expert: str | os.PathLike[st
     artifact
         The compressed expert to refine (left unchanged).
     out
-        The refined artifact; written atomically (``out`` may equal ``artifact``).
+        The refined artifact, swapped into place in one step (``out`` may equal
+        ``artifact``). Another existing artifact there is replaced only with ``force``.
     texts
         Calibration texts (the training split, never evaluation data).
     steps, lr, batch_size, max_length, seed
         Adam steps over random batches of ``batch_size`` texts, each truncated to
         ``max_length`` tokens; ``lr`` applies to the per-group multipliers, which start at 1.
+    force, inputs
+        Replace an earlier artifact at ``out``; paths (role, path) ``out`` must not be.
 
     Returns
     -------
@@ -153,11 +157,13 @@ def refine_step_sizes(base: str | os.PathLike[str], expert: str | os.PathLike[st
         kl_after = float(kl_of(sequences, current()))  # with the scales as stored (f16)
     summary = {"steps": steps, "lr": lr, "texts": len(sequences), "scale_groups": int(sum(
         g["scales"].numel() for g in groups.values())), "kl_before": kl_before, "kl_after": kl_after}
-    _rewrite(source, Path(out), refined_scales, summary)
+    in_place = Path(out).resolve() == Path(artifact).resolve()  # refining an artifact in place replaces it
+    _rewrite(source, Path(out), refined_scales, summary, force or in_place, list(inputs))
     return summary
 
 
-def _rewrite(source, out: Path, refined_scales: dict[str, np.ndarray], summary: dict[str, Any]) -> None:
+def _rewrite(source, out: Path, refined_scales: dict[str, np.ndarray], summary: dict[str, Any], force: bool,
+             inputs: list[tuple[str, str]]) -> None:
     """Copy every stored tensor of ``source`` into a new artifact at ``out``, with the refined scales."""
     from meswitch import _core
 
@@ -165,7 +171,8 @@ def _rewrite(source, out: Path, refined_scales: dict[str, np.ndarray], summary: 
     manifest["quantization"]["refine"] = summary
     # The writer stages beside ``out`` and moves the finished artifact into place, so
     # ``out`` may be the source itself.
-    writer = _core.ArtifactWriter(str(out), int(manifest["quantization"].get("max_shard_bytes", 128 << 20)))
+    writer = _core.ArtifactWriter(str(out), int(manifest["quantization"].get("max_shard_bytes", 128 << 20)), force,
+                                  inputs)
     try:
         for shard in manifest["shards"]:
             for stored in shard["tensors"]:
@@ -178,8 +185,8 @@ def _rewrite(source, out: Path, refined_scales: dict[str, np.ndarray], summary: 
                     writer.add_tensor(stored, dtype, np.ascontiguousarray(array.view(np.uint16) if dtype == "BF16"
                                                                            else array))
         for side in source.side_files():
-            writer.add_file(f"expert/{side.name}", str(side))
-        for key in ("shards", "format", "format_version"):
+            writer.add_file_content(side, source.read_side_file(side))
+        for key in ("shards", "files", "format", "format_version"):
             manifest.pop(key, None)  # the writer records these itself
         writer.commit(json.dumps(manifest))
     except BaseException:

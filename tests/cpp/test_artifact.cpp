@@ -28,6 +28,21 @@ TEST_CASE("sha256 matches the FIPS 180-4 test vectors", "[sha256]") {
 
 namespace {
 
+// Every field a reader checks, for the tensors write_small_artifact stores.
+nlohmann::json small_manifest() {
+  return {{"name", "unit"},
+          {"base", {{"fingerprint", std::string(64, 'a')}, {"config_sha256", std::string(64, 'b')}, {"tensors", nlohmann::json::object()}}},
+          {"expert_config", {{"model_type", "llama"}}},
+          {"quantization",
+           {{"bits", 2}, {"group_size", 8}, {"salient", 1}, {"clip_grid", 1}, {"min_clip", 0.5}, {"avg_bits", nullptr},
+            {"vocab_bits", nullptr}, {"calibration", {{"kind", "weight-only"}}}}},
+          {"statistics", {{"delta_parameters", 16}, {"delta_storage_bits", 112}, {"avg_bits", 7.0}}},
+          {"tensors",
+           {{"w", {{"kind", "delta"}, {"dtype", "F16"}, {"shape", {2, 8}}, {"rows", 2}, {"cols", 8}, {"bits", 2},
+                   {"group_size", 8}, {"salient", 1}}},
+            {"norm", {{"kind", "full"}, {"dtype", "F32"}, {"shape", {8}}}}}}};
+}
+
 std::string write_small_artifact(const std::string& directory, std::uint64_t max_shard_bytes) {
   ArtifactWriter writer(directory, max_shard_bytes);
   std::vector<std::uint32_t> qweight(2 * 1, 0xAAAAAAAAu);  // 2 rows, 8 cols at 2 bits = 1 word each
@@ -44,12 +59,7 @@ std::string write_small_artifact(const std::string& directory, std::uint64_t max
   const std::string config = scratch_path("config.json");
   write_bytes(config, "{\"model_type\": \"llama\"}");
   writer.add_file("expert/config.json", config);
-  nlohmann::json manifest = {{"name", "unit"},
-                             {"base", {{"fingerprint", "abc"}}},
-                             {"tensors",
-                              {{"w", {{"kind", "delta"}, {"rows", 2}, {"cols", 8}, {"bits", 2}, {"group_size", 8}, {"salient", 1}}},
-                               {"norm", {{"kind", "full"}}}}}};
-  writer.commit(manifest);
+  writer.commit(small_manifest());
   return directory;
 }
 

@@ -72,7 +72,7 @@ def test_artifact_round_trip_and_decompress_loads_in_transformers(pair, tmp_path
     # 2-bit codes + 24 bits of scale/zero per 32 + 5 % salient in f16: about 3.55 bits
     assert report.avg_bits < 3.6 and report.artifact_bytes < report.delta_bytes_fp16 / 3
     artifact = load_artifact(tmp_path / "e.meswitch")
-    assert artifact.manifest["format_version"] == 1
+    assert artifact.manifest["format_version"] == 2
     # The shards are plain safetensors files: the reference package reads every tensor.
     for shard in artifact.manifest["shards"]:
         loaded = safetensors.numpy.load_file(str(tmp_path / "e.meswitch" / shard["file"]))
