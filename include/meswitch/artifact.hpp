@@ -464,11 +464,13 @@ class ExpertArtifact {
     }
   }
 
+  // The stored tensor, which must have the dtype and shape its manifest entry implies.
   TensorView checked(const std::string& tensor_name, DType dtype, const Shape& shape) const {
     const TensorView view = stored(tensor_name);
     if (view.dtype != dtype || view.shape != shape)
-      throw FormatError(directory_, tensor_name, std::string("expected ") + dtype_name(dtype) + " " + shape_string(shape) +
-                                                     ", found " + dtype_name(view.dtype) + " " + shape_string(view.shape));
+      throw FormatError(shards_[location_.at(tensor_name)]->path(), tensor_name,
+                        std::string("expected ") + dtype_name(dtype) + " " + shape_string(shape) +
+                            " from its manifest entry, found " + dtype_name(view.dtype) + " " + shape_string(view.shape));
     return view;
   }
 
