@@ -111,6 +111,8 @@ void bind_artifact(py::module_& m) {
         py::arg("path"), py::arg("kind"), py::arg("replace") = false,
         py::arg("inputs") = std::vector<std::pair<std::string, std::string>>{},
         "refuse an output path that is not ours to replace (see output_directory.hpp)");
+  m.def("make_staging_directory", &make_staging_directory, py::arg("target"),
+        "a fresh NAME.tmp.PID.XXXXXX beside target, after removing those of writers that no longer run");
   m.def("commit_directory", &commit_directory, py::arg("staging"), py::arg("target"),
         py::call_guard<py::gil_scoped_release>(), "move a complete staging directory into place in one step");
   m.def("output_marker_file", [](const std::string& kind) { return std::string(output_marker(kind).file); },

@@ -154,12 +154,7 @@ class ArtifactWriter {
         inputs_(std::move(inputs)) {
     if (max_shard_bytes_ == 0) throw Error("max_shard_bytes must be positive");
     check_output_directory(directory_, kArtifactMarker, replace_, inputs_);
-    std::vector<char> pattern(directory_.begin(), directory_.end());
-    const char suffix[] = ".tmp.XXXXXX";
-    pattern.insert(pattern.end(), suffix, suffix + sizeof suffix);
-    if (::mkdtemp(pattern.data()) == nullptr)
-      throw IoError("cannot create a staging directory beside '" + directory_ + "': " + std::strerror(errno));
-    staging_ = pattern.data();
+    staging_ = make_staging_directory(directory_);
   }
 
   ~ArtifactWriter() {

@@ -13,8 +13,9 @@
 //    with one rename: renameat2(RENAME_EXCHANGE) swaps a complete new directory
 //    with the old one atomically, so a crash at any instant leaves either the old
 //    output or the new one at the target, never neither and never a mix. The old
-//    one, now under the staging name, is deleted afterwards; a crash before that
-//    leaves it there as litter (`NAME.tmp.XXXXXX`), not as the output.
+//    one, now under the staging name, is deleted afterwards. A crash can leave a
+//    staging directory (`NAME.tmp.PID.XXXXXX`) as litter, never as the output; the
+//    next writer of NAME removes those whose process is gone.
 //    RENAME_NOREPLACE moves a new output in without replacing anything that
 //    appeared meanwhile. Filesystems without renameat2 fall back to two renames,
 //    whose gap is the one window in which the target is briefly absent.
@@ -207,6 +208,31 @@ inline void check_output_directory(const std::string& path, const OutputMarker& 
     throw OutputPathError(quoted + " exists and is not " + marker.description + " (no " + marker.file +
                 "); it is left untouched, choose another output path");
   if (!replace) throw OutputPathError(quoted + " already holds " + marker.description + "; pass --force (force=True) to replace it");
+}
+
+// Creates the staging directory NAME.tmp.PID.XXXXXX beside `target`, first removing
+// the ones left by writers of the same target that no longer run.
+inline std::string make_staging_directory(const std::string& target) {
+  const std::size_t slash = target.find_last_of('/');
+  const std::string parent = slash == std::string::npos ? "." : (slash == 0 ? "/" : target.substr(0, slash));
+  const std::string prefix = (slash == std::string::npos ? target : target.substr(slash + 1)) + ".tmp.";
+  if (DIR* directory = ::opendir(parent.c_str())) {
+    std::vector<std::string> stale;
+    while (dirent* entry = ::readdir(directory)) {
+      const std::string name = entry->d_name;
+      if (name.compare(0, prefix.size(), prefix) != 0) continue;
+      char* end = nullptr;
+      const long pid = std::strtol(name.c_str() + prefix.size(), &end, 10);
+      if (pid <= 0 || end == nullptr || *end != '.') continue;  // not one of ours
+      if (::kill(pid_t(pid), 0) != 0 && errno == ESRCH) stale.push_back(parent + "/" + name);
+    }
+    ::closedir(directory);
+    for (const std::string& path : stale) detail::remove_tree(path);
+  }
+  std::string pattern = target + ".tmp." + std::to_string(::getpid()) + ".XXXXXX";
+  if (::mkdtemp(&pattern[0]) == nullptr)
+    throw IoError("cannot create a staging directory beside '" + target + "': " + std::strerror(errno));
+  return pattern;
 }
 
 // Moves the complete directory `staging` to `target` in one step (see the top of

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -140,7 +139,7 @@ def decompress(base: str | os.PathLike[str], artifact: str | os.PathLike[str] | 
     inputs = [("the base model", str(base)), ("the artifact", str(expert.path))]
     _core.check_output_directory(str(out), "decompressed", force, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=out.name + ".tmp.", dir=out.parent))
+    staging = Path(_core.make_staging_directory(str(out)))
     try:
         tensors = dict(expert.weights(base))
         save_file(tensors, staging / "model.safetensors", metadata={"format": "pt", "meswitch_artifact": expert.name})

@@ -13,7 +13,6 @@ import heapq
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -389,7 +388,7 @@ def compress(base: str | Path, expert: str | Path, out: str | Path, *,
     # With refinement the quantized artifact is an intermediate in a private scratch
     # directory beside ``out``: ``out`` appears only refined.
     out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=out.name + ".tmp.", dir=out.parent)) if settings.refine_steps else None
+    scratch = Path(_core.make_staging_directory(str(out))) if settings.refine_steps else None
     written = scratch / "unrefined.meswitch" if scratch is not None else out
     try:
         writer = _core.ArtifactWriter(str(written), settings.max_shard_bytes, force, inputs)

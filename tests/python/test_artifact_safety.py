@@ -218,6 +218,9 @@ def test_a_compression_killed_at_the_commit_leaves_the_old_or_the_new_artifact(f
                             env={**_ENV, "MESWITCH_CRASH_AT": point}, capture_output=True, timeout=300)
     assert result.returncode == -signal.SIGKILL
     assert _bits_of(out) == survivor
+    assert list(tmp_path.glob("e.meswitch.tmp.*")), "the killed writer's staging directory is left"
+    _compress(family, out, bits=4, force=True)  # the next writer clears what dead writers left
+    assert _bits_of(out) == 4 and not list(tmp_path.glob("e.meswitch.tmp.*"))
 
 
 def test_a_compression_killed_at_random_moments_never_loses_the_artifact(family, tmp_path):
