@@ -64,12 +64,12 @@ class ExpertArtifact:
         self._core.check_base(str(base), (base / "config.json").read_text(encoding="utf-8"))
 
     def delta(self, weight: str) -> np.ndarray:
-        """The dequantized float32 delta of a ``delta`` weight (base rows only)."""
-        from meswitch.compress import dequantize_pieces
+        """The dequantized float32 delta of a ``delta`` weight (base rows only).
 
-        entry = self.tensors[weight]
-        pieces = {key: self.stored(f"{weight}.{key}") for key in ("qweight", "scales", "zeros", "salient_idx", "salient")}
-        return dequantize_pieces(pieces, entry["rows"], entry["cols"], entry["bits"], entry["group_size"])
+        Raises ``meswitch.FormatError`` when its stored pieces break the format's rules
+        (shapes, zero points below 2^bits, ascending salient indices, finite values).
+        """
+        return self._core.dequantized_delta(weight)
 
     def weights(self, base: str | os.PathLike[str], *, check_base: bool = True) -> Iterator[tuple[str, np.ndarray]]:
         """Yield ``(name, array)`` of the reconstructed expert, tensor by tensor, in its original dtypes."""

@@ -203,7 +203,7 @@ def check_against_reference(delta, weight, salient_idx, bits, group_size, clip_g
     np.testing.assert_array_equal(ours["salient"].view(np.uint16), ref["salient"].view(np.uint16))
 
     dense = _core.dequantize_delta(ours["qweight"], ours["scales"], ours["zeros"], ours["salient_idx"],
-                                   ours["salient"], rows, cols, bits, group_size)
+                                   ours["salient"], rows, cols, bits, ours["group_size"])
     expected = ref_dequantize(ref["codes"], ref["scales"], ref["zeros"], ref["salient_idx"], ref["salient"],
                               group_size)
     assert dense.dtype == F32 and dense.shape == (rows, cols)
@@ -378,7 +378,8 @@ def test_bad_settings_raise_value_error_naming_the_tensor(rng):
         with pytest.raises(ValueError, match=r"mlp\.up.*bits"):
             _core.channel_error_scores(delta, None, bits, 32, 20, 0.5, "mlp.up")
     with pytest.raises(ValueError, match=r"mlp\.up.*64.*96"):
-        _core.quantize_delta(delta, None, none, 2, 64, 20, 0.5, "mlp.up")
+        _core.quantize_delta(delta, None, none, 2, 64, 20, 0.5, "mlp.up", ragged_groups=False)
+    assert _core.quantize_delta(delta, None, none, 2, 64, 20, 0.5, "mlp.up")["scales"].shape == (4, 2)  # ragged
     with pytest.raises(ValueError, match=r"mlp\.up.*-32"):
         _core.quantize_delta(delta, None, none, 2, -32, 20, 0.5, "mlp.up")
     with pytest.raises(ValueError, match=r"mlp\.up.*min_clip"):
@@ -409,6 +410,6 @@ def test_bad_data_raises_format_error_naming_the_tensor(rng):
     with pytest.raises(_core.FormatError, match=r"attn\.o.*scales"):
         _core.dequantize_delta(q["qweight"], q["scales"][:, :1], q["zeros"], q["salient_idx"], q["salient"],
                                4, 64, 2, 32, "attn.o")
-    with pytest.raises(ValueError, match=r"attn\.o.*float16"):
+    with pytest.raises(ValueError, match=r"attn\.o\.scales.*scales must be F16"):
         _core.dequantize_delta(q["qweight"], q["scales"].astype(F32), q["zeros"], q["salient_idx"],
                                q["salient"], 4, 64, 2, 32, "attn.o")
