@@ -62,6 +62,9 @@ void bind_artifact(py::module_& m) {
              return out;
            },
            py::arg("weight"), "float32 [rows, cols]: the dequantized delta of a 'delta' weight (base rows only)")
+      .def("validate_delta", [](const ExpertArtifact& self, const std::string& weight) { self.delta(weight); },
+           py::arg("weight"), py::call_guard<py::gil_scoped_release>(),
+           "raise FormatError unless the stored pieces of a 'delta' weight fit its layout and the format's rules")
       .def("stored_dtype", [](const ExpertArtifact& self, const std::string& name) {
         return std::string(dtype_name(self.stored(name).dtype));
       })

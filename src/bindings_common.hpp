@@ -177,14 +177,14 @@ inline HostTensor host_tensor(py::handle object, const char* name, bool u16_as_f
 
 // A CompressedDelta over five borrowed Python tensors (`pieces` in DeltaPiece order;
 // scales and salient may be float16 or their uint16 bits), validated by
-// CompressedDelta::over_views, whose FormatError names the tensor and field.
+// CompressedDelta::over_views to `checks`, whose FormatError names the tensor and field.
 struct BorrowedDelta {
   std::array<HostTensor, 5> memory;  // keeps the pieces alive, in DeltaPiece order
   CompressedDelta delta;
 };
 
 inline BorrowedDelta borrowed_delta(const std::array<py::handle, 5>& pieces, std::string name, std::int64_t rows,
-                                    std::int64_t cols, int bits, std::int64_t group_size,
+                                    std::int64_t cols, int bits, std::int64_t group_size, DeltaChecks checks,
                                     const std::string& cols_origin = "") {
   BorrowedDelta borrowed;
   for (const DeltaPiece piece : kDeltaPieces)
@@ -193,8 +193,7 @@ inline BorrowedDelta borrowed_delta(const std::array<py::handle, 5>& pieces, std
   const auto view = [&](DeltaPiece piece) -> const TensorView& { return borrowed.memory[std::size_t(piece)].view; };
   borrowed.delta = CompressedDelta::over_views(
       std::move(name), rows, cols, bits, group_size, -1, view(DeltaPiece::qweight), view(DeltaPiece::scales),
-      view(DeltaPiece::zeros), view(DeltaPiece::salient_idx), view(DeltaPiece::salient), DeltaChecks::Contents,
-      cols_origin);
+      view(DeltaPiece::zeros), view(DeltaPiece::salient_idx), view(DeltaPiece::salient), checks, cols_origin);
   return borrowed;
 }
 

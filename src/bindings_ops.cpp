@@ -37,11 +37,14 @@ void without_gil(Work&& work) {
   }
 }
 
-// The width comes from x, so a qweight of another width is reported against x.
+// The width comes from x, so a qweight of another width is reported against x. Per
+// call only the layout is checked, as the kernels do (the contents scan would cost a
+// good part of a decode step's kernel time); a delta's contents are validated where it
+// enters: ExpertArtifact.delta / validate_delta, the quantizer, dequantize_delta.
 BorrowedDelta expert_delta(const std::array<py::handle, 5>& pieces, int bits, std::int64_t group_size,
                            const HostTensor& x, const std::string& name) {
   const std::int64_t cols = x.view.shape[1];
-  return bindings::borrowed_delta(pieces, name, -1, cols, bits, group_size,
+  return bindings::borrowed_delta(pieces, name, -1, cols, bits, group_size, DeltaChecks::Layout,
                                   "x has shape [*, " + std::to_string(cols) + "]");
 }
 

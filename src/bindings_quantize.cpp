@@ -119,7 +119,8 @@ py::dict py_quantize_delta(const FloatArray& delta, const std::optional<FloatArr
 bindings::BorrowedDelta stored_delta(py::handle qweight, py::handle scales, py::handle zeros, py::handle salient_idx,
                                      py::handle salient, std::int64_t rows, std::int64_t cols, int bits,
                                      std::int64_t group_size, const std::string& name) {
-  return bindings::borrowed_delta({qweight, scales, zeros, salient_idx, salient}, name, rows, cols, bits, group_size);
+  return bindings::borrowed_delta({qweight, scales, zeros, salient_idx, salient}, name, rows, cols, bits, group_size,
+                                  DeltaChecks::Contents);
 }
 
 py::array_t<float> py_dequantize_delta(py::handle qweight, py::handle scales, py::handle zeros, py::handle salient_idx,

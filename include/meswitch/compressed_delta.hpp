@@ -20,6 +20,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <utility>
@@ -62,6 +63,42 @@ inline DType delta_piece_dtype(DeltaPiece piece) {
 // so the kernels run it on each call; Contents also reads every zero point, scale and
 // salient value, once per delta (reader, quantizer, bindings).
 enum class DeltaChecks { Layout, Contents };
+
+namespace detail {
+
+// OR of `count` bytes, eight at a time.
+inline std::uint8_t or_of_bytes(const std::uint8_t* bytes, std::size_t count) {
+  std::uint64_t wide = 0;
+  std::size_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    std::uint64_t word;
+    std::memcpy(&word, bytes + i, 8);
+    wide |= word;
+  }
+  std::uint8_t result = 0;
+  for (int shift = 0; shift < 64; shift += 8) result |= std::uint8_t(wide >> shift);
+  for (; i < count; ++i) result |= bytes[i];
+  return result;
+}
+
+// Whether any of `count` f16 values is Inf or NaN, four at a time: (v & 0x7c00) + 0x0400
+// reaches 0x8000 exactly when all exponent bits are set, and never carries into the
+// next value.
+inline bool any_f16_non_finite(const std::uint16_t* values, std::size_t count) {
+  constexpr std::uint64_t kExponent = 0x7c007c007c007c00ull, kOne = 0x0400040004000400ull,
+                          kTop = 0x8000800080008000ull;
+  std::uint64_t wide = 0;
+  std::size_t i = 0;
+  for (; i + 4 <= count; i += 4) {
+    std::uint64_t word;
+    std::memcpy(&word, values + i, 8);
+    wide |= (word & kExponent) + kOne;
+  }
+  for (; i < count; ++i) wide |= std::uint64_t((values[i] & 0x7c00u) + 0x0400u);
+  return (wide & kTop) != 0;
+}
+
+}  // namespace detail
 
 struct CompressedDelta {
   std::string name;  // the weight, e.g. "model.layers.0.mlp.up_proj.weight"; may be empty
@@ -164,11 +201,11 @@ inline void CompressedDelta::validate(DeltaChecks checks) const {
   }
   if (checks == DeltaChecks::Layout) return;
 
-  // One OR over the zero points (vectorises); positions are looked up only on failure.
+  // The scans run once per delta over every zero point, scale and salient value, so
+  // they OR eight bytes at a time (a per-element branch costs as much as a kernel call)
+  // and look for the position only on failure.
   const std::size_t cells = std::size_t(rows * groups());
-  std::uint8_t any_zero_bits = 0;
-  for (std::size_t i = 0; i < cells; ++i) any_zero_bits |= zeros[i];
-  if ((any_zero_bits >> bits) != 0)
+  if ((detail::or_of_bytes(zeros, cells) >> bits) != 0)
     for (std::size_t i = 0; i < cells; ++i)
       if ((zeros[i] >> bits) != 0)
         fail(tensor_name(DeltaPiece::zeros), "zero point " + std::to_string(zeros[i]) + " at (row " +
@@ -178,9 +215,7 @@ inline void CompressedDelta::validate(DeltaChecks checks) const {
   // Non-finite f16 have all exponent bits set; the kernels' group trick
   // (s * sum code x - s z X_g) would turn an infinite scale into NaN for every token.
   const auto first_non_finite = [](const std::uint16_t* values, std::size_t count) {
-    bool any = false;
-    for (std::size_t i = 0; i < count; ++i) any |= (values[i] & 0x7c00u) == 0x7c00u;
-    if (!any) return count;
+    if (!detail::any_f16_non_finite(values, count)) return count;
     std::size_t i = 0;
     while ((values[i] & 0x7c00u) != 0x7c00u) ++i;
     return i;

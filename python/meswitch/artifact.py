@@ -63,6 +63,15 @@ class ExpertArtifact:
         base = Path(base)
         self._core.check_base(str(base), (base / "config.json").read_text(encoding="utf-8"))
 
+    def validate_delta(self, weight: str) -> None:
+        """Raise ``meswitch.FormatError`` unless the stored pieces of a ``delta`` weight obey the format.
+
+        The rules (shapes for the manifest's layout, zero points below 2^bits, strictly
+        ascending salient indices within the width, finite scales and salient values) are
+        checked once here; the fused kernels check only the layout on every call.
+        """
+        self._core.validate_delta(weight)
+
     def delta(self, weight: str) -> np.ndarray:
         """The dequantized float32 delta of a ``delta`` weight (base rows only).
 
