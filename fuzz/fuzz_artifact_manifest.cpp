@@ -93,8 +93,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       if (artifact.kind(weight) != "delta") continue;
       const auto delta = artifact.delta(weight);
       // Every byte of every piece is readable: touch the last one of each.
-      for (const meswitch::TensorView* view : {&delta.qweight, &delta.scales, &delta.zeros, &delta.salient_idx, &delta.salient})
-        if (view->nbytes() > 0) sink = sink + static_cast<const std::uint8_t*>(view->data)[view->nbytes() - 1];
+      for (const meswitch::DeltaPiece piece : meswitch::kDeltaPieces) {
+        const meswitch::TensorView view = delta.view(piece);
+        if (view.nbytes() > 0) sink = sink + static_cast<const std::uint8_t*>(view.data)[view.nbytes() - 1];
+      }
+      const meswitch::TensorView extra = artifact.delta_extra_rows(weight);
+      if (extra.nbytes() > 0) sink = sink + static_cast<const std::uint8_t*>(extra.data)[extra.nbytes() - 1];
     }
     for (const auto& file : artifact.side_files()) sink = sink + artifact.read_side_file(file.path).size();
   } catch (const meswitch::Error&) {

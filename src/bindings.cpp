@@ -20,22 +20,10 @@ void bind_ops(py::module_& m);
 
 namespace {
 
-struct ManagedView {
-  std::shared_ptr<MappedFile> mapping;
-  Shape shape;
-  DLManagedTensor managed{};
-};
-
-DType parse_dtype_or_throw(const std::string& name) {
-  DType dtype;
-  if (!parse_dtype(name, dtype)) throw py::value_error("unsupported dtype '" + name + "'");
-  return dtype;
-}
-
 // A read-only NumPy array viewing the tensor inside the mapping, no copy.
 py::array tensor_array(const SafetensorsCheckpoint& checkpoint, const std::string& name) {
   const SafetensorsFile& file = checkpoint.file_of(name);
-  return bindings::mapped_array(file.mapping(), file.view(name));
+  return bindings::kept_array(file.mapping(), file.view(name));
 }
 
 py::capsule tensor_dlpack(const SafetensorsCheckpoint& checkpoint, const std::string& name) {
@@ -43,20 +31,10 @@ py::capsule tensor_dlpack(const SafetensorsCheckpoint& checkpoint, const std::st
   const TensorView view = file.view(name);
   if (!SafetensorsFile::is_aligned(view))
     throw FormatError(file.path(), name, "tensor is not aligned to its element size; use get() for a copy");
-  auto* context = new ManagedView{file.mapping(), view.shape, {}};
-  DLTensor& tensor = context->managed.dl_tensor;
-  tensor.data = view.data;
-  tensor.device = {kDLCPU, 0};
-  tensor.ndim = std::int32_t(view.rank());
-  tensor.dtype = to_dlpack_dtype(view.dtype);
-  tensor.shape = context->shape.data();
-  tensor.strides = nullptr;  // compact row-major
-  tensor.byte_offset = 0;
-  context->managed.manager_ctx = context;
-  context->managed.deleter = [](DLManagedTensor* self) { delete static_cast<ManagedView*>(self->manager_ctx); };
+  DLManagedTensor* managed = managed_host_tensor(view, file.mapping());
   // A consumer renames the capsule to "used_dltensor" and owns the tensor; only an
   // unconsumed capsule frees it here.
-  return py::capsule(&context->managed, "dltensor", [](PyObject* capsule) {
+  return py::capsule(managed, "dltensor", [](PyObject* capsule) {
     if (PyCapsule_IsValid(capsule, "dltensor")) {
       auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule, "dltensor"));
       managed->deleter(managed);
@@ -83,7 +61,7 @@ void write_file(const std::string& path, const std::vector<py::tuple>& tensors,
     if (item.size() != 4) throw py::value_error("each tensor is (name, dtype, shape, buffer)");
     TensorData entry;
     entry.spec.name = item[0].cast<std::string>();
-    entry.spec.dtype = parse_dtype_or_throw(item[1].cast<std::string>());
+    entry.spec.dtype = bindings::dtype_named(item[1].cast<std::string>());
     entry.spec.shape = item[2].cast<Shape>();
     py::buffer buffer = item[3].cast<py::buffer>();
     keep_alive.push_back(buffer.request());

@@ -10,21 +10,16 @@
 
 #include "bindings_common.hpp"
 #include "meswitch/artifact.hpp"
+#include "meswitch/quantize.hpp"
 
 namespace py = pybind11;
 using namespace meswitch;
 
 namespace {
 
-DType dtype_from_name(const std::string& name) {
-  DType dtype;
-  if (!parse_dtype(name, dtype)) throw py::value_error("unsupported dtype '" + name + "'");
-  return dtype;
-}
-
 void add_tensor(ArtifactWriter& writer, const std::string& name, const std::string& dtype_name,
                 py::array array) {
-  const DType dtype = dtype_from_name(dtype_name);
+  const DType dtype = bindings::dtype_named(dtype_name);
   if (!(array.flags() & py::array::c_style)) throw py::value_error("tensor '" + name + "' must be C-contiguous");
   if (std::size_t(array.itemsize()) != dtype_size(dtype))
     throw py::value_error("tensor '" + name + "': array item size " + std::to_string(array.itemsize()) +
@@ -86,9 +81,24 @@ void bind_artifact(py::module_& m) {
       .def("has_stored", &ExpertArtifact::has_stored, py::arg("name"))
       .def("stored",
            [](const ExpertArtifact& self, const std::string& name) {
-             return bindings::mapped_array(self.mapping_of(name), self.stored(name));
+             return bindings::kept_array(self.mapping_of(name), self.stored(name));
            },
            py::arg("name"))
+      .def("dequantized_delta",
+           [](const ExpertArtifact& self, const std::string& weight) {
+             const CompressedDelta delta = self.delta(weight);  // validated against the manifest
+             py::array_t<float> out({delta.rows, delta.cols});
+             float* destination = out.mutable_data();
+             {
+               py::gil_scoped_release release;
+               dequantize_delta(delta, destination);
+             }
+             return out;
+           },
+           py::arg("weight"), "float32 [rows, cols]: the dequantized delta of a 'delta' weight (base rows only)")
+      .def("validate_delta", [](const ExpertArtifact& self, const std::string& weight) { self.delta(weight); },
+           py::arg("weight"), py::call_guard<py::gil_scoped_release>(),
+           "raise FormatError unless the stored pieces of a 'delta' weight fit its layout and the format's rules")
       .def("stored_dtype", [](const ExpertArtifact& self, const std::string& name) {
         return std::string(dtype_name(self.stored(name).dtype));
       })

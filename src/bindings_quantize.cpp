@@ -20,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+#include "bindings_common.hpp"
 #include "meswitch/delta.hpp"
 #include "meswitch/pack.hpp"
 #include "meswitch/quantize.hpp"
@@ -65,25 +66,6 @@ py::array_t<T> array_owning(std::vector<T>&& values, std::vector<py::ssize_t> sh
   return py::array_t<T>(shape, owner->data(), base);
 }
 
-// f16 bit patterns as a numpy.float16 array.
-py::array half_array(const std::vector<std::uint16_t>& bits, std::vector<py::ssize_t> shape) {
-  py::array array(py::dtype("float16"), shape);
-  if (!bits.empty()) std::memcpy(array.mutable_data(), bits.data(), bits.size() * sizeof(std::uint16_t));
-  return array;
-}
-
-// f16 bits of a float16 (or raw uint16) array, copied.
-std::vector<std::uint16_t> half_bits(const py::array& input, const char* what, const std::string& name) {
-  const py::dtype dtype = input.dtype();
-  if (dtype.itemsize() != 2 || !(dtype.kind() == 'f' || dtype.kind() == 'u'))
-    throw py::value_error(named(name) + what + " must be float16 (or its uint16 bits), got " +
-                          py::str(py::object(dtype)).cast<std::string>());
-  const py::array contiguous = py::array::ensure(input, py::array::c_style);
-  std::vector<std::uint16_t> bits(std::size_t(contiguous.size()));
-  if (!bits.empty()) std::memcpy(bits.data(), contiguous.data(), bits.size() * sizeof(std::uint16_t));
-  return bits;
-}
-
 void require_matrix(const py::array& array, const char* what, const std::string& name) {
   if (array.ndim() != 2)
     throw py::value_error(named(name) + what + " must be 2-D [rows, cols], got " + std::to_string(array.ndim()) +
@@ -117,50 +99,57 @@ py::dict py_quantize_delta(const FloatArray& delta, const std::optional<FloatArr
   const float* weight = channel_weight_pointer(channel_weight, cols, name);
   const std::vector<std::int32_t> indices(salient_idx.data(), salient_idx.data() + salient_idx.size());
   const QuantSpec spec = make_spec(bits, group_size, clip_grid, min_clip, ragged_groups);
-  const QuantizedDelta q =
+  const CompressedDelta q =
       without_gil([&] { return quantize_delta(delta.data(), rows, cols, weight, indices, spec, name); });
-  const py::ssize_t k = py::ssize_t(q.salient_idx.size());
   py::dict result;
-  result["qweight"] = array_from(q.qweight, {rows, q.words_per_row()});
-  result["scales"] = half_array(q.scales, {rows, q.groups_per_row()});
-  result["zeros"] = array_from(q.zeros, {rows, q.groups_per_row()});
-  result["salient_idx"] = array_from(q.salient_idx, {k});
-  result["salient"] = half_array(q.salient, {rows, k});
+  for (const DeltaPiece piece : kDeltaPieces)  // read-only views of the arrays q owns, no copy
+    result[delta_piece_name(piece)] = bindings::kept_array(q.owner, q.view(piece));
   result["rows"] = q.rows;
   result["cols"] = q.cols;
   result["bits"] = q.bits;
   result["group_size"] = q.group_size;
   // Activation-weighted error of this quantization and the weighted norm of the delta,
   // computed row by row so no dense approximation is ever held.
-  const DeltaError error = without_gil([&] { return quantization_error(q, delta.data(), weight, name); });
+  const DeltaError error = without_gil([&] { return quantization_error(q, delta.data(), weight); });
   result["error"] = error.error;
   result["reference"] = error.reference;
   return result;
 }
 
-py::array_t<float> py_dequantize_delta(
-    const py::array_t<std::uint32_t, py::array::c_style | py::array::forcecast>& qweight, const py::array& scales,
-    const py::array& zeros_input, const IndexArray& salient_idx, const py::array& salient, std::int64_t rows,
-    std::int64_t cols, int bits, std::int64_t group_size, const std::string& name) {
-  if (bits < 1 || bits > 4) throw py::value_error(named(name) + "bits must be 1..4, got " + std::to_string(bits));
-  if (rows < 0 || cols < 1)
-    throw py::value_error(named(name) + "invalid shape [" + std::to_string(rows) + ", " + std::to_string(cols) + "]");
-  const auto zeros = py::array_t<std::uint8_t, py::array::c_style | py::array::forcecast>::ensure(zeros_input);
-  if (!zeros) throw py::value_error(named(name) + "zeros must be a uint8 array");
-  QuantizedDelta q;
-  q.rows = rows;
-  q.cols = cols;
-  q.bits = bits;
-  q.group_size = group_size == 0 ? cols : std::min(group_size, cols);
-  q.qweight.assign(qweight.data(), qweight.data() + qweight.size());
-  q.scales = half_bits(scales, "scales", name);
-  q.zeros.assign(zeros.data(), zeros.data() + zeros.size());
-  q.salient_idx.assign(salient_idx.data(), salient_idx.data() + salient_idx.size());
-  q.salient = half_bits(salient, "salient", name);
+bindings::BorrowedDelta stored_delta(py::handle qweight, py::handle scales, py::handle zeros, py::handle salient_idx,
+                                     py::handle salient, std::int64_t rows, std::int64_t cols, int bits,
+                                     std::int64_t group_size, const std::string& name) {
+  return bindings::borrowed_delta({qweight, scales, zeros, salient_idx, salient}, name, rows, cols, bits, group_size,
+                                  DeltaChecks::Contents);
+}
+
+py::array_t<float> py_dequantize_delta(py::handle qweight, py::handle scales, py::handle zeros, py::handle salient_idx,
+                                       py::handle salient, std::int64_t rows, std::int64_t cols, int bits,
+                                       std::int64_t group_size, const std::string& name) {
+  const bindings::BorrowedDelta q =
+      stored_delta(qweight, scales, zeros, salient_idx, salient, rows, cols, bits, group_size, name);
   py::array_t<float> out({rows, cols});
   float* destination = out.mutable_data();
-  without_gil([&] { dequantize_delta(q, destination, name); });
+  without_gil([&] { dequantize_delta(q.delta, destination); });
   return out;
+}
+
+py::dict py_scale_free_parts(py::handle qweight, py::handle scales, py::handle zeros, py::handle salient_idx,
+                             py::handle salient, std::int64_t rows, std::int64_t cols, int bits,
+                             std::int64_t group_size, const std::string& name) {
+  const bindings::BorrowedDelta q =
+      stored_delta(qweight, scales, zeros, salient_idx, salient, rows, cols, bits, group_size, name);
+  py::array_t<float> centred({rows, cols}), salient_dense({rows, cols});
+  float* centred_data = centred.mutable_data();
+  float* salient_data = salient_dense.mutable_data();
+  without_gil([&] { scale_free_parts(q.delta, centred_data, salient_data); });
+  py::array_t<std::int64_t> column_group(cols);
+  for (std::int64_t c = 0; c < cols; ++c) column_group.mutable_data()[c] = c / q.delta.group_size;
+  py::dict result;
+  result["centred"] = centred;
+  result["salient"] = salient_dense;
+  result["column_group"] = column_group;
+  return result;
 }
 
 py::array_t<double> py_channel_error_scores(const FloatArray& delta, const std::optional<FloatArray>& channel_weight,
@@ -219,19 +208,7 @@ TensorView floating_view(const py::array& array, const std::string& dtype_name, 
       throw py::value_error(named(name) + role + "_dtype must be F32, F16 or BF16, got '" + dtype_name + "'");
     if (std::size_t(dtype.itemsize()) != dtype_size(parsed))
       throw py::value_error(named(name) + role + " array of " + numpy_name + " cannot hold " + dtype_name);
-  } else if (numpy_name == "float32") {
-    parsed = DType::F32;
-  } else if (numpy_name == "float16") {
-    parsed = DType::F16;
-  } else if (numpy_name == "bfloat16") {
-    parsed = DType::BF16;
-  } else if (numpy_name == "int32") {
-    parsed = DType::I32;
-  } else if (numpy_name == "uint8") {
-    parsed = DType::U8;
-  } else if (numpy_name == "uint32") {
-    parsed = DType::U32;
-  } else {
+  } else if (!bindings::dtype_of_numpy(dtype, parsed)) {
     throw FormatError(
         "", name,
         std::string(role) + " dtype " + numpy_name + " is not floating (expected float32, float16 or bfloat16)");
@@ -252,9 +229,22 @@ py::tuple py_compute_delta(const py::array& base, const py::array& expert, const
 }  // namespace
 
 void bind_quantize(py::module_& m) {
+  const QuantSpec defaults;
+  py::dict quant_defaults;
+  quant_defaults["bits"] = defaults.bits;
+  quant_defaults["group_size"] = defaults.group_size;
+  quant_defaults["clip_grid"] = defaults.clip_grid;
+  quant_defaults["min_clip"] = defaults.min_clip;
+  quant_defaults["ragged_groups"] = defaults.ragged_groups;
+  m.attr("QUANT_DEFAULTS") = quant_defaults;  // QuantSpec's defaults, read by CompressionSettings
+  py::list pieces;
+  for (const DeltaPiece piece : kDeltaPieces)
+    pieces.append(py::make_tuple(delta_piece_name(piece), dtype_name(delta_piece_dtype(piece))));
+  m.attr("DELTA_PIECES") = py::tuple(pieces);  // (suffix, safetensors dtype) of W.qweight ... in stored order
+
   m.def("quantize_delta", &py_quantize_delta, py::arg("delta"), py::arg("channel_weight"), py::arg("salient_idx"),
-        py::arg("bits"), py::arg("group_size"), py::arg("clip_grid") = 20, py::arg("min_clip") = 0.5f,
-        py::arg("name") = "", py::arg("ragged_groups") = false,
+        py::arg("bits"), py::arg("group_size"), py::arg("clip_grid") = defaults.clip_grid,
+        py::arg("min_clip") = defaults.min_clip, py::arg("name") = "", py::arg("ragged_groups") = defaults.ragged_groups,
         "Quantize a float32 delta [rows, cols]: dict of qweight (uint32 [rows, words]), scales (float16 "
         "[rows, groups]), zeros (uint8 [rows, groups]), salient_idx (int32 [k], ascending), salient (float16 "
         "[rows, k]) and rows, cols, bits, group_size (actual; = cols for group_size 0).");
@@ -262,9 +252,15 @@ void bind_quantize(py::module_& m) {
         py::arg("salient_idx"), py::arg("salient"), py::arg("rows"), py::arg("cols"), py::arg("bits"),
         py::arg("group_size"), py::arg("name") = "",
         "Dense float32 [rows, cols] from the stored pieces: (code - zero) * scale plus the salient scatter.");
+  m.def("scale_free_parts", &py_scale_free_parts, py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
+        py::arg("salient_idx"), py::arg("salient"), py::arg("rows"), py::arg("cols"), py::arg("bits"),
+        py::arg("group_size"), py::arg("name") = "",
+        "dict of centred (float32 [rows, cols], code - zero), salient (float32 [rows, cols], the salient values in "
+        "their columns) and column_group (int64 [cols]): dequantize_delta = centred * scales[:, column_group] + "
+        "salient.");
   m.def("channel_error_scores", &py_channel_error_scores, py::arg("delta"), py::arg("channel_weight"), py::arg("bits"),
-        py::arg("group_size"), py::arg("clip_grid") = 20, py::arg("min_clip") = 0.5f, py::arg("name") = "",
-        py::arg("ragged_groups") = false, "float64 [cols]: w_i * sum_r (D[r,i] - Q(D)[r,i])^2, Q quantizing with no salient channels.");
+        py::arg("group_size"), py::arg("clip_grid") = defaults.clip_grid, py::arg("min_clip") = defaults.min_clip,
+        py::arg("name") = "", py::arg("ragged_groups") = defaults.ragged_groups, "float64 [cols]: w_i * sum_r (D[r,i] - Q(D)[r,i])^2, Q quantizing with no salient channels.");
   m.def("select_salient_channels", &py_select_salient_channels, py::arg("scores"), py::arg("k"),
         "int32 indices of the k largest scores (ties: lower index), ascending.");
   m.def("pack_codes", &py_pack_codes, py::arg("codes"), py::arg("bits"), py::arg("name") = "",

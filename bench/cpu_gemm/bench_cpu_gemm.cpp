@@ -249,8 +249,12 @@ DeltaStorage random_delta(std::int64_t rows, std::int64_t cols, int bits, std::i
   std::sort(d.salient_idx.begin(), d.salient_idx.end());
   d.salient.resize(std::size_t(rows * k));
   for (auto& s : d.salient) s = float_to_f16(scale(rng) * 10);
-  d.view = CompressedDelta{d.qweight.data(), d.scales.data(), d.zeros.data(), d.salient_idx.data(), d.salient.data(),
-                           rows, cols, k, bits, group};
+  d.view = CompressedDelta::over_views("bench", rows, cols, bits, group, k,
+                                       TensorView(d.qweight.data(), DType::U32, {rows, words}),
+                                       TensorView(d.scales.data(), DType::F16, {rows, groups}),
+                                       TensorView(d.zeros.data(), DType::U8, {rows, groups}),
+                                       TensorView(d.salient_idx.data(), DType::I32, {k}),
+                                       TensorView(d.salient.data(), DType::F16, {rows, k}));
   d.bytes = d.qweight.size() * 4 + d.scales.size() * 2 + d.zeros.size() + d.salient.size() * 2 + d.salient_idx.size() * 4;
   return d;
 }

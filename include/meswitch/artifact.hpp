@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "meswitch/artifact_manifest.hpp"
+#include "meswitch/compressed_delta.hpp"
 #include "meswitch/error.hpp"
 #include "meswitch/output_directory.hpp"
 #include "meswitch/safetensors.hpp"
@@ -50,25 +51,6 @@
 
 namespace meswitch {
 
-// Names of the stored pieces of one compressed weight.
-struct DeltaTensorNames {
-  explicit DeltaTensorNames(const std::string& weight)
-      : qweight(weight + ".qweight"), scales(weight + ".scales"), zeros(weight + ".zeros"),
-        salient_idx(weight + ".salient_idx"), salient(weight + ".salient"), extra_rows(weight + ".extra_rows"),
-        full(weight + ".full") {}
-  std::string qweight, scales, zeros, salient_idx, salient, extra_rows, full;
-};
-
-// Zero-copy views of one compressed delta inside the mapped shards.
-struct CompressedDeltaView {
-  std::string name;
-  std::int64_t rows = 0, cols = 0;
-  int bits = 0;
-  std::int64_t group_size = 0;
-  TensorView qweight, scales, zeros, salient_idx, salient;
-  bool has_extra_rows = false;
-  TensorView extra_rows;
-};
 
 namespace detail {
 
@@ -381,33 +363,46 @@ class ExpertArtifact {
     return shards_[found->second]->mapping();
   }
 
-  CompressedDeltaView delta(const std::string& weight) const {
+  // The compressed delta of `weight`, over the mapped shards (which it keeps alive),
+  // refused unless every piece fits the manifest's layout and the format's rules
+  // (CompressedDelta::validate: zero points, salient indices, finite values).
+  CompressedDelta delta(const std::string& weight) const {
     const nlohmann::json& info = entry(weight);
     if (info.value("kind", "") != "delta") throw FormatError(directory_, weight, "is not stored as a delta");
-    const DeltaTensorNames names(weight);
-    CompressedDeltaView view;
-    view.name = weight;
-    view.rows = info.at("rows").get<std::int64_t>();
-    view.cols = info.at("cols").get<std::int64_t>();
-    view.bits = info.at("bits").get<int>();
-    view.group_size = info.at("group_size").get<std::int64_t>();
-    view.qweight = checked(names.qweight, DType::U32, {view.rows, (view.cols * view.bits + 31) / 32});
-    if (view.group_size < 1 || view.group_size > view.cols)
-      throw FormatError(directory_, weight, "group_size " + std::to_string(view.group_size) + " out of range");
-    const std::int64_t groups = (view.cols + view.group_size - 1) / view.group_size;  // last group may be shorter
-    view.scales = checked(names.scales, DType::F16, {view.rows, groups});
-    view.zeros = checked(names.zeros, DType::U8, {view.rows, groups});
-    const std::int64_t salient = info.at("salient").get<std::int64_t>();
-    view.salient_idx = checked(names.salient_idx, DType::I32, {salient});
-    view.salient = checked(names.salient, DType::F16, {view.rows, salient});
-    const std::int64_t extra = info.value("extra_rows", std::int64_t(0));
-    if (extra > 0) {
-      view.has_extra_rows = true;
-      DType dtype{};
-      parse_dtype(info.at("dtype").get<std::string>(), dtype);  // checked with the manifest
-      view.extra_rows = checked(names.extra_rows, dtype, {extra, view.cols});
+    CompressedDelta names;
+    names.name = weight;
+    TensorView views[5];
+    auto mappings = std::make_shared<std::vector<std::shared_ptr<MappedFile>>>();
+    for (const DeltaPiece piece : kDeltaPieces) {
+      views[int(piece)] = stored(names.tensor_name(piece));
+      mappings->push_back(mapping_of(names.tensor_name(piece)));
     }
-    return view;
+    const std::int64_t cols = info.at("cols").get<std::int64_t>();
+    CompressedDelta delta;
+    try {
+      delta = CompressedDelta::over_views(weight, info.at("rows").get<std::int64_t>(), cols, info.at("bits").get<int>(),
+                                          info.at("group_size").get<std::int64_t>(),
+                                          info.at("salient").get<std::int64_t>(), views[0], views[1], views[2],
+                                          views[3], views[4], DeltaChecks::Contents,
+                                          "the manifest's cols = " + std::to_string(cols));
+    } catch (const FormatError& error) {  // name the shard holding the offending piece
+      const auto found = location_.find(error.tensor());
+      throw FormatError(found != location_.end() ? shards_[found->second]->path() : directory_, error.tensor(),
+                        error.problem());
+    }
+    delta.owner = std::move(mappings);
+    return delta;
+  }
+
+  // The expanded vocabulary's rows of a delta weight, in the entry's dtype (an empty
+  // view when it has none).
+  TensorView delta_extra_rows(const std::string& weight) const {
+    const nlohmann::json& info = entry(weight);
+    const std::int64_t extra = info.value("extra_rows", std::int64_t(0));
+    if (extra <= 0) return TensorView();
+    DType dtype{};
+    parse_dtype(info.at("dtype").get<std::string>(), dtype);  // checked with the manifest
+    return checked(weight + ".extra_rows", dtype, {extra, info.at("cols").get<std::int64_t>()});
   }
 
   // Refuses a base whose fingerprint differs from the one recorded at compression.
@@ -482,14 +477,9 @@ class ExpertArtifact {
         checked(weight + ".full", dtype, info["shape"].get<Shape>());
         expected.insert(weight + ".full");
       } else if (kind == "delta") {
-        delta(weight);  // checks the five tensors and their contents
-        const DeltaTensorNames names(weight);
-        expected.insert({names.qweight, names.scales, names.zeros, names.salient_idx, names.salient});
-        const std::int64_t extra = info["extra_rows"].get<std::int64_t>();
-        if (extra > 0) {
-          checked(names.extra_rows, dtype, {extra, info["cols"].get<std::int64_t>()});
-          expected.insert(names.extra_rows);
-        }
+        const CompressedDelta pieces = delta(weight);  // checks the five tensors and their contents
+        for (const DeltaPiece piece : kDeltaPieces) expected.insert(pieces.tensor_name(piece));
+        if (delta_extra_rows(weight).data != nullptr) expected.insert(weight + ".extra_rows");
       }
     }
     for (const auto& item : location_)

@@ -29,41 +29,30 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "meswitch/compressed_delta.hpp"
 #include "meswitch/error.hpp"
 #include "meswitch/half.hpp"
 #include "meswitch/pack.hpp"
 
 namespace meswitch {
 
+// The single source of the quantization defaults (the Python settings read them from
+// the bound values).
 struct QuantSpec {
   int bits = 2;
   std::int64_t group_size = 64;  // 0 = whole row
-  int clip_grid = 20;            // clip ratios searched; 1 = RTN
-  float min_clip = 0.5f;         // smallest clip ratio of the grid
-  // Allow a shorter last group when group_size does not divide the width (e.g. a
-  // 688-wide matrix in groups of 64: ten groups of 64 and one of 48). Off by
-  // default so that a group size that does not fit is reported, not worked around.
-  bool ragged_groups = false;
-};
-
-// One quantized delta, fields in their stored layout (artifact.hpp names them W.qweight ...).
-struct QuantizedDelta {
-  std::int64_t rows = 0, cols = 0;
-  int bits = 0;
-  std::int64_t group_size = 0;            // actual group size (= cols for whole rows)
-  std::vector<std::uint32_t> qweight;     // [rows, packed_words_per_row(cols, bits)]
-  std::vector<std::uint16_t> scales;      // f16 bits [rows, groups]
-  std::vector<std::uint8_t> zeros;        // [rows, groups]
-  std::vector<std::int32_t> salient_idx;  // [k], ascending
-  std::vector<std::uint16_t> salient;     // f16 bits [rows, k]: delta[r, salient_idx[i]]
-
-  // The last group may be shorter (ragged groups): ceil(cols / group_size).
-  std::int64_t groups_per_row() const { return group_size > 0 ? (cols + group_size - 1) / group_size : 0; }
-  std::int64_t words_per_row() const { return packed_words_per_row(cols, bits); }
-  std::int64_t salient_count() const { return std::int64_t(salient_idx.size()); }
+  // Clip ratios searched; 1 = RTN. The search lowers the activation-weighted error yet
+  // raises perplexity on the bundled family (docs/results.md), so it is opt-in.
+  int clip_grid = 1;
+  float min_clip = 0.5f;  // smallest clip ratio of the grid
+  // A shorter last group when group_size does not divide the width (a 688-wide matrix
+  // in groups of 64: ten groups of 64 and one of 48), so every real width works; false
+  // reports such a width instead.
+  bool ragged_groups = true;
 };
 
 namespace detail {
@@ -86,6 +75,14 @@ inline float round_half_even(float x) {
   if (std::fabs(x) < 4194304.0f) return (x + kMagic) - kMagic;
   return std::nearbyint(x);
 }
+
+// The arrays a quantized delta owns; its CompressedDelta points into them.
+struct QuantizedArrays {
+  std::vector<std::uint32_t> qweight;
+  std::vector<std::uint16_t> scales, salient;  // f16 bits
+  std::vector<std::uint8_t> zeros;
+  std::vector<std::int32_t> salient_idx;
+};
 
 // Checks settings before any work; messages name the tensor and the offending value.
 inline void validate_spec(const QuantSpec& spec, std::int64_t cols, const std::string& tensor) {
@@ -167,7 +164,7 @@ inline double group_error(const float* values, const float* weights, std::size_t
 // Quantizes a float32 delta [rows, cols]. `channel_weight` [cols] (E[x^2] per input
 // channel, finite and >= 0) may be null for weight-only error. `salient_idx` lists
 // the columns stored in f16 instead (in range, unique; any order, stored ascending).
-inline QuantizedDelta quantize_delta(const float* delta, std::int64_t rows, std::int64_t cols,
+inline CompressedDelta quantize_delta(const float* delta, std::int64_t rows, std::int64_t cols,
                                      const float* channel_weight, const std::vector<std::int32_t>& salient_idx,
                                      const QuantSpec& spec, const std::string& tensor) {
   validate_spec(spec, cols, tensor);
@@ -196,16 +193,20 @@ inline QuantizedDelta quantize_delta(const float* delta, std::int64_t rows, std:
             "", tensor,
             "delta value " + std::to_string(delta[r * cols + c]) + " at " + detail::position(r, c) + " is not finite");
 
-  QuantizedDelta result;
-  result.rows = rows;
-  result.cols = cols;
-  result.bits = spec.bits;
-  result.group_size = effective_group_size(spec, cols);
+  CompressedDelta layout;
+  layout.name = tensor;
+  layout.rows = rows;
+  layout.cols = cols;
+  layout.bits = spec.bits;
+  layout.group_size = effective_group_size(spec, cols);
+  layout.k = std::int64_t(salient_idx.size());
+  auto arrays = std::make_shared<QuantizedArrays>();
+  QuantizedArrays& result = *arrays;
   result.salient_idx = salient_idx;
   std::sort(result.salient_idx.begin(), result.salient_idx.end());
-  const std::int64_t groups = result.groups_per_row();
-  const std::int64_t group_size = result.group_size;
-  const std::int64_t words_per_row = result.words_per_row();
+  const std::int64_t groups = layout.groups();
+  const std::int64_t group_size = layout.group_size;
+  const std::int64_t words_per_row = layout.words_per_row();
   const std::size_t k = result.salient_idx.size();
   result.qweight.assign(std::size_t(rows * words_per_row), 0u);
   result.scales.assign(std::size_t(rows * groups), 0);
@@ -262,65 +263,70 @@ inline QuantizedDelta quantize_delta(const float* delta, std::int64_t rows, std:
       result.salient[std::size_t(r) * k + i] = bits;
     }
   }
-  return result;
+  layout.qweight = result.qweight.data();
+  layout.scales = result.scales.data();
+  layout.zeros = result.zeros.data();
+  layout.salient_idx = result.salient_idx.data();
+  layout.salient = result.salient.data();
+  layout.owner = std::move(arrays);
+  return layout;
 }
 
-// Checks that the pieces of `q` fit together (sizes, bits, groups, indices).
-inline void validate_quantized(const QuantizedDelta& q, const std::string& tensor) {
-  const std::string where = detail::tensor_prefix(tensor);
-  if (q.rows < 0 || q.cols < 1)
-    throw FormatError("", tensor, "invalid shape [" + std::to_string(q.rows) + ", " + std::to_string(q.cols) + "]");
-  if (q.bits < 1 || q.bits > 4) throw FormatError("", tensor, "bits must be 1..4, got " + std::to_string(q.bits));
-  if (q.group_size < 1 || q.group_size > q.cols)
-    throw FormatError("", tensor,
-                      "group size " + std::to_string(q.group_size) + " is not in [1, " + std::to_string(q.cols) + "]");
-  const auto expect = [&](const char* what, std::size_t found, std::int64_t wanted) {
-    if (found != std::size_t(wanted))
-      throw FormatError(
-          "", tensor,
-          std::string(what) + " has " + std::to_string(found) + " elements, expected " + std::to_string(wanted));
-  };
-  const std::int64_t k = q.salient_count();
-  expect("qweight", q.qweight.size(), q.rows * q.words_per_row());
-  expect("scales", q.scales.size(), q.rows * q.groups_per_row());
-  expect("zeros", q.zeros.size(), q.rows * q.groups_per_row());
-  expect("salient", q.salient.size(), q.rows * k);
-  for (const std::int32_t index : q.salient_idx)
-    if (index < 0 || index >= q.cols)
-      throw FormatError(
-          "", tensor,
-          "salient index " + std::to_string(index) + " is out of range [0, " + std::to_string(q.cols) + ")");
+// Row r of the scale-free part of the dequantized delta: centred[c] = code - zero, so
+// that row[c] = centred[c] * scales[r, c / group_size] before the salient values are
+// added. `codes` is scratch of q.cols bytes. Callers validate q first.
+inline void centred_row(const CompressedDelta& q, std::int64_t r, std::uint8_t* codes, float* centred) {
+  const std::int64_t groups = q.groups();
+  MESWITCH_DISPATCH_BITS(q.bits, BITS, { unpack_row<BITS>(q.qweight + r * q.words_per_row(), q.cols, codes); });
+  for (std::int64_t g = 0; g < groups; ++g) {
+    const float zero = float(q.zeros[std::size_t(r * groups + g)]);
+    for (std::int64_t c = g * q.group_size; c < std::min((g + 1) * q.group_size, q.cols); ++c)
+      centred[c] = float(codes[std::size_t(c)]) - zero;
+  }
 }
 
 // Row r of the dequantized delta: (code - zero) * scale, then the salient values added
 // into their columns. `codes` is scratch of q.cols bytes. Callers validate q first.
-inline void dequantize_row(const QuantizedDelta& q, std::int64_t r, std::uint8_t* codes, float* row) {
-  const std::int64_t groups = q.groups_per_row();
-  const std::size_t k = q.salient_idx.size();
-  MESWITCH_DISPATCH_BITS(q.bits, BITS, { unpack_row<BITS>(q.qweight.data() + r * q.words_per_row(), q.cols, codes); });
+inline void dequantize_row(const CompressedDelta& q, std::int64_t r, std::uint8_t* codes, float* row) {
+  centred_row(q, r, codes, row);
+  const std::int64_t groups = q.groups();
   for (std::int64_t g = 0; g < groups; ++g) {
     const float scale = f16_to_float(q.scales[std::size_t(r * groups + g)]);
-    const float zero = float(q.zeros[std::size_t(r * groups + g)]);
-    for (std::int64_t c = g * q.group_size; c < std::min((g + 1) * q.group_size, q.cols); ++c)
-      row[c] = (float(codes[std::size_t(c)]) - zero) * scale;
+    for (std::int64_t c = g * q.group_size; c < std::min((g + 1) * q.group_size, q.cols); ++c) row[c] *= scale;
   }
+  const std::size_t k = std::size_t(q.k);
   for (std::size_t i = 0; i < k; ++i) row[q.salient_idx[i]] += f16_to_float(q.salient[std::size_t(r) * k + i]);
 }
 
 // out[r, c] = (code - zero) * scale, then out[r, salient_idx[i]] += salient[r, i]:
 // exactly what the fused kernels compute (y = x @ dequant(Q)^T + x[:, idx] @ S^T),
 // so this is the reference they are tested against.
-inline void dequantize_delta(const QuantizedDelta& q, float* out, const std::string& tensor = "") {
-  validate_quantized(q, tensor);
+inline void dequantize_delta(const CompressedDelta& q, float* out) {
+  q.validate();
   std::vector<std::uint8_t> codes(static_cast<std::size_t>(q.cols));
   for (std::int64_t r = 0; r < q.rows; ++r) dequantize_row(q, r, codes.data(), out + r * q.cols);
 }
 
+// The dequantized delta split where the scales enter, for training the scales
+// (refinement): dequantized = centred * scales[:, c / group_size] + salient_dense, with
+// centred [rows, cols] = code - zero and salient_dense [rows, cols] the salient values
+// in their columns (0 elsewhere).
+inline void scale_free_parts(const CompressedDelta& q, float* centred, float* salient_dense) {
+  q.validate();
+  std::vector<std::uint8_t> codes(static_cast<std::size_t>(q.cols));
+  const std::size_t k = std::size_t(q.k);
+  for (std::int64_t r = 0; r < q.rows; ++r) {
+    centred_row(q, r, codes.data(), centred + r * q.cols);
+    float* row = salient_dense + r * q.cols;
+    std::fill(row, row + q.cols, 0.0f);
+    for (std::size_t i = 0; i < k; ++i) row[q.salient_idx[i]] = f16_to_float(q.salient[std::size_t(r) * k + i]);
+  }
+}
+
 // Per-column squared error of q against delta, sum_r (D[r,c] - deq[r,c])^2, in double,
 // accumulated row by row (one row of scratch, never a dense approximation).
-inline std::vector<double> column_squared_errors(const QuantizedDelta& q, const float* delta,
-                                                 const std::string& tensor = "") {
-  validate_quantized(q, tensor);
+inline std::vector<double> column_squared_errors(const CompressedDelta& q, const float* delta) {
+  q.validate();
   std::vector<std::uint8_t> codes(static_cast<std::size_t>(q.cols));
   std::vector<float> row(static_cast<std::size_t>(q.cols));
   std::vector<double> per_column(static_cast<std::size_t>(q.cols), 0.0);
@@ -339,9 +345,8 @@ struct DeltaError {
   double reference = 0.0;  // sum_c w_c sum_r D^2
 };
 
-inline DeltaError quantization_error(const QuantizedDelta& q, const float* delta, const float* channel_weight,
-                                     const std::string& tensor = "") {
-  const std::vector<double> per_column = column_squared_errors(q, delta, tensor);
+inline DeltaError quantization_error(const CompressedDelta& q, const float* delta, const float* channel_weight) {
+  const std::vector<double> per_column = column_squared_errors(q, delta);
   std::vector<double> norms(per_column.size(), 0.0);
   for (std::int64_t r = 0; r < q.rows; ++r)
     for (std::int64_t c = 0; c < q.cols; ++c) norms[std::size_t(c)] += double(delta[r * q.cols + c]) * double(delta[r * q.cols + c]);

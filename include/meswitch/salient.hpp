@@ -29,8 +29,8 @@ namespace meswitch {
 inline std::vector<double> channel_error_scores(const float* delta, std::int64_t rows, std::int64_t cols,
                                                 const float* channel_weight, const QuantSpec& spec,
                                                 const std::string& tensor) {
-  const QuantizedDelta quantized = quantize_delta(delta, rows, cols, channel_weight, {}, spec, tensor);
-  std::vector<double> scores = column_squared_errors(quantized, delta, tensor);
+  const CompressedDelta quantized = quantize_delta(delta, rows, cols, channel_weight, {}, spec, tensor);
+  std::vector<double> scores = column_squared_errors(quantized, delta);
   if (channel_weight != nullptr)
     for (std::int64_t c = 0; c < cols; ++c) scores[std::size_t(c)] *= double(channel_weight[c]);
   return scores;

@@ -64,13 +64,22 @@ class ExpertArtifact:
         base = Path(base)
         self._core.check_base(str(base), (base / "config.json").read_text(encoding="utf-8"))
 
-    def delta(self, weight: str) -> np.ndarray:
-        """The dequantized float32 delta of a ``delta`` weight (base rows only)."""
-        from meswitch.compress import dequantize_pieces
+    def validate_delta(self, weight: str) -> None:
+        """Raise ``meswitch.FormatError`` unless the stored pieces of a ``delta`` weight obey the format.
 
-        entry = self.tensors[weight]
-        pieces = {key: self.stored(f"{weight}.{key}") for key in ("qweight", "scales", "zeros", "salient_idx", "salient")}
-        return dequantize_pieces(pieces, entry["rows"], entry["cols"], entry["bits"], entry["group_size"])
+        The rules (shapes for the manifest's layout, zero points below 2^bits, strictly
+        ascending salient indices within the width, finite scales and salient values) are
+        checked once here; the fused kernels check only the layout on every call.
+        """
+        self._core.validate_delta(weight)
+
+    def delta(self, weight: str) -> np.ndarray:
+        """The dequantized float32 delta of a ``delta`` weight (base rows only).
+
+        Raises ``meswitch.FormatError`` when its stored pieces break the format's rules
+        (shapes, zero points below 2^bits, ascending salient indices, finite values).
+        """
+        return self._core.dequantized_delta(weight)
 
     def weights(self, base: str | os.PathLike[str], *, check_base: bool = True) -> Iterator[tuple[str, np.ndarray]]:
         """Yield ``(name, array)`` of the reconstructed expert, tensor by tensor, in its original dtypes."""

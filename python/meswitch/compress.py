@@ -37,6 +37,13 @@ PLANNER_BITS = (1, 2, 3, 4)
 PLANNER_SALIENT_FRACTIONS = (0.0, 0.005, 0.01, 0.02, 0.05)
 
 
+def _quant_default(key: str) -> Any:
+    """A default of the C++ ``QuantSpec``, the one source of the quantization defaults."""
+    from meswitch import _core
+
+    return _core.QUANT_DEFAULTS[key]
+
+
 @dataclass
 class CompressionSettings:
     """How every delta matrix is quantized (unless the budget planner chooses per matrix).
@@ -67,19 +74,23 @@ class CompressionSettings:
         Adam steps (0 = off; needs calibration text). See ``meswitch.refine``.
     ragged_groups
         Allow a shorter last group in matrices whose width ``group_size`` does not
-        divide (otherwise that is an error naming the tensor).
+        divide (the default, so every width works); ``False`` makes that an error
+        naming the tensor.
+
+    ``bits``, ``group_size``, ``clip_grid``, ``min_clip`` and ``ragged_groups`` default
+    to the C++ ``QuantSpec`` (``meswitch._core.QUANT_DEFAULTS``).
     """
 
-    bits: int = 2
-    group_size: int = 64
+    bits: int = field(default_factory=lambda: _quant_default("bits"))
+    group_size: int = field(default_factory=lambda: _quant_default("group_size"))
     salient: float = 0.01
-    clip_grid: int = 1
-    min_clip: float = 0.5
+    clip_grid: int = field(default_factory=lambda: _quant_default("clip_grid"))
+    min_clip: float = field(default_factory=lambda: _quant_default("min_clip"))
     avg_bits: float | None = None
     vocab_bits: int | None = None
     refine_steps: int = 0
     refine_lr: float = 1e-2
-    ragged_groups: bool = False
+    ragged_groups: bool = field(default_factory=lambda: _quant_default("ragged_groups"))
     max_shard_bytes: int = 128 << 20
 
     def validate(self) -> None:
@@ -141,7 +152,7 @@ class MatrixResult:
 
 
 def compress_matrix(delta: np.ndarray, channel_weight: np.ndarray | None, *, bits: int, group_size: int,
-                    k: int, clip_grid: int, min_clip: float, name: str, ragged_groups: bool = False) -> MatrixResult:
+                    k: int, clip_grid: int, min_clip: float, name: str, ragged_groups: bool = True) -> MatrixResult:
     """Salient selection + quantization of one float32 delta ``[rows, cols]`` (C++)."""
     from meswitch import _core
 
@@ -155,7 +166,7 @@ def compress_matrix(delta: np.ndarray, channel_weight: np.ndarray | None, *, bit
     pieces = _core.quantize_delta(delta, channel_weight, salient_idx, bits, group_size, clip_grid, min_clip, name,
                                   ragged_groups)
     error, reference = float(pieces["error"]), float(pieces["reference"])  # weighted, computed in C++
-    stored = {key: pieces[key] for key in ("qweight", "scales", "zeros", "salient_idx", "salient")}
+    stored = {piece: pieces[piece] for piece, _ in _core.DELTA_PIECES}
     return MatrixResult(stored, bits, int(pieces["group_size"]), int(salient_idx.size), error, reference,
                         compressed_bits(rows, cols, bits, group_size, int(salient_idx.size)))
 
@@ -504,6 +515,8 @@ def _delta_of(tensor: str, base: Path, expert: Path, base_ckpt: Checkpoint, expe
 def _compress_delta(writer, tensor: str, role: str, base: Path, expert: Path, base_ckpt: Checkpoint,
                     expert_ckpt: Checkpoint, statistics, settings: CompressionSettings,
                     plan: dict[str, PlanChoice] | None, totals: dict[str, int]) -> dict[str, Any]:
+    from meswitch import _core
+
     delta, extra = _delta_of(tensor, base, expert, base_ckpt, expert_ckpt)
     expert_ckpt.release(tensor)  # the float32 delta is all that is needed from here on
     base_ckpt.release(tensor)
@@ -522,11 +535,8 @@ def _compress_delta(writer, tensor: str, role: str, base: Path, expert: Path, ba
                                  ragged_groups=settings.ragged_groups)
     except (ValueError, RuntimeError) as error:
         raise type(error)(f"{expert}: {error}") from None
-    writer.add_tensor(f"{tensor}.qweight", "U32", np.ascontiguousarray(result.pieces["qweight"]))
-    writer.add_tensor(f"{tensor}.scales", "F16", np.ascontiguousarray(result.pieces["scales"]))
-    writer.add_tensor(f"{tensor}.zeros", "U8", np.ascontiguousarray(result.pieces["zeros"]))
-    writer.add_tensor(f"{tensor}.salient_idx", "I32", np.ascontiguousarray(result.pieces["salient_idx"]))
-    writer.add_tensor(f"{tensor}.salient", "F16", np.ascontiguousarray(result.pieces["salient"]))
+    for piece, dtype in _core.DELTA_PIECES:
+        writer.add_tensor(f"{tensor}.{piece}", dtype, np.ascontiguousarray(result.pieces[piece]))
     info = expert_ckpt.info(tensor)
     if extra.shape[0] > 0:  # whole rows in the expert's own dtype, bit for bit
         rows_past_base = np.ascontiguousarray(expert_ckpt.get_array(tensor)[rows:])

@@ -22,7 +22,10 @@ from typing import Any
 
 import numpy as np
 
-_PIECES = ("qweight", "scales", "zeros", "salient_idx", "salient")
+from meswitch import _core
+
+#: The stored pieces of a compressed delta, in their stored order (from the C++ type).
+_PIECES = tuple(piece for piece, _ in _core.DELTA_PIECES)
 
 __all__ = ["delta_matmul", "multi_delta_matmul", "cpu_kernel_path"]
 

@@ -24,7 +24,12 @@ import numpy as np
 
 
 def _scale_groups(artifact, base: str | os.PathLike[str], model_params: dict[str, Any]):
-    """Per delta weight: fixed (code - zero), the stored scales and everything else of the dense weight."""
+    """Per delta weight: the scale-free part of the dense weight, the stored scales and the rest.
+
+    The dequantization rule lives in C++ (``_core.scale_free_parts``): the dense weight is
+    ``base + salient + centred * scales[:, column_group]``, and only that last product,
+    through which the multipliers train, is formed here in torch.
+    """
     import torch
 
     from meswitch import _core
@@ -35,20 +40,15 @@ def _scale_groups(artifact, base: str | os.PathLike[str], model_params: dict[str
     for name, entry in artifact.tensors.items():
         if entry["kind"] != "delta" or name not in model_params:
             continue  # a tied weight is trained through the parameter that owns it
-        rows, cols, bits = entry["rows"], entry["cols"], entry["bits"]
-        group_size = entry["group_size"] or cols
-        codes = _core.unpack_codes(np.ascontiguousarray(artifact.stored(f"{name}.qweight")), rows, cols, bits)
-        zeros = torch.from_numpy(artifact.stored(f"{name}.zeros").astype(np.float32))
+        rows, cols = entry["rows"], entry["cols"]
+        pieces = [artifact.stored(f"{name}.{piece}") for piece, _ in _core.DELTA_PIECES]
+        parts = _core.scale_free_parts(*pieces, rows, cols, entry["bits"], entry["group_size"], name)
         scales = torch.from_numpy(artifact.stored(f"{name}.scales").astype(np.float32))
-        column_group = torch.arange(cols) // group_size
-        centred = torch.from_numpy(codes.astype(np.float32)) - zeros[:, column_group]
-        salient_idx = torch.from_numpy(artifact.stored(f"{name}.salient_idx").astype(np.int64))
-        # Salient columns hold code == zero (they dequantize to 0) and their exact values
-        # come from the salient block, which stays as stored.
-        fixed = torch.from_numpy(np.array(base_ckpt.get_array(name, widen=True), dtype=np.float32)).reshape(rows, cols)
-        fixed[:, salient_idx] += torch.from_numpy(artifact.stored(f"{name}.salient").astype(np.float32))
+        base_rows = np.array(base_ckpt.get_array(name, widen=True), dtype=np.float32).reshape(rows, cols)
+        fixed = torch.from_numpy(base_rows + parts["salient"])  # the salient values stay as stored
         extra = model_params[name].detach()[rows:].clone()  # an expanded vocabulary's whole rows
-        groups[name] = {"centred": centred, "scales": scales, "column_group": column_group, "fixed": fixed,
+        groups[name] = {"centred": torch.from_numpy(parts["centred"]), "scales": scales,
+                        "column_group": torch.from_numpy(parts["column_group"]), "fixed": fixed,
                         "extra": extra, "shape": tuple(model_params[name].shape),
                         "multiplier": torch.ones_like(scales, requires_grad=True)}
     return groups

@@ -43,12 +43,14 @@ nlohmann::json small_manifest() {
             {"norm", {{"kind", "full"}, {"dtype", "F32"}, {"shape", {8}}}}}}};
 }
 
-std::string write_small_artifact(const std::string& directory, std::uint64_t max_shard_bytes) {
+// `zero` and `salient_column` let a test write a hostile artifact.
+std::string write_small_artifact(const std::string& directory, std::uint64_t max_shard_bytes, std::uint8_t zero = 1,
+                                 std::int32_t salient_column = 3) {
   ArtifactWriter writer(directory, max_shard_bytes);
   std::vector<std::uint32_t> qweight(2 * 1, 0xAAAAAAAAu);  // 2 rows, 8 cols at 2 bits = 1 word each
   std::vector<std::uint16_t> scales(2 * 1, 0x3c00), salient(2 * 1, 0x4000);
-  std::vector<std::uint8_t> zeros(2 * 1, 1);
-  std::vector<std::int32_t> salient_idx = {3};
+  std::vector<std::uint8_t> zeros(2 * 1, zero);
+  std::vector<std::int32_t> salient_idx = {salient_column};
   std::vector<float> norm = {1, 2, 3, 4, 5, 6, 7, 8};
   writer.add_tensor("w.qweight", DType::U32, {2, 1}, qweight.data());
   writer.add_tensor("w.scales", DType::F16, {2, 1}, scales.data());
@@ -70,15 +72,27 @@ TEST_CASE("an artifact round trips through writer and reader", "[artifact]") {
   const ExpertArtifact artifact = ExpertArtifact::open(directory);
   REQUIRE(artifact.manifest()["format_version"] == kArtifactFormatVersion);
   REQUIRE(artifact.manifest()["shards"].size() > 1);
-  const CompressedDeltaView delta = artifact.delta("w");
+  const CompressedDelta delta = artifact.delta("w");
   REQUIRE(delta.rows == 2);
-  REQUIRE(delta.qweight.data_as<std::uint32_t>()[1] == 0xAAAAAAAAu);
-  REQUIRE(delta.salient_idx.data_as<std::int32_t>()[0] == 3);
+  REQUIRE(delta.qweight[1] == 0xAAAAAAAAu);
+  REQUIRE(delta.salient_idx[0] == 3);
+  REQUIRE(delta.owner != nullptr);  // the mapped shards stay alive with the delta
+  REQUIRE(artifact.delta_extra_rows("w").data == nullptr);
   REQUIRE(artifact.kind("norm") == "full");
   REQUIRE(artifact.stored("norm.full").data_as<float>()[7] == 8.0f);
   REQUIRE(file_exists(directory + "/expert/config.json"));
   REQUIRE_THROWS_WITH(artifact.delta("norm"), Contains("not stored as a delta"));
   REQUIRE_THROWS_WITH(artifact.entry("ghost"), Contains("'ghost'"));
+}
+
+TEST_CASE("a delta whose pieces break the format is refused, naming the file and tensor", "[artifact]") {
+  const std::string high_zero = write_small_artifact(scratch_path("high_zero.meswitch"), 1 << 20, /*zero=*/4);
+  REQUIRE_THROWS_AS(ExpertArtifact::open(high_zero).delta("w"), FormatError);
+  REQUIRE_THROWS_WITH(ExpertArtifact::open(high_zero).delta("w"),
+                      Contains("high_zero.meswitch") && Contains("'w.zeros'") && Contains("zero point 4"));
+  const std::string far_column = write_small_artifact(scratch_path("far_column.meswitch"), 1 << 20, 1, 8);
+  REQUIRE_THROWS_WITH(ExpertArtifact::open(far_column).delta("w"),
+                      Contains("far_column.meswitch") && Contains("'w.salient_idx'") && Contains("outside [0, 8)"));
 }
 
 TEST_CASE("a corrupted shard fails its checksum", "[artifact]") {
@@ -90,7 +104,8 @@ TEST_CASE("a corrupted shard fails its checksum", "[artifact]") {
     stream.put('\x7f');
   }
   REQUIRE_THROWS_WITH(ExpertArtifact::open(directory), Contains("sha256"));
-  REQUIRE_NOTHROW(ExpertArtifact::open(directory, /*verify_checksums=*/false));
+  // Without checksums the byte still lands in a zero point, which the content rules refuse.
+  REQUIRE_THROWS_WITH(ExpertArtifact::open(directory, /*verify_checksums=*/false), Contains("zero point 127"));
 }
 
 TEST_CASE("an abandoned writer leaves no artifact and no staging directory", "[artifact]") {

@@ -353,22 +353,27 @@ TEST_CASE("delta_matmul gives the same bits with any thread count", "[delta_gemm
   REQUIRE(one == many);
 }
 
-TEST_CASE("make_compressed_delta and the kernels reject bad input with context", "[delta_gemm]") {
+TEST_CASE("a delta over tensor views and the kernels reject bad input with context", "[delta_gemm]") {
   TestDelta d = random_delta(4, 128, 2, 32, 2, 51);
   TensorView q(d.qweight.data(), DType::U32, {4, 8}), s(d.scales.data(), DType::F16, {4, 4}), z(d.zeros.data(), DType::U8, {4, 4}),
       idx(d.salient_idx.data(), DType::I32, {2}), sal(d.salient.data(), DType::F16, {4, 2});
-  const CompressedDelta ok = make_compressed_delta(q, s, z, idx, sal, 2, 32, 128, "layer.w");
+  const auto over = [&](const TensorView& qweight, const TensorView& scales, const TensorView& zeros, int bits,
+                        std::int64_t group_size, const std::string& name = "") {
+    return CompressedDelta::over_views(name, -1, 128, bits, group_size, -1, qweight, scales, zeros, idx, sal);
+  };
+  const CompressedDelta ok = over(q, s, z, 2, 32, "layer.w");
   REQUIRE(ok.rows == 4);
   REQUIRE(ok.groups() == 4);
-  REQUIRE(make_compressed_delta(q, TensorView(d.scales.data(), DType::F16, {4, 1}), TensorView(d.zeros.data(), DType::U8, {4, 1}),
-                                idx, sal, 2, 0, 128)
+  REQUIRE(ok.k == 2);
+  REQUIRE(over(q, TensorView(d.scales.data(), DType::F16, {4, 1}), TensorView(d.zeros.data(), DType::U8, {4, 1}), 2, 0)
               .group_size == 128);
-  REQUIRE_THROWS_WITH(make_compressed_delta(TensorView(d.qweight.data(), DType::U32, {4, 7}), s, z, idx, sal, 2, 32, 128, "layer.w"),
-                      Catch::Contains("layer.w") && Catch::Contains("qweight") && Catch::Contains("[4, 8]"));
-  REQUIRE_THROWS_WITH(make_compressed_delta(q, TensorView(d.scales.data(), DType::U8, {4, 4}), z, idx, sal, 2, 32, 128, "layer.w"),
-                      Catch::Contains("scales") && Catch::Contains("F16"));
-  REQUIRE_THROWS_WITH(make_compressed_delta(q, s, z, idx, sal, 5, 32, 128), Catch::Contains("bits"));
-  REQUIRE_THROWS_WITH(make_compressed_delta(q, s, z, idx, sal, 2, 256, 128), Catch::Contains("group size"));
+  REQUIRE_THROWS_WITH(over(TensorView(d.qweight.data(), DType::U32, {4, 7}), s, z, 2, 32, "layer.w"),
+                      Catch::Contains("layer.w.qweight") && Catch::Contains("[4, 7]") &&
+                          Catch::Contains("8 words per row expected"));
+  REQUIRE_THROWS_WITH(over(q, TensorView(d.scales.data(), DType::U8, {4, 4}), z, 2, 32, "layer.w"),
+                      Catch::Contains("layer.w.scales") && Catch::Contains("F16"));
+  REQUIRE_THROWS_WITH(over(q, s, z, 5, 32), Catch::Contains("bits"));
+  REQUIRE_THROWS_WITH(over(q, s, z, 2, 256), Catch::Contains("group size"));
 
   std::vector<float> x(3 * 64), y(3 * 4);
   REQUIRE_THROWS_WITH(delta_matmul(ok, TensorView(x.data(), DType::F32, {3, 64}), y.data(), 4), Catch::Contains("128 input columns"));

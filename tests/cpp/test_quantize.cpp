@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
@@ -30,7 +31,7 @@ std::vector<float> random_weights(std::int64_t cols, unsigned seed) {
   return weights;
 }
 
-std::vector<float> dequantized(const QuantizedDelta& q) {
+std::vector<float> dequantized(const CompressedDelta& q) {
   std::vector<float> out(static_cast<std::size_t>(q.rows * q.cols));
   dequantize_delta(q, out.data());
   return out;
@@ -70,14 +71,14 @@ TEST_CASE("quantized codes are in range and scales are f16 and zeros exact", "[q
       QuantSpec spec;
       spec.bits = bits;
       spec.group_size = group;
-      const QuantizedDelta q = quantize_delta(delta.data(), rows, cols, nullptr, {}, spec, "w");
+      const CompressedDelta q = quantize_delta(delta.data(), rows, cols, nullptr, {}, spec, "w");
       const std::int64_t groups = group == 0 ? 1 : cols / group;
       REQUIRE(q.group_size == (group == 0 ? cols : group));
-      REQUIRE(q.groups_per_row() == groups);
-      REQUIRE(std::int64_t(q.scales.size()) == rows * groups);
-      const std::vector<std::uint8_t> codes = unpack_codes(q.qweight.data(), rows, cols, bits);
+      REQUIRE(q.groups() == groups);
+      REQUIRE(q.expected_shape(DeltaPiece::scales) == Shape{rows, groups});
+      const std::vector<std::uint8_t> codes = unpack_codes(q.qweight, rows, cols, bits);
       for (std::uint8_t code : codes) REQUIRE(int(code) < (1 << bits));
-      for (std::size_t g = 0; g < q.scales.size(); ++g) {
+      for (std::size_t g = 0; g < std::size_t(rows * groups); ++g) {
         const float scale = f16_to_float(q.scales[g]);
         REQUIRE(std::isfinite(scale));
         REQUIRE(scale > 0.0f);
@@ -101,8 +102,8 @@ TEST_CASE("quantized codes are in range and scales are f16 and zeros exact", "[q
 TEST_CASE("an all-zero delta dequantizes to exactly zero", "[quantize]") {
   const std::vector<float> delta(4 * 64, 0.0f);
   QuantSpec spec;
-  const QuantizedDelta q = quantize_delta(delta.data(), 4, 64, nullptr, {}, spec, "w");
-  for (std::uint16_t scale : q.scales) REQUIRE(scale == 0x3c00);  // hi == lo: scale 1
+  const CompressedDelta q = quantize_delta(delta.data(), 4, 64, nullptr, {}, spec, "w");
+  for (std::int64_t g = 0; g < 4 * q.groups(); ++g) REQUIRE(q.scales[g] == 0x3c00);  // hi == lo: scale 1
   for (float value : dequantized(q)) REQUIRE(value == 0.0f);
 }
 
@@ -114,12 +115,12 @@ TEST_CASE("quantized salient columns hold code zero and dequantize to their f16 
   QuantSpec spec;
   spec.bits = 2;
   spec.group_size = 32;
-  const QuantizedDelta q = quantize_delta(delta.data(), rows, cols, weights.data(), salient, spec, "w");
-  REQUIRE(q.salient_idx == std::vector<std::int32_t>{3, 47, 90});
-  const std::vector<std::uint8_t> codes = unpack_codes(q.qweight.data(), rows, cols, 2);
+  const CompressedDelta q = quantize_delta(delta.data(), rows, cols, weights.data(), salient, spec, "w");
+  REQUIRE(std::vector<std::int32_t>(q.salient_idx, q.salient_idx + q.k) == std::vector<std::int32_t>{3, 47, 90});
+  const std::vector<std::uint8_t> codes = unpack_codes(q.qweight, rows, cols, 2);
   const std::vector<float> approx = dequantized(q);
   for (std::int64_t r = 0; r < rows; ++r)
-    for (std::size_t i = 0; i < q.salient_idx.size(); ++i) {
+    for (std::int64_t i = 0; i < q.k; ++i) {
       const std::int32_t c = q.salient_idx[i];
       REQUIRE(codes[std::size_t(r * cols + c)] == q.zeros[std::size_t(r * 3 + c / 32)]);
       const float stored = f16_to_float(float_to_f16(delta[std::size_t(r * cols + c)]));
@@ -134,11 +135,11 @@ TEST_CASE("salient columns do not influence the range of their group", "[quantiz
   spiked[5] = 100.0f;  // huge outlier in a salient column
   QuantSpec spec;
   spec.group_size = 32;
-  const QuantizedDelta plain = quantize_delta(delta.data(), 2, 32, nullptr, {5}, spec, "w");
-  const QuantizedDelta with_spike = quantize_delta(spiked.data(), 2, 32, nullptr, {5}, spec, "w");
-  REQUIRE(plain.scales == with_spike.scales);
-  REQUIRE(plain.zeros == with_spike.zeros);
-  REQUIRE(plain.qweight == with_spike.qweight);
+  const CompressedDelta plain = quantize_delta(delta.data(), 2, 32, nullptr, {5}, spec, "w");
+  const CompressedDelta with_spike = quantize_delta(spiked.data(), 2, 32, nullptr, {5}, spec, "w");
+  REQUIRE(std::equal(plain.scales, plain.scales + 2, with_spike.scales));
+  REQUIRE(std::equal(plain.zeros, plain.zeros + 2, with_spike.zeros));
+  REQUIRE(std::equal(plain.qweight, plain.qweight + 2 * plain.words_per_row(), with_spike.qweight));
 }
 
 TEST_CASE("the quantizer clipping search never does worse than round to nearest", "[quantize]") {
@@ -150,10 +151,11 @@ TEST_CASE("the quantizer clipping search never does worse than round to nearest"
       QuantSpec searched;
       searched.bits = bits;
       searched.group_size = 64;
+      searched.clip_grid = 20;
       QuantSpec rtn = searched;
       rtn.clip_grid = 1;
-      const QuantizedDelta a = quantize_delta(delta.data(), rows, cols, weight, {}, searched, "w");
-      const QuantizedDelta b = quantize_delta(delta.data(), rows, cols, weight, {}, rtn, "w");
+      const CompressedDelta a = quantize_delta(delta.data(), rows, cols, weight, {}, searched, "w");
+      const CompressedDelta b = quantize_delta(delta.data(), rows, cols, weight, {}, rtn, "w");
       const double error_searched = weighted_squared_error(delta.data(), dequantized(a).data(), rows, cols, weight);
       const double error_rtn = weighted_squared_error(delta.data(), dequantized(b).data(), rows, cols, weight);
       REQUIRE(error_searched <= error_rtn);
@@ -168,7 +170,7 @@ TEST_CASE("quantization error falls with more bits", "[quantize]") {
   for (int bits = 1; bits <= 4; ++bits) {
     QuantSpec spec;
     spec.bits = bits;
-    const QuantizedDelta q = quantize_delta(delta.data(), 4, 128, nullptr, {}, spec, "w");
+    const CompressedDelta q = quantize_delta(delta.data(), 4, 128, nullptr, {}, spec, "w");
     const double error = weighted_squared_error(delta.data(), dequantized(q).data(), 4, 128, nullptr);
     REQUIRE(error < previous);
     previous = error;
@@ -194,8 +196,11 @@ TEST_CASE("bad quantization settings name the tensor", "[quantize]") {
                       Contains("mlp.up") && Contains("5"));
   spec.bits = 2;
   spec.group_size = 64;
+  REQUIRE_NOTHROW(quantize_delta(delta.data(), 2, 96, nullptr, {}, spec, "mlp.up"));  // ragged by default
+  spec.ragged_groups = false;
   REQUIRE_THROWS_WITH(quantize_delta(delta.data(), 2, 96, nullptr, {}, spec, "mlp.up"),
                       Contains("mlp.up") && Contains("64") && Contains("96"));
+  spec.ragged_groups = true;
   spec.group_size = -32;
   REQUIRE_THROWS_AS(validate_spec(spec, 96, "mlp.up"), Error);
   spec.group_size = 32;
@@ -239,15 +244,15 @@ TEST_CASE("bad delta values and channel weights are format errors with their pos
                       Contains("attn.o") && Contains("f16"));
 }
 
-TEST_CASE("dequantize rejects pieces that do not fit together", "[quantize]") {
-  const std::vector<float> delta = random_delta(2, 64, 1);
-  QuantSpec spec;
-  QuantizedDelta q = quantize_delta(delta.data(), 2, 64, nullptr, {3}, spec, "w");
-  std::vector<float> out(2 * 64);
-  QuantizedDelta short_scales = q;
-  short_scales.scales.pop_back();
-  REQUIRE_THROWS_WITH(dequantize_delta(short_scales, out.data(), "w"), Contains("'w'") && Contains("scales"));
-  QuantizedDelta bad_index = q;
-  bad_index.salient_idx[0] = 64;
-  REQUIRE_THROWS_AS(dequantize_delta(bad_index, out.data(), "w"), FormatError);
+TEST_CASE("the quantizer's output passes the delta's validation and owns its arrays", "[quantize]") {
+  const std::vector<float> delta = random_delta(3, 688, 1);
+  QuantSpec spec;  // the defaults: 2 bits, groups of 64, ragged last group
+  CompressedDelta q = quantize_delta(delta.data(), 3, 688, nullptr, {600, 3}, spec, "w");
+  REQUIRE(q.groups() == 11);  // ten groups of 64 and one of 48
+  REQUIRE(q.owner != nullptr);
+  REQUIRE_NOTHROW(q.validate());
+  const std::vector<float> before = dequantized(q);
+  const CompressedDelta copy = q;  // shares the arrays through the owner
+  q = CompressedDelta{};
+  REQUIRE(dequantized(copy) == before);
 }

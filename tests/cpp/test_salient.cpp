@@ -33,7 +33,7 @@ TEST_CASE("channel scores are the weighted per-column quantization error", "[sal
   const std::vector<double> scores = channel_error_scores(delta.data(), rows, cols, weights.data(), spec, "w");
   REQUIRE(std::int64_t(scores.size()) == cols);
 
-  const QuantizedDelta q = quantize_delta(delta.data(), rows, cols, weights.data(), {}, spec, "w");
+  const CompressedDelta q = quantize_delta(delta.data(), rows, cols, weights.data(), {}, spec, "w");
   std::vector<float> approx(static_cast<std::size_t>(rows * cols));
   dequantize_delta(q, approx.data());
   double total = 0.0;
@@ -70,8 +70,8 @@ TEST_CASE("a salient channel between grid points scores highest and keeping it l
   REQUIRE(top == std::vector<std::int32_t>{13});
   REQUIRE(scores[13] == Approx(rows * 0.15 * 0.15).epsilon(1e-2));
 
-  const QuantizedDelta without = quantize_delta(delta.data(), rows, cols, nullptr, {}, spec, "w");
-  const QuantizedDelta with = quantize_delta(delta.data(), rows, cols, nullptr, top, spec, "w");
+  const CompressedDelta without = quantize_delta(delta.data(), rows, cols, nullptr, {}, spec, "w");
+  const CompressedDelta with = quantize_delta(delta.data(), rows, cols, nullptr, top, spec, "w");
   std::vector<float> a(static_cast<std::size_t>(rows * cols)), b(static_cast<std::size_t>(rows * cols));
   dequantize_delta(without, a.data());
   dequantize_delta(with, b.data());
@@ -89,7 +89,7 @@ TEST_CASE("keeping the top-scored salient channels never raises the error", "[sa
   const std::vector<double> scores = channel_error_scores(delta.data(), rows, cols, weights.data(), spec, "w");
   double previous = std::numeric_limits<double>::infinity();
   for (std::int64_t k : {0, 1, 4, 16}) {
-    const QuantizedDelta q =
+    const CompressedDelta q =
         quantize_delta(delta.data(), rows, cols, weights.data(), select_salient_channels(scores, k), spec, "w");
     std::vector<float> approx(static_cast<std::size_t>(rows * cols));
     dequantize_delta(q, approx.data());
@@ -126,6 +126,7 @@ TEST_CASE("salient channel scores pass on bad settings with the tensor name", "[
   const std::vector<float> delta = noisy_delta(2, 48, 1);
   QuantSpec spec;
   spec.group_size = 32;
+  spec.ragged_groups = false;
   REQUIRE_THROWS_WITH(channel_error_scores(delta.data(), 2, 48, nullptr, spec, "mlp.down"),
                       Contains("mlp.down") && Contains("32") && Contains("48"));
 }

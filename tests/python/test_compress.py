@@ -169,11 +169,23 @@ def test_bad_settings(pair, tmp_path, settings, pattern):
     assert not list(tmp_path.iterdir())
 
 
-def test_group_not_dividing_the_width_names_the_tensor(pair, tmp_path):
+def test_group_not_dividing_the_width_names_the_tensor_without_ragged_groups(pair, tmp_path):
     base, expert = pair
     with pytest.raises(ValueError, match=r"tensor '[\w.]+\.weight'.*group size 48 does not divide the width 64"):
-        compress(base, expert, tmp_path / "x.meswitch", settings=CompressionSettings(group_size=48), progress=False)
+        compress(base, expert, tmp_path / "x.meswitch", settings=CompressionSettings(group_size=48, ragged_groups=False),
+                 progress=False)
     assert not list(tmp_path.iterdir())  # no artifact, no staging directory
+
+
+def test_ragged_groups_are_the_default(pair, tmp_path):
+    """A group size that does not divide a width (64 here) gives a shorter last group."""
+    base, expert = pair
+    artifact = load_artifact(compress(base, expert, tmp_path / "x.meswitch",
+                                      settings=CompressionSettings(group_size=48), progress=False).artifact)
+    entry = next(e for e in artifact.tensors.values() if e["kind"] == "delta" and e["cols"] == 64)
+    assert entry["group_size"] == 48
+    name = next(n for n, e in artifact.tensors.items() if e is entry)
+    assert artifact.stored(f"{name}.scales").shape == (entry["rows"], 2)  # 48 + 16 columns
 
 
 def _write_model_files(directory: Path, tensors: dict[str, np.ndarray], like: Path) -> Path:

@@ -9,6 +9,8 @@ per-channel error scores and a brute-force top-k ranking.
 
 from __future__ import annotations
 
+import json
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -203,7 +205,7 @@ def check_against_reference(delta, weight, salient_idx, bits, group_size, clip_g
     np.testing.assert_array_equal(ours["salient"].view(np.uint16), ref["salient"].view(np.uint16))
 
     dense = _core.dequantize_delta(ours["qweight"], ours["scales"], ours["zeros"], ours["salient_idx"],
-                                   ours["salient"], rows, cols, bits, group_size)
+                                   ours["salient"], rows, cols, bits, ours["group_size"])
     expected = ref_dequantize(ref["codes"], ref["scales"], ref["zeros"], ref["salient_idx"], ref["salient"],
                               group_size)
     assert dense.dtype == F32 and dense.shape == (rows, cols)
@@ -378,7 +380,8 @@ def test_bad_settings_raise_value_error_naming_the_tensor(rng):
         with pytest.raises(ValueError, match=r"mlp\.up.*bits"):
             _core.channel_error_scores(delta, None, bits, 32, 20, 0.5, "mlp.up")
     with pytest.raises(ValueError, match=r"mlp\.up.*64.*96"):
-        _core.quantize_delta(delta, None, none, 2, 64, 20, 0.5, "mlp.up")
+        _core.quantize_delta(delta, None, none, 2, 64, 20, 0.5, "mlp.up", ragged_groups=False)
+    assert _core.quantize_delta(delta, None, none, 2, 64, 20, 0.5, "mlp.up")["scales"].shape == (4, 2)  # ragged
     with pytest.raises(ValueError, match=r"mlp\.up.*-32"):
         _core.quantize_delta(delta, None, none, 2, -32, 20, 0.5, "mlp.up")
     with pytest.raises(ValueError, match=r"mlp\.up.*min_clip"):
@@ -409,6 +412,57 @@ def test_bad_data_raises_format_error_naming_the_tensor(rng):
     with pytest.raises(_core.FormatError, match=r"attn\.o.*scales"):
         _core.dequantize_delta(q["qweight"], q["scales"][:, :1], q["zeros"], q["salient_idx"], q["salient"],
                                4, 64, 2, 32, "attn.o")
-    with pytest.raises(ValueError, match=r"attn\.o.*float16"):
+    with pytest.raises(ValueError, match=r"attn\.o\.scales.*scales must be F16"):
         _core.dequantize_delta(q["qweight"], q["scales"].astype(F32), q["zeros"], q["salient_idx"],
                                q["salient"], 4, 64, 2, 32, "attn.o")
+
+
+def test_scale_free_parts_rebuild_the_dequantized_delta_bit_for_bit(rng):
+    delta = heavy_tailed(rng, 6, 100)
+    q = _core.quantize_delta(delta, None, np.array([7, 50], dtype=np.int32), 2, 32, 1, 0.5, "w")
+    pieces = [q[piece] for piece, _ in _core.DELTA_PIECES]
+    parts = _core.scale_free_parts(*pieces, 6, 100, 2, q["group_size"], "w")
+    assert parts["column_group"].tolist() == [c // 32 for c in range(100)]  # ragged last group of 4
+    rebuilt = parts["centred"] * q["scales"].astype(F32)[:, parts["column_group"]] + parts["salient"]
+    dense = _core.dequantize_delta(*pieces, 6, 100, 2, q["group_size"], "w")
+    np.testing.assert_array_equal(rebuilt, dense)
+
+
+def test_quantization_defaults_come_from_the_cpp_quant_spec():
+    from meswitch.compress import CompressionSettings
+
+    settings = CompressionSettings()
+    assert _core.QUANT_DEFAULTS == {"bits": 2, "group_size": 64, "clip_grid": 1, "min_clip": 0.5,
+                                    "ragged_groups": True}
+    for key, value in _core.QUANT_DEFAULTS.items():
+        assert getattr(settings, key) == value
+
+
+def test_hostile_delta_pieces_are_refused_naming_tensor_and_field(tmp_path):
+    """Zero points >= 2^bits and bad salient indices never reach a kernel's indexing."""
+    def write(zero: int, salient_idx: list[int]) -> str:
+        directory = tmp_path / f"z{zero}-{'-'.join(map(str, salient_idx))}.meswitch"
+        writer = _core.ArtifactWriter(str(directory))
+        writer.add_tensor("w.qweight", "U32", np.full((2, 1), 0x55555555, dtype=np.uint32))
+        writer.add_tensor("w.scales", "F16", np.ones((2, 1), dtype=np.float16).view(np.uint16))
+        writer.add_tensor("w.zeros", "U8", np.full((2, 1), zero, dtype=np.uint8))
+        writer.add_tensor("w.salient_idx", "I32", np.array(salient_idx, dtype=np.int32))
+        writer.add_tensor("w.salient", "F16", np.ones((2, len(salient_idx)), dtype=np.float16).view(np.uint16))
+        writer.commit(json.dumps({
+            "name": "h", "base": {"fingerprint": "0" * 64, "config_sha256": "0" * 64, "tensors": {}},
+            "expert_config": {}, "statistics": {"delta_parameters": 16, "delta_storage_bits": 0, "avg_bits": 0.0},
+            "quantization": {"bits": 2, "group_size": 8, "clip_grid": 1, "min_clip": 0.5, "avg_bits": None,
+                             "vocab_bits": None, "calibration": {"kind": "weight-only"}},
+            "tensors": {"w": {"kind": "delta", "dtype": "F16", "shape": [2, 8], "rows": 2, "cols": 8, "bits": 2,
+                              "group_size": 8, "salient": len(salient_idx)}}}))
+        return str(directory)
+
+    from meswitch.artifact import load_artifact
+
+    assert load_artifact(write(1, [3])).delta("w").shape == (2, 8)
+    with pytest.raises(_core.FormatError, match=r"'w\.zeros'.*zero point 4"):
+        load_artifact(write(4, [3])).delta("w")
+    with pytest.raises(_core.FormatError, match=r"'w\.salient_idx'.*outside \[0, 8\)"):
+        load_artifact(write(1, [8])).validate_delta("w")
+    with pytest.raises(_core.FormatError, match=r"'w\.salient_idx'.*strictly ascending"):
+        load_artifact(write(1, [5, 2])).delta("w")

@@ -68,6 +68,7 @@
 #include <string>
 #include <vector>
 
+#include "meswitch/compressed_delta.hpp"
 #include "meswitch/cpu/simd.hpp"
 #include "meswitch/cpu/threading.hpp"
 #include "meswitch/dispatch.hpp"
@@ -76,21 +77,6 @@
 #include "meswitch/tensor.hpp"
 
 namespace meswitch::cpu {
-
-// Non-owning view of one compressed delta; all arrays row-major and contiguous.
-struct CompressedDelta {
-  const std::uint32_t* qweight = nullptr;  // [rows, ceil(cols*bits/32)]
-  const std::uint16_t* scales = nullptr;   // f16 bits [rows, groups]
-  const std::uint8_t* zeros = nullptr;     // [rows, groups]
-  const std::int32_t* salient_idx = nullptr;  // [k]
-  const std::uint16_t* salient = nullptr;  // f16 bits [rows, k]
-  std::int64_t rows = 0, cols = 0, k = 0;
-  int bits = 0;
-  std::int64_t group_size = 0;  // actual size, in [1, cols]; cols for whole-row groups
-
-  std::int64_t words_per_row() const { return (cols * bits + 31) / 32; }
-  std::int64_t groups() const { return group_size > 0 ? (cols + group_size - 1) / group_size : 0; }
-};
 
 struct KernelOptions {
   int num_threads = 0;              // 0: MESWITCH_NUM_THREADS, else hardware threads
@@ -117,36 +103,6 @@ inline int resolve_activation_digits(int requested) {
 
 namespace detail {
 
-inline std::string delta_where(const std::string& name) { return name.empty() ? std::string("delta: ") : "delta '" + name + "': "; }
-
-inline void check_fields(const CompressedDelta& delta, const std::string& name) {
-  const std::string where = delta_where(name);
-  if (delta.bits < 1 || delta.bits > 4)
-    throw Error(where + "bits must be 1..4, got " + std::to_string(delta.bits));
-  if (delta.rows < 0 || delta.cols < 0 || delta.k < 0)
-    throw Error(where + "negative size (rows " + std::to_string(delta.rows) + ", cols " + std::to_string(delta.cols) +
-                ", k " + std::to_string(delta.k) + ")");
-  if (delta.cols > 0 && (delta.group_size < 1 || delta.group_size > delta.cols))
-    throw Error(where + "group size " + std::to_string(delta.group_size) + " is not in [1, " +
-                std::to_string(delta.cols) + "]");
-  if (delta.k > delta.cols)
-    throw Error(where + "k = " + std::to_string(delta.k) + " salient channels exceed cols = " + std::to_string(delta.cols));
-  if (delta.rows > 0 && delta.cols > 0 && (delta.qweight == nullptr || delta.scales == nullptr || delta.zeros == nullptr))
-    throw Error(where + "null qweight, scales or zeros");
-  if (delta.k > 0 && (delta.salient_idx == nullptr || (delta.rows > 0 && delta.salient == nullptr)))
-    throw Error(where + "null salient_idx or salient with k = " + std::to_string(delta.k));
-}
-
-inline void check_view(const TensorView& view, const char* what, DType dtype, const Shape& shape, const std::string& name) {
-  const std::string where = delta_where(name) + what + " ";
-  if (view.dtype != dtype)
-    throw Error(where + "must be " + dtype_name(dtype) + ", got " + dtype_name(view.dtype));
-  if (view.shape != shape)
-    throw Error(where + "has shape " + shape_string(view.shape) + ", expected " + shape_string(shape));
-  if (!view.is_contiguous()) throw Error(where + "must be contiguous (row-major), strides " + shape_string(view.strides));
-  if (view.numel() > 0 && view.data == nullptr) throw Error(where + "has no data");
-}
-
 // Code c of one packed row, straddling words when bits = 3.
 inline std::uint32_t code_at(const std::uint32_t* row, int bits, std::int64_t c) {
   const std::int64_t bit = c * bits;
@@ -158,38 +114,6 @@ inline std::uint32_t code_at(const std::uint32_t* row, int bits, std::int64_t c)
 }
 
 }  // namespace detail
-
-// A CompressedDelta over tensor views, checking dtype, shape and contiguity of every
-// piece against `cols` (the input width, e.g. x.shape[1]; qweight alone cannot tell it
-// because the last word may be partly used). group_size 0 means whole rows. Scales and
-// salient are F16. `name` (e.g. "model.layers.0.mlp.up_proj.weight") goes into errors.
-inline CompressedDelta make_compressed_delta(const TensorView& qweight, const TensorView& scales, const TensorView& zeros,
-                                             const TensorView& salient_idx, const TensorView& salient, int bits,
-                                             std::int64_t group_size, std::int64_t cols, const std::string& name = "") {
-  const std::string where = detail::delta_where(name);
-  if (qweight.rank() != 2 || salient_idx.rank() != 1)
-    throw Error(where + "qweight must be 2-D and salient_idx 1-D, got " + shape_string(qweight.shape) + " and " +
-                shape_string(salient_idx.shape));
-  if (group_size < 0) throw Error(where + "group size must be >= 0 (0 = whole row), got " + std::to_string(group_size));
-  CompressedDelta delta;
-  delta.qweight = qweight.data_as<const std::uint32_t>();
-  delta.scales = scales.data_as<const std::uint16_t>();
-  delta.zeros = zeros.data_as<const std::uint8_t>();
-  delta.salient_idx = salient_idx.data_as<const std::int32_t>();
-  delta.salient = salient.data_as<const std::uint16_t>();
-  delta.rows = qweight.shape[0];
-  delta.cols = cols;
-  delta.k = salient_idx.shape[0];
-  delta.bits = bits;
-  delta.group_size = group_size == 0 ? cols : group_size;
-  detail::check_fields(delta, name);
-  detail::check_view(qweight, "qweight", DType::U32, {delta.rows, delta.words_per_row()}, name);
-  detail::check_view(scales, "scales", DType::F16, {delta.rows, delta.groups()}, name);
-  detail::check_view(zeros, "zeros", DType::U8, {delta.rows, delta.groups()}, name);
-  detail::check_view(salient_idx, "salient_idx", DType::I32, {delta.k}, name);
-  detail::check_view(salient, "salient", DType::F16, {delta.rows, delta.k}, name);
-  return delta;
-}
 
 namespace detail {
 
@@ -302,10 +226,6 @@ inline void prepare_tokens(const CompressedDelta& delta, const TensorView& x, st
   }
   out.group_sums.assign(std::size_t(tokens * groups), 0.0f);
   out.salient_x.resize(std::size_t(tokens * delta.k));
-  for (std::int64_t j = 0; j < delta.k; ++j)
-    if (delta.salient_idx[j] < 0 || delta.salient_idx[j] >= cols)
-      throw Error("delta: salient_idx[" + std::to_string(j) + "] = " + std::to_string(delta.salient_idx[j]) +
-                  " is outside [0, " + std::to_string(cols) + ")");
   for (std::int64_t t = 0; t < tokens; ++t) {
     const float* row = out.x.data() + t * cols;
     for (std::int64_t g = 0; g < groups; ++g) {
@@ -429,7 +349,9 @@ inline void run_segments(const CompressedDelta* experts, std::size_t count, cons
   std::int64_t max_groups = 0, max_k = 0, max_rows = 0;
   for (std::size_t e = 0; e < count; ++e) {
     const CompressedDelta& delta = experts[e];
-    check_fields(delta, "expert " + std::to_string(e));
+    // O(k) per expert and call (the contents were scanned when the delta was built):
+    // every index the kernels compute from the layout stays inside the arrays.
+    delta.validate(DeltaChecks::Layout);
     check_x(x, delta.cols);
     if (segment_starts[e + 1] == segment_starts[e] || delta.rows == 0) continue;  // inactive expert
     if (y == nullptr) throw Error("y is null");
@@ -443,11 +365,6 @@ inline void run_segments(const CompressedDelta* experts, std::size_t count, cons
 #endif
     } else if (path != CpuPath::Reference)
       prepare_tokens(delta, x, segment_starts[e], segment_starts[e + 1], path == CpuPath::Avx2 ? 8 : 16, prepared[e]);
-    else
-      for (std::int64_t j = 0; j < delta.k; ++j)
-        if (delta.salient_idx[j] < 0 || delta.salient_idx[j] >= delta.cols)
-          throw Error("delta: salient_idx[" + std::to_string(j) + "] = " + std::to_string(delta.salient_idx[j]) +
-                      " is outside [0, " + std::to_string(delta.cols) + ")");
     for (std::int64_t r = 0; r < delta.rows; r += row_tile) items.push_back({e, r, std::min(delta.rows, r + row_tile)});
     max_groups = std::max(max_groups, delta.groups());
     max_k = std::max(max_k, delta.k);
@@ -502,8 +419,6 @@ inline void run_segments(const CompressedDelta* experts, std::size_t count, cons
 // call). y: T rows of at least `rows` floats, y_row_stride floats apart; accumulated.
 inline void delta_matmul(const CompressedDelta& delta, const TensorView& x, float* y, std::int64_t y_row_stride,
                          const KernelOptions& options = {}) {
-  detail::check_fields(delta, "");
-  detail::check_x(x, delta.cols);
   const std::int64_t starts[2] = {0, x.shape[0]};
   detail::run_segments(&delta, 1, x, starts, y, y_row_stride, options);
 }
