@@ -4,7 +4,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <catch2/catch.hpp>
 #include <cstdint>
 #include <stdexcept>
@@ -43,14 +45,36 @@ TEST_CASE("parallel_for visits every item once for any thread count", "[threadin
 }
 
 TEST_CASE("parallel_for rethrows the first error after all workers stop", "[threading]") {
-  std::atomic<int> ran{0};
-  REQUIRE_THROWS_WITH(parallel_for(100, 3,
+  // One thread: items run in order, so exactly items 0..5 ran and the rest were skipped.
+  std::vector<int> serial(100, 0);
+  REQUIRE_THROWS_WITH(parallel_for(100, 1,
                                    [&](int, std::int64_t item) {
-                                     ran.fetch_add(1);
+                                     ++serial[std::size_t(item)];
                                      if (item == 5) throw std::runtime_error("item 5 failed");
                                    }),
                       "item 5 failed");
-  REQUIRE(ran.load() >= 1);
+  for (std::int64_t item = 0; item < 100; ++item) {
+    INFO("item " << item);
+    REQUIRE(serial[std::size_t(item)] == (item <= 5 ? 1 : 0));
+  }
+
+  // Several threads: which other items ran depends on timing, but none ran twice, the
+  // failing one ran once, and nothing runs any more once the error is rethrown.
+  for (int round = 0; round < 20; ++round) {
+    std::vector<std::atomic<int>> visits(100);
+    REQUIRE_THROWS_WITH(parallel_for(100, 3,
+                                     [&](int, std::int64_t item) {
+                                       visits[std::size_t(item)].fetch_add(1);
+                                       if (item == 5) throw std::runtime_error("item 5 failed");
+                                     }),
+                        "item 5 failed");
+    std::vector<int> seen(100);
+    for (std::size_t item = 0; item < 100; ++item) seen[item] = visits[item].load();
+    REQUIRE(seen[5] == 1);
+    REQUIRE(std::all_of(seen.begin(), seen.end(), [](int count) { return count == 0 || count == 1; }));
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    for (std::size_t item = 0; item < 100; ++item) REQUIRE(visits[item].load() == seen[item]);
+  }
   REQUIRE(visits_each_item_once(50, 3));  // the pool still works afterwards
 }
 

@@ -1,7 +1,31 @@
 import numpy as np
 import pytest
 
+# What each CPU kernel path needs beyond baseline x86-64 (include/meswitch/cpu/simd.hpp).
+CPU_PATH_INSTRUCTIONS = {"reference": "nothing", "avx2": "AVX2/FMA/F16C/BMI2", "avx512": "AVX-512 F/VL/BW/DQ",
+                         "avx512vnni": "AVX-512 VNNI/GFNI"}
+
 
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def force_cpu_path(monkeypatch):
+    """``force(path)`` makes ``path`` the CPU kernel path for the rest of the test (MESWITCH_CPU_PATH),
+    or skips the test, with the reason, on a CPU that lacks it: a path that cannot run is never
+    reported as passed."""
+    from meswitch import ops
+
+    def force(path: str) -> None:
+        monkeypatch.setenv("MESWITCH_CPU_PATH", path)
+        try:
+            active = ops.cpu_kernel_path()
+        except RuntimeError as error:
+            if "does not support" not in str(error):
+                raise
+            pytest.skip(f"CPU lacks {CPU_PATH_INSTRUCTIONS[path]} for the {path} kernels")
+        assert active == path
+
+    return force

@@ -228,15 +228,19 @@ def test_kernel_path_is_reported():
 @pytest.mark.parametrize(("path", "digits"),
                          [("reference", ""), ("avx2", ""), ("avx512", ""), ("avx512vnni", "2"), ("avx512vnni", "1")])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
-def test_every_kernel_path_this_cpu_has(monkeypatch, path, digits, bits):
-    monkeypatch.setenv("MESWITCH_CPU_PATH", path)
+def test_every_kernel_path(monkeypatch, force_cpu_path, path, digits, bits):
+    force_cpu_path(path)  # skips, with the reason, where this CPU lacks the path
     monkeypatch.setenv("MESWITCH_ACTIVATION_DIGITS", digits)
     d = make_delta(19, 1024, bits, 64, k=10, seed=40 + bits)
     x = np.random.default_rng(7).standard_normal((5, 1024)).astype(np.float32)
-    try:
-        out = ops.delta_matmul(x, d)
-    except ValueError as error:
-        assert "does not support" in str(error)
-        pytest.skip(f"this CPU has no {path} kernels")
+    out = ops.delta_matmul(x, d)
     assert ops.cpu_kernel_path() == path
     check(out, x, d)
+    expected, float_bound = reference(x, d, "reference")
+    beyond = (np.abs(out - expected) > float_bound + 1e-6).mean()
+    if path == "avx512vnni" and bits != 3 and digits == "1":
+        # One int8 digit per x: the rounding shows on most outputs (measured: 95-97 %),
+        # so this is the int8 kernel and not a float one.
+        assert beyond > 0.5, beyond
+    else:
+        assert beyond == 0, beyond
