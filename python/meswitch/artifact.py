@@ -60,8 +60,9 @@ class ExpertArtifact:
 
     def check_base(self, base: str | os.PathLike[str]) -> None:
         """Raise ``meswitch.FormatError`` unless ``base`` is the model this expert was compressed against."""
-        base = Path(base)
-        self._core.check_base(str(base), (base / "config.json").read_text(encoding="utf-8"))
+        from meswitch.inputs import read_model_config
+
+        self._core.check_base(str(base), read_model_config(base)[0])
 
     def delta(self, weight: str) -> np.ndarray:
         """The dequantized float32 delta of a ``delta`` weight (base rows only)."""
@@ -105,10 +106,21 @@ def load_artifact(path: str | os.PathLike[str], verify_checksums: bool = True) -
 
 
 def decompress(base: str | os.PathLike[str], artifact: str | os.PathLike[str] | ExpertArtifact,
-               out: str | os.PathLike[str]) -> Path:
+               out: str | os.PathLike[str], *, force: bool = False) -> Path:
     """Write base + dequantized delta as a Hugging Face model directory (loads with transformers).
 
     The directory is built beside ``out`` and renamed into place when complete.
+
+    Parameters
+    ----------
+    base
+        The base model directory the expert was compressed against.
+    artifact
+        A ``NAME.meswitch`` directory or an opened :class:`ExpertArtifact`.
+    out
+        The model directory to write.
+    force
+        Replace an existing output of the same kind; see docs/format.md.
     """
     expert = artifact if isinstance(artifact, ExpertArtifact) else load_artifact(artifact)
     out = Path(out)
