@@ -28,6 +28,8 @@ class ExpertArtifact:
 
     Raises
     ------
+    FileNotFoundError
+        ``path`` has no ``manifest.json``.
     meswitch.FormatError
         Unknown format or version, checksum mismatch, malformed shard.
     """
@@ -36,6 +38,8 @@ class ExpertArtifact:
         from meswitch import _core
 
         self.path = Path(path)
+        if not (self.path / "manifest.json").is_file():
+            raise FileNotFoundError(f"{self.path}: no manifest.json (not a NAME.meswitch artifact)")
         self._core = _core.ExpertArtifact.open(str(self.path), verify_checksums)
         self.manifest: dict[str, Any] = json.loads(self._core.manifest_json())
 

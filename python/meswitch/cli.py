@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     inspect = commands.add_parser("inspect", help="summarise checkpoints (file, directory or sharded)")
-    inspect.add_argument("paths", nargs="+", type=existing_path, help="checkpoint file, index or directory")
+    inspect.add_argument("paths", nargs="+", metavar="PATH", type=existing_path,
+                         help="checkpoint file, index or directory, or a NAME.meswitch artifact")
     inspect.add_argument("--tensors", action="store_true", help="list every tensor")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.add_argument("--plot", metavar="PNG", help="artifact: plot the error per layer to this file")
@@ -300,10 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
     except SystemExit as stop:  # --help, --version and usage errors
         return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else USAGE_ERROR)
     prog = f"{parser.prog} {args.command}"
+    if unknown:  # named here, where the subcommand they were given to is known
+        report_error(prog, UsageError(f"unrecognized arguments: {' '.join(unknown)}"))
+        return USAGE_ERROR
     try:
         return int(args.func(args) or 0)
     except UsageError as error:
