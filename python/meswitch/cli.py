@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--ragged-groups", action=argparse.BooleanOptionalAction, default=True,
                           help="allow a shorter last group where the group size does not divide the width "
                                "(default); --no-ragged-groups makes that an error")
-    compress.add_argument("--salient", type=salient, default=salient("1%"),
+    compress.add_argument("--salient", type=salient, default="1%",  # argparse parses a string default too
                           help="salient channels per matrix: a percentage of its columns ('1%%', '100%%' = all) "
                                "or a whole number of channels ('8')")
     compress.add_argument("--avg-bits", type=float_in(1, 6),

@@ -191,3 +191,11 @@ def test_help_still_prints_help(tmp_path, run_cli):
     done = run_cli(["compress", "--help"], tmp_path)
     assert done.returncode == 0 and "--max-shard-bytes" in done.stdout and "--force" in done.stdout
     assert done.stderr == ""
+
+
+@pytest.mark.parametrize(("text", "size"), [("134217728", 134217728), ("64MB", 64 * 10**6), ("64MiB", 64 << 20),
+                                            ("1GiB", 1 << 30), ("1.5KiB", 1536), (" 2 kb ", 2000)])
+def test_sizes(text, size):
+    from meswitch.arguments import parse_size
+
+    assert parse_size(text) == size

@@ -76,6 +76,23 @@ def test_parse_salient_and_counts():
     assert compressed_bits(4, 64, 2, 32, 1) == 4 * 4 * 32 + 4 * 2 * 24 + 4 * 16 + 32
 
 
+@pytest.mark.parametrize(("salient", "expected"), [("100%", "cols"), ("1", 1), ("0", 0), ("50%", "half")])
+def test_cli_salient_percentages_and_counts(pair, tmp_path, salient, expected):
+    """'100%' keeps every channel and a bare '1' one channel, through the CLI into the artifact."""
+    from meswitch.cli import main
+
+    base, expert = pair
+    out = tmp_path / "s.meswitch"
+    assert main(["compress", "--base", str(base), "--expert", str(expert), "--salient", salient,
+                 "--max-shard-bytes", "1MiB", "--quiet", "--out", str(out)]) == 0
+    manifest = load_artifact(out).manifest
+    assert manifest["quantization"]["max_shard_bytes"] == 1 << 20
+    for entry in manifest["tensors"].values():
+        if entry["kind"] == "delta":
+            wanted = {"cols": entry["cols"], "half": round(entry["cols"] / 2)}.get(expected, expected)
+            assert entry["salient"] == wanted
+
+
 def test_artifact_round_trip_and_decompress_loads_in_transformers(pair, tmp_path):
     base, expert = pair
     report = compress(base, expert, tmp_path / "e.meswitch", settings=CompressionSettings(bits=2, group_size=32,

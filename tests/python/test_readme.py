@@ -47,6 +47,10 @@ COST = [
     ("eval", "--max-examples", "2", True,
      "the whole held-out sets take minutes on CPU; 2 examples per domain score every metric"),
 ]
+#: Environment of the commands, for cost only: variable -> (value, reason).
+ENVIRONMENT = {
+    "OMP_NUM_THREADS": ("1", "torch's thread pool spins against other jobs on a shared machine (eval: 5 s, not 30)"),
+}
 
 #: README string literal -> what it stands for here (the Python block).
 PYTHON_PLACEHOLDERS = {
@@ -125,7 +129,7 @@ def test_readme_commands_run(workdir, run_cli):
     for argv in readme_commands():
         words = prepared(argv)
         started = time.perf_counter()
-        done = run_cli(words[1:], tmp_path, timeout=600)
+        done = run_cli(words[1:], tmp_path, timeout=600, env={k: v for k, (v, _) in ENVIRONMENT.items()})
         print(f"{time.perf_counter() - started:6.1f} s  {shlex.join(words)}")
         assert done.returncode == 0, f"{shlex.join(argv)} -> {done.returncode}: {done.stderr[-2000:]}"
         assert "Traceback" not in done.stderr
