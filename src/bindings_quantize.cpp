@@ -263,6 +263,14 @@ void bind_quantize(py::module_& m) {
         py::arg("name") = "", py::arg("ragged_groups") = defaults.ragged_groups, "float64 [cols]: w_i * sum_r (D[r,i] - Q(D)[r,i])^2, Q quantizing with no salient channels.");
   m.def("select_salient_channels", &py_select_salient_channels, py::arg("scores"), py::arg("k"),
         "int32 indices of the k largest scores (ties: lower index), ascending.");
+  m.def(
+      "salient_count",
+      [](double fraction, std::optional<std::int64_t> count, std::int64_t cols) {
+        return without_gil([&] { return salient_count(fraction, count, cols); });
+      },
+      py::arg("fraction"), py::arg("count"), py::arg("cols"),
+      "Salient channels kept in a matrix of `cols` input channels: `count` (capped at cols) when it is not "
+      "None, else round(fraction * cols), at least 1 for a fraction > 0; fraction in [0, 1], else ValueError.");
   m.def("pack_codes", &py_pack_codes, py::arg("codes"), py::arg("bits"), py::arg("name") = "",
         "Pack uint8 codes [rows, cols] into uint32 words [rows, ceil(cols*bits/32)] (little-endian bitstream).");
   m.def("unpack_codes", &py_unpack_codes, py::arg("words"), py::arg("rows"), py::arg("cols"), py::arg("bits"),

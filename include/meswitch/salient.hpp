@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -56,15 +57,19 @@ inline std::vector<std::int32_t> select_salient_channels(const std::vector<doubl
   return order;
 }
 
-// Values >= 1 are absolute counts (capped at cols); values in [0, 1) are fractions of
-// cols, rounded to nearest (ties to even, as Python's round), at least 1 when > 0.
-inline std::int64_t salient_count(double fraction_or_count, std::int64_t cols) {
-  if (!(fraction_or_count >= 0.0) || !std::isfinite(fraction_or_count))
-    throw Error("salient count or fraction must be finite and >= 0, got " + std::to_string(fraction_or_count));
-  if (cols <= 0) return 0;
-  if (fraction_or_count >= 1.0) return std::min<std::int64_t>(std::int64_t(fraction_or_count), cols);
-  if (fraction_or_count == 0.0) return 0;
-  const auto rounded = std::int64_t(std::nearbyint(fraction_or_count * double(cols)));
+// The channels a salient setting keeps in a matrix of `cols` input channels: `count`
+// when given (capped at cols), otherwise `fraction` of cols, fraction in [0, 1] (1 keeps
+// every channel), rounded to nearest (ties to even, as Python's round) and at least 1
+// when the fraction is > 0. The two are separate so that "1 channel" and "100 %" differ.
+inline std::int64_t salient_count(double fraction, std::optional<std::int64_t> count, std::int64_t cols) {
+  if (count) {
+    if (*count < 0) throw Error("salient channel count must be >= 0, got " + std::to_string(*count));
+    return std::min<std::int64_t>(*count, std::max<std::int64_t>(cols, 0));
+  }
+  if (!std::isfinite(fraction) || fraction < 0.0 || fraction > 1.0)
+    throw Error("salient fraction must be a finite number in [0, 1], got " + std::to_string(fraction));
+  if (cols <= 0 || fraction == 0.0) return 0;
+  const auto rounded = std::int64_t(std::nearbyint(fraction * double(cols)));
   return std::min<std::int64_t>(cols, std::max<std::int64_t>(1, rounded));
 }
 

@@ -27,6 +27,8 @@ class ExpertArtifact:
 
     Raises
     ------
+    FileNotFoundError
+        ``path`` has no ``manifest.json``.
     meswitch.FormatError
         Unknown format or version, a malformed manifest (every field is checked before
         use), a checksum mismatch, a malformed shard, a stored tensor whose dtype or
@@ -37,6 +39,8 @@ class ExpertArtifact:
         from meswitch import _core
 
         self.path = Path(path)
+        if not (self.path / "manifest.json").is_file():
+            raise FileNotFoundError(f"{self.path}: no manifest.json (not a NAME.meswitch artifact)")
         self._core = _core.ExpertArtifact.open(str(self.path), verify_checksums)
         self.manifest: dict[str, Any] = json.loads(self._core.manifest_json())
 
@@ -61,8 +65,9 @@ class ExpertArtifact:
 
     def check_base(self, base: str | os.PathLike[str]) -> None:
         """Raise ``meswitch.FormatError`` unless ``base`` is the model this expert was compressed against."""
-        base = Path(base)
-        self._core.check_base(str(base), (base / "config.json").read_text(encoding="utf-8"))
+        from meswitch.inputs import read_model_config
+
+        self._core.check_base(str(base), read_model_config(base)[0])
 
     def validate_delta(self, weight: str) -> None:
         """Raise ``meswitch.FormatError`` unless the stored pieces of a ``delta`` weight obey the format.

@@ -8,7 +8,6 @@ column ``i``, so it is all the C++ quantizer needs (one float per column).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,23 +17,20 @@ import numpy as np
 def read_calibration_texts(path: str | Path, limit: int | None = None) -> list[str]:
     """Texts from a ``.jsonl`` file (field ``text``, or ``question`` + ``answer``) or a plain text file
     (blank-line separated)."""
+    from meswitch.inputs import read_jsonl_records, read_text, string_field
+
     path = Path(path)
-    raw = path.read_text(encoding="utf-8")
+    raw = read_text(path)
     texts: list[str] = []
     if path.suffix == ".jsonl":
-        for number, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        for number, record in read_jsonl_records(path, raw):
             if "text" in record:
-                texts.append(str(record["text"]))
+                texts.append(string_field(record, "text", path, number))
             elif "question" in record and "answer" in record:
-                texts.append(f"{record['question']}\n{record['answer']}")
+                texts.append(f"{string_field(record, 'question', path, number)}\n"
+                             f"{string_field(record, 'answer', path, number)}")
             else:
-                raise ValueError(f"{path}:{number}: record has neither 'text' nor 'question'/'answer'")
+                raise ValueError(f"{path}:{number}: missing field 'text' (or 'question' and 'answer')")
     else:
         texts = [block.strip() for block in raw.split("\n\n") if block.strip()]
     if not texts:

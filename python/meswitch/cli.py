@@ -1,15 +1,37 @@
-"""The ``meswitch`` command line."""
+"""The ``meswitch`` command line.
+
+Exit status: 0 on success; 2 when the command line is wrong (an unknown flag, a bad
+value, a path that does not exist); 1 when the inputs it names cannot be used (a
+malformed file, models that do not match). Every error is one line on stderr,
+``meswitch SUBCOMMAND: error: WHAT``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from meswitch import __version__
+from meswitch.arguments import (
+    INPUT_ERROR,
+    USAGE_ERROR,
+    OneLineArgumentParser,
+    UsageError,
+    existing_dir,
+    existing_file,
+    existing_path,
+    float_in,
+    int_in,
+    positive_int,
+    report_error,
+    salient,
+    size,
+)
 
 
 def _human_bytes(count: float) -> str:
@@ -27,9 +49,11 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     checkpoint = open_checkpoint(path)
     summary: dict[str, Any] = {"path": str(path), "shards": [Path(p).name for p in checkpoint.shard_paths]}
-    config_path = (path if path.is_dir() else path.parent) / "config.json"
-    if config_path.is_file():
-        config = json.loads(config_path.read_text())
+    config_dir = path if path.is_dir() else path.parent
+    if (config_dir / "config.json").is_file():
+        from meswitch.inputs import read_model_config
+
+        config = read_model_config(config_dir)[1]
         summary["config"] = {key: config.get(key) for key in (
             "model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "vocab_size", "torch_dtype", "dtype")
@@ -82,14 +106,18 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 def _run_compress(args: argparse.Namespace) -> int:
-    from meswitch.compress import CompressionSettings, compress, parse_salient
+    from meswitch.compress import CompressionSettings, compress
 
-    settings = CompressionSettings(bits=args.bits, group_size=args.group_size, salient=parse_salient(args.salient),
-                                   clip_grid=args.clip_grid, min_clip=args.min_clip, avg_bits=args.avg_bits,
-                                   vocab_bits=args.vocab_bits, refine_steps=args.refine_steps,
-                                   refine_lr=args.refine_lr, ragged_groups=args.ragged_groups)
+    if args.refine_steps and args.calib is None:
+        raise UsageError("--refine-steps needs --calib (the refinement runs the model on that text)")
+    fraction, channels = args.salient
+    settings = CompressionSettings(bits=args.bits, group_size=args.group_size, salient=fraction,
+                                   salient_channels=channels, clip_grid=args.clip_grid, min_clip=args.min_clip,
+                                   avg_bits=args.avg_bits, vocab_bits=args.vocab_bits,
+                                   refine_steps=args.refine_steps, refine_lr=args.refine_lr,
+                                   ragged_groups=args.ragged_groups, max_shard_bytes=args.max_shard_bytes)
     report = compress(args.base, args.expert, args.out, settings=settings, calibration=args.calib,
-                      name=args.name, domain=args.domain or "", progress=not args.quiet)
+                      name=args.name, domain=args.domain or "", progress=not args.quiet, force=args.force)
     for line in report.summary_lines():
         print(line)
     return 0
@@ -98,7 +126,7 @@ def _run_compress(args: argparse.Namespace) -> int:
 def _run_decompress(args: argparse.Namespace) -> int:
     from meswitch.artifact import decompress
 
-    out = decompress(args.base, args.artifact, args.out)
+    out = decompress(args.base, args.artifact, args.out, force=args.force)
     print(f"wrote {out}")
     return 0
 
@@ -123,7 +151,7 @@ def _inspect_artifact(path: Path, args: argparse.Namespace) -> int:
     print(f"  {'expert':<22} {manifest['name']}  {manifest.get('domain', '')}")
     print(f"  {'base fingerprint':<22} {manifest['base']['fingerprint'][:16]}...")
     print(f"  {'quantization':<22} bits={quant['bits']} group={quant['group_size'] or 'row'} "
-          f"salient={quant['salient']} clip_grid={quant['clip_grid']} avg_bits={quant['avg_bits']} "
+          f"salient={_salient_text(quant)} clip_grid={quant['clip_grid']} avg_bits={quant['avg_bits']} "
           f"vocab_bits={quant.get('vocab_bits')} "
           f"calibration={quant['calibration']['kind']}")
     if quant.get("refine"):
@@ -144,6 +172,13 @@ def _inspect_artifact(path: Path, args: argparse.Namespace) -> int:
         _plot_layer_errors(manifest, args.plot)
         print(f"  plot: {args.plot}")
     return 0
+
+
+def _salient_text(quant: dict[str, Any]) -> str:
+    channels = quant.get("salient_channels")
+    if channels is None and quant["salient"] >= 1 and "salient_channels" not in quant:
+        channels = int(quant["salient"])  # manifests from before salient_channels kept counts in salient
+    return f"{channels} channels" if channels is not None else f"{quant['salient'] * 100:g}%"
 
 
 def _plot_layer_errors(manifest: dict[str, Any], plot_path: str) -> None:
@@ -180,51 +215,66 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meswitch", description=__doc__)
+    parser = OneLineArgumentParser(prog="meswitch", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"meswitch {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     inspect = commands.add_parser("inspect", help="summarise checkpoints (file, directory or sharded)")
-    inspect.add_argument("paths", nargs="+", help="checkpoint file, index or directory")
+    inspect.add_argument("paths", nargs="+", metavar="PATH", type=existing_path,
+                         help="checkpoint file, index or directory, or a NAME.meswitch artifact")
     inspect.add_argument("--tensors", action="store_true", help="list every tensor")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.add_argument("--plot", metavar="PNG", help="artifact: plot the error per layer to this file")
     inspect.set_defaults(func=_run_inspect)
 
     compress = commands.add_parser("compress", help="compress an expert against its base into NAME.meswitch")
-    compress.add_argument("--base", required=True, help="base model directory")
-    compress.add_argument("--expert", required=True, help="fine-tuned expert directory")
+    compress.add_argument("--base", required=True, type=existing_dir, help="base model directory")
+    compress.add_argument("--expert", required=True, type=existing_dir, help="fine-tuned expert directory")
     compress.add_argument("--out", required=True, help="artifact directory, e.g. math.meswitch")
-    compress.add_argument("--calib", help="calibration text (.jsonl with 'text', or blank-line separated text)")
-    compress.add_argument("--bits", type=int, default=2, help="bits per low-bit code, 1-4 (default 2)")
-    compress.add_argument("--group-size", type=int, default=64, help="group size, 0 = whole row (default 64)")
-    compress.add_argument("--ragged-groups", action="store_true",
-                          help="allow a shorter last group where the group size does not divide the width")
-    compress.add_argument("--salient", default="1%", help="salient channels per matrix: '1%%' or a count")
-    compress.add_argument("--avg-bits", type=float, help="budget: average bits per delta parameter (planner)")
-    compress.add_argument("--vocab-bits", type=int,
+    compress.add_argument("--calib", type=existing_file,
+                          help="calibration text (.jsonl with 'text', or blank-line separated text)")
+    compress.add_argument("--bits", type=int_in(1, 4), default=2, help="bits per low-bit code, 1-4 (default 2)")
+    compress.add_argument("--group-size", type=int_in(0), default=64, help="group size, 0 = whole row (default 64)")
+    compress.add_argument("--ragged-groups", action=argparse.BooleanOptionalAction, default=True,
+                          help="allow a shorter last group where the group size does not divide the width "
+                               "(default); --no-ragged-groups makes that an error")
+    compress.add_argument("--salient", type=salient, default="1%",  # argparse parses a string default too
+                          help="salient channels per matrix: a percentage of its columns ('1%%', '100%%' = all) "
+                               "or a whole number of channels ('8')")
+    compress.add_argument("--avg-bits", type=float_in(1, 6),
+                          help="budget: average bits per delta parameter, 1-6 (planner)")
+    compress.add_argument("--vocab-bits", type=int_in(1, 4),
                           help="bits for the embedding and lm_head deltas, 1-4 (default: --bits)")
-    compress.add_argument("--clip-grid", type=int, default=1,
+    compress.add_argument("--clip-grid", type=int_in(1), default=1,
                           help="step-size search points; 1 (default) keeps the full range")
-    compress.add_argument("--min-clip", type=float, default=0.5, help="smallest clip ratio searched")
-    compress.add_argument("--refine-steps", type=int, default=0,
+    compress.add_argument("--min-clip", type=float_in(0, 1, low_open=True), default=0.5,
+                          help="smallest clip ratio searched, in (0, 1]")
+    compress.add_argument("--refine-steps", type=int_in(0), default=0,
                           help="learnable step sizes: Adam steps training the scales end to end on --calib (default 0)")
-    compress.add_argument("--refine-lr", type=float, default=1e-2, help="learning rate of the scale multipliers")
+    compress.add_argument("--refine-lr", type=float_in(0, low_open=True), default=1e-2,
+                          help="learning rate of the scale multipliers")
+    compress.add_argument("--max-shard-bytes", type=size, default=128 << 20, metavar="SIZE",
+                          help="most tensor bytes per artifact shard: bytes, or with a unit: 64MB, 64MiB, 1GiB "
+                               "(default 128MiB)")
     compress.add_argument("--name", help="expert name (default: expert directory name)")
     compress.add_argument("--domain", help="domain description stored in the manifest")
+    compress.add_argument("--force", action="store_true", help="replace an earlier output of this command")
     compress.add_argument("--quiet", action="store_true", help="no progress bar")
     compress.set_defaults(func=_run_compress)
 
     decompress = commands.add_parser("decompress", help="write base + dequantized delta as a HF model directory")
-    decompress.add_argument("--base", required=True)
-    decompress.add_argument("--artifact", required=True)
-    decompress.add_argument("--out", required=True)
+    decompress.add_argument("--base", required=True, type=existing_dir, help="base model directory")
+    decompress.add_argument("--artifact", required=True, type=existing_dir, help="NAME.meswitch artifact directory")
+    decompress.add_argument("--out", required=True, help="model directory to write")
+    decompress.add_argument("--force", action="store_true", help="replace an earlier output of this command")
     decompress.set_defaults(func=_run_decompress)
 
     demo = commands.add_parser("demo", help="the main job on the bundled tiny expert family")
-    demo.add_argument("--family", help="family directory (default: the bundled one)")
+    demo.add_argument("--family", type=existing_dir, help="family directory (default: the bundled one)")
     demo.add_argument("--workdir", default="meswitch-demo", help="where the artifacts go (default ./meswitch-demo)")
-    demo.add_argument("--max-examples", type=int, default=40, help="held-out examples per domain")
+    demo.add_argument("--max-examples", type=positive_int, default=40,
+                      help="held-out examples per domain, a positive whole number (default 40)")
     demo.set_defaults(func=_run_demo)
 
     try:
@@ -236,16 +286,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_user_error(error: BaseException) -> bool:
+    """Whether ``error`` reports bad input (one line, exit 1) rather than a bug (traceback)."""
+    if isinstance(error, (OSError, ValueError)):  # meswitch.FormatError is a ValueError
+        return True
+    core = sys.modules.get("meswitch._core")
+    return core is not None and isinstance(error, core.FormatError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit status (see the module docstring)."""
+    # Model loading draws its own bars (transformers); compress has one of its own and the
+    # others would leave lines on stderr around an error message.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    parser = build_parser()
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except SystemExit as stop:  # --help, --version and usage errors
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else USAGE_ERROR)
+    prog = f"{parser.prog} {args.command}"
+    if unknown:  # named here, where the subcommand they were given to is known
+        report_error(prog, UsageError(f"unrecognized arguments: {' '.join(unknown)}"))
+        return USAGE_ERROR
     try:
         return int(args.func(args) or 0)
-    except Exception as error:  # report user-facing errors without a traceback
-        from meswitch import _core
-
-        if isinstance(error, (_core.FormatError, OSError, ValueError)):
-            print(f"meswitch: error: {error}", file=sys.stderr)
-            return 1
+    except UsageError as error:
+        report_error(prog, error)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        report_error(prog, KeyboardInterrupt("interrupted"))
+        return 130
+    except Exception as error:  # user-facing errors without a traceback; a bug still shows one
+        if _is_user_error(error):
+            report_error(prog, error)
+            return INPUT_ERROR
         raise
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 import os
 import shutil
 import time
@@ -55,8 +56,13 @@ class CompressionSettings:
     group_size
         Input channels per scale/zero group: 32, 64, 128 ..., or 0 for the whole row.
     salient
-        Salient input channels per matrix kept in 16 bit: a fraction of the
-        columns when below 1 (0.01 = 1 %), an absolute count otherwise.
+        Salient input channels per matrix kept in 16 bit, as a fraction of its
+        columns within [0, 1]: 0.01 = 1 %, 1.0 = every channel. A positive
+        fraction keeps at least one channel.
+    salient_channels
+        An absolute number of salient channels per matrix (capped at its width);
+        when set it replaces ``salient``. :func:`salient_count` turns the two into
+        a matrix's channel count; :func:`parse_salient` reads ``"1%"`` or ``"8"``.
     clip_grid, min_clip
         Step-size search: clip ratios from 1 down to ``min_clip`` in ``clip_grid``
         steps. The default, 1, keeps the full range: on the bundled family the
@@ -76,6 +82,9 @@ class CompressionSettings:
         Allow a shorter last group in matrices whose width ``group_size`` does not
         divide (the default, so every width works); ``False`` makes that an error
         naming the tensor.
+    max_shard_bytes
+        Upper bound on the tensor bytes of one artifact shard (a single larger tensor
+        gets a shard of its own).
 
     ``bits``, ``group_size``, ``clip_grid``, ``min_clip`` and ``ragged_groups`` default
     to the C++ ``QuantSpec`` (``meswitch._core.QUANT_DEFAULTS``).
@@ -84,6 +93,7 @@ class CompressionSettings:
     bits: int = field(default_factory=lambda: _quant_default("bits"))
     group_size: int = field(default_factory=lambda: _quant_default("group_size"))
     salient: float = 0.01
+    salient_channels: int | None = None
     clip_grid: int = field(default_factory=lambda: _quant_default("clip_grid"))
     min_clip: float = field(default_factory=lambda: _quant_default("min_clip"))
     avg_bits: float | None = None
@@ -100,8 +110,12 @@ class CompressionSettings:
             raise ValueError(f"vocab_bits must be 1, 2, 3 or 4, got {self.vocab_bits}")
         if self.group_size < 0:
             raise ValueError(f"group size must be positive or 0 (whole row), got {self.group_size}")
-        if self.salient < 0:
-            raise ValueError(f"salient must be >= 0, got {self.salient}")
+        if self.salient_channels is not None and (isinstance(self.salient_channels, bool)
+                                                  or not isinstance(self.salient_channels, int)):
+            raise ValueError(f"salient_channels must be a whole number or None, got {self.salient_channels!r}")
+        salient_count(self.salient, self.salient_channels, 1)  # raises ValueError for a fraction outside [0, 1] or a negative count
+        if self.max_shard_bytes < 1:
+            raise ValueError(f"max_shard_bytes must be >= 1, got {self.max_shard_bytes}")
         if self.clip_grid < 1 or not 0 < self.min_clip <= 1:
             raise ValueError("clip_grid must be >= 1 and min_clip in (0, 1]")
         if self.refine_steps < 0 or self.refine_lr <= 0:
@@ -110,25 +124,59 @@ class CompressionSettings:
             raise ValueError(f"avg_bits must be within [1, 6], got {self.avg_bits}")
 
 
-def parse_salient(text: str | float) -> float:
-    """``"1%"`` -> 0.01, ``"0.5%"`` -> 0.005, ``"8"`` -> 8 (absolute), ``0.02`` -> 0.02."""
-    if isinstance(text, (int, float)):
-        value = float(text)
-    else:
-        text = text.strip()
-        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    if value < 0:
-        raise ValueError(f"salient must be >= 0, got {text!r}")
-    return value
+def parse_salient(text: str) -> tuple[float, int | None]:
+    """Read a salient setting as ``(salient, salient_channels)`` for :class:`CompressionSettings`.
+
+    ``"1%"`` -> ``(0.01, None)``, ``"100%"`` -> ``(1.0, None)`` (every channel),
+    ``"8"`` -> ``(0.0, 8)`` (eight channels). A percentage lies within [0, 100];
+    a count is a whole number >= 0.
+
+    Raises
+    ------
+    ValueError
+        For anything else (``"nan"``, ``"inf"``, ``"-1"``, ``"0.5"``, ``"150%"``).
+    """
+    text = text.strip()
+    if text.endswith("%"):
+        try:
+            percent = float(text[:-1])
+        except ValueError:
+            raise ValueError(f"{text!r} is not a percentage such as '1%'") from None
+        if not math.isfinite(percent):
+            raise ValueError(f"{text!r} is not a finite number")
+        if not 0 <= percent <= 100:
+            raise ValueError(f"{text!r} must be within 0%-100%")
+        return percent / 100, None
+    try:
+        count = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{text!r} is not a finite number") from None
+        raise ValueError(f"{text!r} is neither a percentage such as '1%' nor a whole number of channels") from None
+    if count < 0:
+        raise ValueError(f"{text!r} must be >= 0 channels")
+    return 0.0, count
 
 
-def salient_count(salient: float, cols: int) -> int:
-    """Channels kept in 16 bit for a matrix with ``cols`` input channels."""
-    if salient >= 1:
-        return min(int(salient), cols)
-    if salient <= 0:
-        return 0
-    return min(cols, max(1, int(round(salient * cols))))
+def salient_count(salient: float, salient_channels: int | None, cols: int) -> int:
+    """Salient channels kept in a matrix with ``cols`` input channels.
+
+    ``salient_channels`` (capped at ``cols``) when it is not ``None``, else the
+    fraction ``salient`` of ``cols``, rounded, at least 1 when positive. The rule is
+    the C++ one (``meswitch::salient_count``), so every caller counts alike.
+
+    Raises
+    ------
+    ValueError
+        ``salient`` outside [0, 1] or not finite, or a negative ``salient_channels``.
+    """
+    from meswitch import _core
+
+    return int(_core.salient_count(float(salient), salient_channels, cols))
 
 
 def compressed_bits(rows: int, cols: int, bits: int, group_size: int, k: int) -> int:
@@ -284,10 +332,9 @@ class CompressionReport:
 
 
 def _load_config_text(directory: Path) -> str:
-    config = directory / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face model directory)")
-    return config.read_text(encoding="utf-8")
+    from meswitch.inputs import read_model_config
+
+    return read_model_config(directory)[0]
 
 
 def _floating(checkpoint: Checkpoint, name: str, directory: Path) -> np.ndarray:
@@ -451,35 +498,50 @@ def _write_tensors(writer, names: Sequence[str], delta_names: Sequence[str], bas
                    plan: dict[str, PlanChoice] | None, progress) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
     entries: dict[str, dict[str, Any]] = {}
     totals = {"params": 0, "storage_bits": 0}
-    bar = _progress(progress, len(names), f"compress {expert.name}")
-    for index, tensor in enumerate(names):
-        if tensor in delta_names:
-            entries[tensor] = _compress_delta(writer, tensor, tensor_role(tensor), base, expert, base_ckpt,
-                                              expert_ckpt, statistics, settings, plan, totals)
-        else:
-            entries[tensor] = _store_other(writer, tensor, base_ckpt, expert_ckpt, expert, totals)
-        expert_ckpt.release(tensor)
-        if tensor in base_ckpt:
-            base_ckpt.release(tensor)
-        bar(index + 1, tensor)
+    bar = _Progress(progress, len(names), f"compress {expert.name}")
+    try:
+        for index, tensor in enumerate(names):
+            if tensor in delta_names:
+                entries[tensor] = _compress_delta(writer, tensor, tensor_role(tensor), base, expert, base_ckpt,
+                                                  expert_ckpt, statistics, settings, plan, totals)
+            else:
+                entries[tensor] = _store_other(writer, tensor, base_ckpt, expert_ckpt, expert, totals)
+            expert_ckpt.release(tensor)
+            if tensor in base_ckpt:
+                base_ckpt.release(tensor)
+            bar(index + 1, tensor)
+    finally:
+        bar.close()
     return entries, totals
 
 
-def _progress(progress: bool | Callable[[int, int, str], None], total: int, label: str) -> Callable[[int, str], None]:
-    if callable(progress):
-        return lambda done, tensor: progress(done, total, tensor)
-    if not progress:
-        return lambda done, tensor: None
-    from tqdm import tqdm
+class _Progress:
+    """Progress of a loop: a tqdm bar, a callback ``(done, total, tensor)`` or nothing.
 
-    bar = tqdm(total=total, desc=label, unit="tensor", leave=False)
+    ``close`` runs on every exit, errors included: the bar is cleared (``leave=False``)
+    so an error message never lands after a half-drawn bar.
+    """
 
-    def update(done: int, tensor: str) -> None:
-        bar.set_postfix_str(tensor[-40:], refresh=False)
-        bar.update(done - bar.n)
-        if done == total:
-            bar.close()
-    return update
+    def __init__(self, progress: bool | Callable[[int, int, str], None], total: int, label: str) -> None:
+        self._callback = progress if callable(progress) else None
+        self._total = total
+        self._bar = None
+        if progress is True:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=label, unit="tensor", leave=False)
+
+    def __call__(self, done: int, tensor: str) -> None:
+        if self._callback is not None:
+            self._callback(done, self._total, tensor)
+        elif self._bar is not None:
+            self._bar.set_postfix_str(tensor[-40:], refresh=False)
+            self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 def _delta_of(tensor: str, base: Path, expert: Path, base_ckpt: Checkpoint, expert_ckpt: Checkpoint):
@@ -522,7 +584,7 @@ def _compress_delta(writer, tensor: str, role: str, base: Path, expert: Path, ba
     base_ckpt.release(tensor)
     rows, cols = delta.shape
     weight = _channel_weights(statistics, tensor, role, cols)
-    bits, k, group_size = settings.bits, salient_count(settings.salient, cols), settings.group_size
+    bits, k, group_size = settings.bits, salient_count(settings.salient, settings.salient_channels, cols), settings.group_size
     if role in ("embedding", "lm_head") and settings.vocab_bits is not None:
         bits = settings.vocab_bits
     if plan is not None:
@@ -573,26 +635,29 @@ def _plan(base: Path, expert: Path, base_ckpt: Checkpoint, expert_ckpt: Checkpoi
     """Measure every (bits, salient) candidate of every delta matrix, then solve the budget."""
     candidates: dict[str, list[PlanChoice]] = {}
     parameters: dict[str, int] = {}
-    bar = _progress(progress, len(delta_names), f"plan {expert.name}")
-    for index, tensor in enumerate(delta_names):
-        delta, _ = _delta_of(tensor, base, expert, base_ckpt, expert_ckpt)
-        rows, cols = delta.shape
-        weight = _channel_weights(statistics, tensor, tensor_role(tensor), cols)
-        options = []
-        # Whole-row groups are candidates too: they drop the scale/zero overhead (0.375 bits
-        # per parameter at groups of 64), which is what lets a tight budget stay at 2 bits.
-        for group_size in dict.fromkeys((settings.group_size, 0)):
-            for bits in PLANNER_BITS:
-                for fraction in PLANNER_SALIENT_FRACTIONS:
-                    k = salient_count(fraction, cols)
-                    result = compress_matrix(delta, weight, bits=bits, group_size=group_size, k=k,
-                                             clip_grid=settings.clip_grid, min_clip=settings.min_clip, name=tensor,
-                                             ragged_groups=settings.ragged_groups)
-                    # Errors are compared across matrices relative to each delta's own weighted
-                    # energy, times its size: the units of activation statistics differ per layer.
-                    relative = result.error / result.reference if result.reference > 0 else 0.0
-                    options.append(PlanChoice(bits, k, relative * rows * cols, result.storage_bits, group_size))
-        candidates[tensor] = options
-        parameters[tensor] = rows * cols
-        bar(index + 1, tensor)
+    bar = _Progress(progress, len(delta_names), f"plan {expert.name}")
+    try:
+        for index, tensor in enumerate(delta_names):
+            delta, _ = _delta_of(tensor, base, expert, base_ckpt, expert_ckpt)
+            rows, cols = delta.shape
+            weight = _channel_weights(statistics, tensor, tensor_role(tensor), cols)
+            options = []
+            # Whole-row groups are candidates too: they drop the scale/zero overhead (0.375 bits
+            # per parameter at groups of 64), which is what lets a tight budget stay at 2 bits.
+            for group_size in dict.fromkeys((settings.group_size, 0)):
+                for bits in PLANNER_BITS:
+                    for fraction in PLANNER_SALIENT_FRACTIONS:
+                        k = salient_count(fraction, None, cols)
+                        result = compress_matrix(delta, weight, bits=bits, group_size=group_size, k=k,
+                                                 clip_grid=settings.clip_grid, min_clip=settings.min_clip, name=tensor,
+                                                 ragged_groups=settings.ragged_groups)
+                        # Errors are compared across matrices relative to each delta's own weighted
+                        # energy, times its size: the units of activation statistics differ per layer.
+                        relative = result.error / result.reference if result.reference > 0 else 0.0
+                        options.append(PlanChoice(bits, k, relative * rows * cols, result.storage_bits, group_size))
+            candidates[tensor] = options
+            parameters[tensor] = rows * cols
+            bar(index + 1, tensor)
+    finally:
+        bar.close()
     return plan_budget(candidates, parameters, settings.avg_bits)

@@ -47,6 +47,8 @@ def run_demo(family: Path | None = None, workdir: Path | None = None, max_exampl
     max_examples
         Held-out examples per domain for the quality table.
     """
+    if max_examples < 1:
+        raise ValueError(f"max_examples must be a positive whole number, got {max_examples}")
     from meswitch.fused import load_fused_model
     from meswitch.compress import CompressionSettings, compress
     from meswitch.evaluation import evaluate, load_model
@@ -56,7 +58,7 @@ def run_demo(family: Path | None = None, workdir: Path | None = None, max_exampl
     workdir.mkdir(parents=True, exist_ok=True)
     base = family / "base"
     calibration_dir = family_dir().parent / "calib"
-    # The tiny family's MLP is 688 wide: groups of 64 with a shorter last one.
+    # The tiny family's MLP is 688 wide: groups of 64 with a shorter last one (the default).
     settings = CompressionSettings(bits=bits, salient=salient, ragged_groups=True)
     print(f"Compressing {len(EXPERTS)} experts against {base} ({bits}-bit codes, {salient:.0%} salient channels, "
           f"activation-aware)")

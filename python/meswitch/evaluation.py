@@ -36,6 +36,8 @@ import numpy as np
 
 DOMAINS = ("chat", "math", "code")
 DEFAULT_MAX_LENGTH = 512
+#: Fields every held-out record of a domain needs (math is also scored by exact match).
+HELDOUT_FIELDS = {"chat": ("text",), "math": ("text", "question", "final"), "code": ("text",)}
 _ANSWER_RE = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 
 
@@ -57,9 +59,10 @@ def load_heldout(domain: str, heldout_dir: str | Path | None = None, max_example
         Keep only the first ``max_examples`` records. For math the limit applies per
         source (generated / GSM8K) so both stay represented.
     """
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"max_examples must be a positive whole number, got {max_examples}")
     path = Path(heldout_dir or default_heldout_dir()) / f"{domain}.jsonl"
-    with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = _read_records(path, HELDOUT_FIELDS.get(domain, ("text",)))
     if max_examples is not None:
         if domain == "math":
             kept: list[dict] = []
@@ -72,6 +75,22 @@ def load_heldout(domain: str, heldout_dir: str | Path | None = None, max_example
             records = kept
         else:
             records = records[:max_examples]
+    return records
+
+
+def _read_records(path: Path, fields: Sequence[str]) -> list[dict]:
+    """The records of a ``.jsonl`` file, each checked for ``fields``; errors name file, line and field."""
+    from meswitch.inputs import read_jsonl_records, string_field
+
+    records = []
+    for number, record in read_jsonl_records(path):
+        for field in fields:
+            if field not in record:
+                raise ValueError(f"{path}:{number}: missing field '{field}'")
+        string_field(record, "text", path, number)
+        records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no records")
     return records
 
 
@@ -438,7 +457,27 @@ def write_report(
 # --------------------------------------------------------------------------- command line
 
 
+def _check_eval_inputs(args: argparse.Namespace) -> None:
+    """Read what ``eval`` will use before any model loads, so a bad input fails in a second."""
+    from meswitch.arguments import UsageError
+    from meswitch.inputs import read_model_config
+
+    for domain in args.domains:
+        load_heldout(domain, args.heldout, args.max_examples)
+    for model_dir in args.model_dirs:
+        if (Path(model_dir) / "manifest.json").is_file():
+            if args.base is None:
+                raise UsageError(f"{model_dir} is a compressed expert; pass --base BASE_DIR")
+        elif not Path(model_dir).is_dir():
+            raise UsageError(f"{model_dir}: not a model directory or NAME.meswitch artifact")
+        else:
+            read_model_config(model_dir)
+    if args.base is not None:
+        read_model_config(args.base)
+
+
 def _run_eval(args: argparse.Namespace) -> int:
+    _check_eval_inputs(args)
     import torch
 
     torch.set_num_threads(args.threads) if args.threads else None
@@ -449,8 +488,6 @@ def _run_eval(args: argparse.Namespace) -> int:
             name = str(model_dir)
         model = tokenizer = None
         if (Path(model_dir) / "manifest.json").is_file():  # a compressed expert: base + dequantized delta
-            if args.base is None:
-                raise ValueError(f"{model_dir} is a compressed expert; pass --base BASE_DIR")
             from meswitch.artifact import load_compressed_model
 
             model, tokenizer = load_compressed_model(args.base, model_dir)
@@ -482,14 +519,17 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
         help="held-out perplexity, math exact match and code next-token accuracy",
         description="Evaluate checkpoint directories on the held-out chat, math and code data.",
     )
-    parser.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR",
+    from meswitch.arguments import existing_dir, positive_int
+
+    parser.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR", type=existing_dir,
                         help="Hugging Face checkpoint directories or NAME.meswitch artifacts (with --base)")
-    parser.add_argument("--base", type=Path, default=None, help="base model directory for .meswitch artifacts")
+    parser.add_argument("--base", type=existing_dir, default=None, help="base model directory for .meswitch artifacts")
     parser.add_argument("--domains", nargs="+", choices=DOMAINS, default=list(DOMAINS))
-    parser.add_argument("--max-examples", type=int, default=None, help="limit per domain (per source for math)")
-    parser.add_argument("--heldout", type=Path, default=None, help="held-out directory (default: packaged)")
+    parser.add_argument("--max-examples", type=positive_int, default=None,
+                        help="limit per domain (per source for math), a positive whole number")
+    parser.add_argument("--heldout", type=existing_dir, default=None, help="held-out directory (default: packaged)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--json", type=Path, default=None, help="write results as JSON")
     parser.add_argument("--markdown", type=Path, default=None, help="write the markdown table")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG bar plot")

@@ -139,14 +139,16 @@ def refine_step_sizes(base: str | os.PathLike[str], expert: str | os.PathLike[st
         kl_before = float(kl_of(sequences, current()))
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam([g["multiplier"] for g in groups.values()], lr=lr)
-    bar = tqdm(range(steps), desc=f"refine {source.name}", disable=not progress, dynamic_ncols=True)
-    for _ in bar:
-        picks = torch.randint(len(sequences), (min(batch_size, len(sequences)),), generator=generator)
-        loss = kl_of([sequences[int(i)] for i in picks], current())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(kl=f"{float(loss.detach()):.4f}")
+    # Cleared on every exit, errors included, so no half-drawn bar precedes an error message.
+    with tqdm(range(steps), desc=f"refine {source.name}", disable=not progress, dynamic_ncols=True,
+              leave=False) as bar:
+        for _ in bar:
+            picks = torch.randint(len(sequences), (min(batch_size, len(sequences)),), generator=generator)
+            loss = kl_of([sequences[int(i)] for i in picks], current())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.set_postfix(kl=f"{float(loss.detach()):.4f}")
     refined_scales = {}
     for name, group in groups.items():
         scales = (group["scales"] * group["multiplier"].detach()).numpy()

@@ -111,15 +111,21 @@ TEST_CASE("salient top-k selection ranks by score with ties to the lower index",
   REQUIRE_THROWS_AS(select_salient_channels(bad, 1), Error);
 }
 
-TEST_CASE("salient_count reads counts and fractions", "[salient]") {
-  REQUIRE(salient_count(0.0, 4096) == 0);
-  REQUIRE(salient_count(0.01, 4096) == 41);
-  REQUIRE(salient_count(0.0001, 100) == 1);  // a positive fraction keeps at least one channel
-  REQUIRE(salient_count(8.0, 4096) == 8);
-  REQUIRE(salient_count(1.0, 4096) == 1);
-  REQUIRE(salient_count(5000.0, 4096) == 4096);
-  REQUIRE(salient_count(0.5, 5) == 2);  // 2.5 rounds to even
-  REQUIRE_THROWS_AS(salient_count(-1.0, 10), Error);
+TEST_CASE("salient_count reads a fraction or an absolute count", "[salient]") {
+  REQUIRE(salient_count(0.0, std::nullopt, 4096) == 0);
+  REQUIRE(salient_count(0.01, std::nullopt, 4096) == 41);
+  REQUIRE(salient_count(0.0001, std::nullopt, 100) == 1);  // a positive fraction keeps at least one channel
+  REQUIRE(salient_count(1.0, std::nullopt, 4096) == 4096);  // 100 % is every channel, not one
+  REQUIRE(salient_count(0.5, std::nullopt, 5) == 2);        // 2.5 rounds to even
+  REQUIRE(salient_count(0.0, 8, 4096) == 8);
+  REQUIRE(salient_count(0.0, 1, 4096) == 1);
+  REQUIRE(salient_count(0.5, 0, 4096) == 0);  // a count, when given, decides
+  REQUIRE(salient_count(0.0, 5000, 4096) == 4096);
+  REQUIRE_THROWS_AS(salient_count(-0.1, std::nullopt, 10), Error);
+  REQUIRE_THROWS_AS(salient_count(1.5, std::nullopt, 10), Error);
+  REQUIRE_THROWS_AS(salient_count(std::numeric_limits<double>::infinity(), std::nullopt, 10), Error);
+  REQUIRE_THROWS_AS(salient_count(std::numeric_limits<double>::quiet_NaN(), std::nullopt, 10), Error);
+  REQUIRE_THROWS_AS(salient_count(0.0, -1, 10), Error);
 }
 
 TEST_CASE("salient channel scores pass on bad settings with the tensor name", "[salient]") {

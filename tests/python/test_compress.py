@@ -99,13 +99,41 @@ def pair(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_parse_salient_and_counts():
-    assert parse_salient("1%") == pytest.approx(0.01)
-    assert parse_salient("8") == 8.0
-    assert salient_count(0.01, 64) == 1
-    assert salient_count(0.0, 64) == 0
-    assert salient_count(8, 64) == 8
-    assert salient_count(1000, 64) == 64
+    assert parse_salient("1%") == (pytest.approx(0.01), None)
+    assert parse_salient("100%") == (1.0, None)  # every channel, not one
+    assert parse_salient("8") == (0.0, 8)
+    assert parse_salient("1") == (0.0, 1)
+    for bad in ("nan", "inf", "-1", "0.5", "150%", "nan%", "x"):
+        with pytest.raises(ValueError):
+            parse_salient(bad)
+    assert salient_count(0.01, None, 64) == 1
+    assert salient_count(0.0, None, 64) == 0
+    assert salient_count(1.0, None, 64) == 64
+    assert salient_count(0.0, 8, 64) == 8
+    assert salient_count(0.0, 1000, 64) == 64
+    for fraction, channels in ((float("inf"), None), (float("nan"), None), (1.5, None), (-0.1, None), (0.0, -1)):
+        with pytest.raises(ValueError):
+            salient_count(fraction, channels, 64)
+        with pytest.raises(ValueError):
+            CompressionSettings(salient=fraction, salient_channels=channels).validate()
     assert compressed_bits(4, 64, 2, 32, 1) == 4 * 4 * 32 + 4 * 2 * 24 + 4 * 16 + 32
+
+
+@pytest.mark.parametrize(("salient", "expected"), [("100%", "cols"), ("1", 1), ("0", 0), ("50%", "half")])
+def test_cli_salient_percentages_and_counts(pair, tmp_path, salient, expected):
+    """'100%' keeps every channel and a bare '1' one channel, through the CLI into the artifact."""
+    from meswitch.cli import main
+
+    base, expert = pair
+    out = tmp_path / "s.meswitch"
+    assert main(["compress", "--base", str(base), "--expert", str(expert), "--salient", salient,
+                 "--max-shard-bytes", "1MiB", "--quiet", "--out", str(out)]) == 0
+    manifest = load_artifact(out).manifest
+    assert manifest["quantization"]["max_shard_bytes"] == 1 << 20
+    for entry in manifest["tensors"].values():
+        if entry["kind"] == "delta":
+            wanted = {"cols": entry["cols"], "half": round(entry["cols"] / 2)}.get(expected, expected)
+            assert entry["salient"] == wanted
 
 
 def test_artifact_round_trip_and_decompress_loads_in_transformers(pair, tmp_path):
@@ -240,8 +268,8 @@ def test_bad_settings(pair, tmp_path, settings, pattern):
 def test_group_not_dividing_the_width_names_the_tensor_without_ragged_groups(pair, tmp_path):
     base, expert = pair
     with pytest.raises(ValueError, match=r"tensor '[\w.]+\.weight'.*group size 48 does not divide the width 64"):
-        compress(base, expert, tmp_path / "x.meswitch", settings=CompressionSettings(group_size=48, ragged_groups=False),
-                 progress=False)
+        compress(base, expert, tmp_path / "x.meswitch", progress=False,
+                 settings=CompressionSettings(group_size=48, ragged_groups=False))
     assert not list(tmp_path.iterdir())  # no artifact, no staging directory
 
 
@@ -418,9 +446,9 @@ def test_cli_compress_inspect_eval_on_the_bundled_family(tmp_path, capsys):
     # The 2-bit expert scores within 5 % of the FP16 expert on its own domain (measured -0.6 %:
     # 74.8 against 75.2). The base model (95.1) and a 1-bit expert (90.1) are 20 % or more off.
     assert abs(compressed / fp16 - 1) < 0.05, (compressed, fp16)
-    # Without --ragged-groups the 688-wide MLP does not fit groups of 64: a clear error, exit code 1.
+    # With --no-ragged-groups the 688-wide MLP does not fit groups of 64: a clear error, exit code 1.
     assert main(["compress", "--base", str(family / "base"), "--expert", str(family / "math"), "--quiet",
-                 "--out", str(tmp_path / "strict.meswitch")]) == 1
+                 "--no-ragged-groups", "--out", str(tmp_path / "strict.meswitch")]) == 1
     assert "does not divide the width 688" in capsys.readouterr().err
 
 

@@ -126,11 +126,14 @@ def test_write_report(tmp_path):
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_register_cli_parses_eval():
+def test_register_cli_parses_eval(tmp_path):
     parser = argparse.ArgumentParser(prog="meswitch")
     evaluation.register_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", "a", "b", "--domains", "math", "--max-examples", "3", "--json", "o.json"])
-    assert args.func is not None and args.model_dirs == ["a", "b"]
+    a, b = tmp_path / "a", tmp_path / "b"  # model directories must exist
+    a.mkdir()
+    b.mkdir()
+    args = parser.parse_args(["eval", str(a), str(b), "--domains", "math", "--max-examples", "3", "--json", "o.json"])
+    assert args.func is not None and args.model_dirs == [str(a), str(b)]
     assert args.domains == ["math"] and args.max_examples == 3 and str(args.json) == "o.json"
 
 
