@@ -411,3 +411,19 @@ def test_a_same_entry_that_disagrees_with_the_base_is_refused(family, hostile):
     _edit_manifest(hostile, _set(["tensors", _SAME, "shape"], [1, 2, 3]))
     with pytest.raises(FormatError, match=f"tensor '{_SAME}': entry 'same' says F32 \\[1, 2, 3\\], the base tensor is F32"):
         load_artifact(hostile).check_base(base)
+
+
+def test_the_cli_replaces_an_earlier_output_only_with_force(family, artifact, tmp_path):
+    base, expert = family
+    out = tmp_path / "e.meswitch"
+    common = ("compress", "--base", str(base), "--expert", str(expert), "--quiet", "--group-size", "32")
+    assert _cli(*common, "--bits", "2", "--out", str(out)).returncode == 0
+    _one_line_error(_cli(*common, "--bits", "3", "--out", str(out)), "already holds a meswitch artifact", "--force")
+    assert _bits_of(out) == 2
+    assert _cli(*common, "--bits", "3", "--out", str(out), "--force").returncode == 0
+    assert _bits_of(out) == 3
+    model = tmp_path / "dense"
+    decompress_args = ("decompress", "--base", str(base), "--artifact", str(artifact), "--out", str(model))
+    assert _cli(*decompress_args).returncode == 0
+    _one_line_error(_cli(*decompress_args), "already holds a model written by meswitch decompress")
+    assert _cli(*decompress_args, "--force").returncode == 0
