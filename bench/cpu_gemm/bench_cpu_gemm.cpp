@@ -114,7 +114,7 @@ MESWITCH_TARGET_AVX2 void dense_row_avx2(const std::uint16_t* w, const float* x,
       acc[t][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + t * cols + c + 8), acc[t][1]);
     }
   }
-  for (int t = 0; t < TB; ++t) y[t * y_stride] += detail::avx2_reduce_add(_mm256_add_ps(acc[t][0], acc[t][1]));
+  for (int t = 0; t < TB; ++t) y[t * y_stride] += cpu::detail::avx2_reduce_add(_mm256_add_ps(acc[t][0], acc[t][1]));
 }
 
 // Which dense loop the baseline runs: the fastest this CPU has.
@@ -188,7 +188,7 @@ MESWITCH_TARGET_AVX2 float read_sum(const float* data, std::size_t n) {
     c = _mm256_add_ps(c, _mm256_loadu_ps(data + i + 16));
     d = _mm256_add_ps(d, _mm256_loadu_ps(data + i + 24));
   }
-  return detail::avx2_reduce_add(_mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)));
+  return cpu::detail::avx2_reduce_add(_mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)));
 }
 #endif
 
