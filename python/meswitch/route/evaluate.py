@@ -1,0 +1,172 @@
+"""Held-out evaluation of routers on queries as users send them, with fastText and the probe beside.
+
+The sets (question or prompt only, never a reference answer):
+
+* ``gsm8k-test`` (math): every question of GSM8K ``test.jsonl``;
+* ``humaneval`` (code): every HumanEval prompt;
+* ``chitchat-heldout`` (chat): the first user turn of each held-out family dialogue;
+* ``instructions`` (all three): ``data/router/instructions.jsonl``, requests written as
+  instructions ("Write a function that ...", "Compute ...", "Recommend ..."), a style the
+  training data does not contain.
+
+Accuracy counts the router's most probable expert; ``to expert`` also requires its confidence
+to reach the threshold (a query below it goes to the fallback, which is not the expert).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from meswitch.route.train import classification_report, read_examples, split_examples
+
+Example = tuple[str, str]  # (query text, expert)
+
+
+def _jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as stream:
+        return [json.loads(line) for line in stream if line.strip()]
+
+
+def heldout_sets(repo_root: str | os.PathLike[str]) -> dict[str, list[Example]]:
+    """Return the evaluation sets described in the module docstring."""
+    root = Path(repo_root)
+    from meswitch.family import heldout_dir
+
+    return {
+        "gsm8k-test": [(r["question"], "math") for r in _jsonl(root / "data" / "gsm8k" / "test.jsonl")],
+        "humaneval": [(r["prompt"], "code") for r in _jsonl(root / "data" / "humaneval" / "HumanEval.jsonl")],
+        "chitchat-heldout": [(r["turns"][0]["content"], "chat") for r in _jsonl(heldout_dir() / "chat.jsonl")],
+        "instructions": [(r["text"], r["expert"]) for r in _jsonl(root / "data" / "router" / "instructions.jsonl")],
+    }
+
+
+def evaluate_router(router: Any, sets: Mapping[str, Sequence[Example]]) -> dict[str, Any]:
+    """Accuracy, fallback rate, per-class precision/recall and confusion of ``router`` on each set."""
+    results: dict[str, Any] = {}
+    for name, examples in sets.items():
+        started = time.perf_counter()
+        routed = [router.route(text) for text, _ in examples]
+        seconds = (time.perf_counter() - started) / len(examples)
+        truth = [e for _, e in examples]
+        report = classification_report(router.labels, truth, [r.label or router.fallback for r in routed])
+        report["to_expert"] = sum(r.expert == e for r, e in zip(routed, truth)) / len(examples)
+        report["fallback_rate"] = sum(r.fallback for r in routed) / len(examples)
+        report["seconds_per_query_python"] = seconds
+        results[name] = report
+    return results
+
+
+def evaluate_fasttext(train: Sequence[Example], sets: Mapping[str, Sequence[Example]], labels: Sequence[str],
+                      **options: Any) -> dict[str, Any]:
+    """Train the ``fasttext`` package on ``train`` and evaluate it on ``sets`` (accuracy and latency)."""
+    import fasttext
+
+    settings = {"epoch": 25, "lr": 0.5, "wordNgrams": 2, "minn": 3, "maxn": 5, "dim": 50,
+                "bucket": 1 << 18, "thread": 1, "seed": 0, "verbose": 0, **options}
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "train.txt"
+        with open(path, "w", encoding="utf-8", errors="surrogatepass") as stream:
+            stream.writelines(f"__label__{expert} {' '.join(text.split())}\n" for text, expert in train)
+        started = time.perf_counter()
+        model = fasttext.train_supervised(str(path), **settings)
+        train_seconds = time.perf_counter() - started
+    results: dict[str, Any] = {"settings": settings, "train_seconds": train_seconds}
+    for name, examples in sets.items():
+        started = time.perf_counter()
+        predicted = [model.predict(" ".join(text.split()))[0][0].removeprefix("__label__") for text, _ in examples]
+        seconds = (time.perf_counter() - started) / len(examples)
+        report = classification_report(labels, [e for _, e in examples], predicted)
+        report["seconds_per_query_python"] = seconds
+        results[name] = report
+    return results
+
+
+def evaluate_probe(base: str | os.PathLike[str], train: Sequence[Example], sets: Mapping[str, Sequence[Example]],
+                   per_expert: int = 600) -> dict[str, Any]:
+    """Fit the hidden-state probe on ``per_expert`` training examples per expert; evaluate on ``sets``."""
+    import torch
+
+    from meswitch.route.probe import HiddenStateProbe
+
+    torch.set_num_threads(1)
+    chosen: list[Example] = []
+    for expert in sorted({e for _, e in train}):
+        ranked = sorted((t for t, e in train if e == expert), key=lambda t: hashlib.sha256(t.encode()).digest())
+        chosen += [(t, expert) for t in ranked[:per_expert]]
+    probe = HiddenStateProbe(base)
+    started = time.perf_counter()
+    probe.fit([t for t, _ in chosen], [e for _, e in chosen])
+    results: dict[str, Any] = {"train_examples": len(chosen), "train_seconds": time.perf_counter() - started,
+                               "max_tokens": probe.max_tokens, "torch_threads": 1}
+    for name, examples in sets.items():
+        predicted, seconds = probe.predict([t for t, _ in examples])
+        report = classification_report(probe.labels, [e for _, e in examples], predicted)
+        report["seconds_per_query_python"] = seconds
+        results[name] = report
+    return results
+
+
+def training_split(train_files: Mapping[str, str | os.PathLike[str]], heldout_fraction: float) -> list[Example]:
+    """The training split a router trained on ``train_files`` saw (same deduplication and hash split)."""
+    train, _ = split_examples({n: read_examples(p) for n, p in train_files.items()}, heldout_fraction)
+    return train
+
+
+def plot_confusions(results: Mapping[str, Mapping[str, Any]], path: str | os.PathLike[str], title: str) -> None:
+    """Write one confusion matrix per set side by side as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3.4), squeeze=False)
+    for ax, (name, report) in zip(axes[0], results.items()):
+        matrix = np.array(report["confusion"])
+        labels = report["labels"]
+        ax.imshow(matrix, cmap="Blues")
+        for i in range(len(labels)):
+            for j in range(len(labels)):
+                ax.text(j, i, str(matrix[i, j]), ha="center", va="center",
+                        color="white" if matrix[i, j] > matrix.max() / 2 else "black", fontsize=9)
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_xlabel("routed to (most probable)")
+        ax.set_ylabel("true expert")
+        ax.set_title(f"{name}\naccuracy {report['accuracy']:.1%}", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(results: Mapping[str, Any]) -> str:
+    """Markdown tables of one evaluation run (router, and fastText / probe when present)."""
+    ours = results["router"]
+    lines = ["| set | queries | router accuracy | to expert | fallback | fastText accuracy | probe accuracy |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, report in ours.items():
+        fast = results.get("fasttext", {}).get(name, {}).get("accuracy")
+        probe = results.get("probe", {}).get(name, {}).get("accuracy")
+        lines.append(f"| {name} | {report['examples']} | {report['accuracy']:.1%} | {report['to_expert']:.1%} | "
+                     f"{report['fallback_rate']:.1%} | {'-' if fast is None else f'{fast:.1%}'} | "
+                     f"{'-' if probe is None else f'{probe:.1%}'} |")
+    lines += ["", "| set | expert | precision | recall | support |", "|---|---|---:|---:|---:|"]
+    for name, report in ours.items():
+        for label, row in report["per_class"].items():
+            if row["support"] or row["precision"] is not None:
+                precision = "-" if row["precision"] is None else f"{row['precision']:.1%}"
+                recall = "-" if row["recall"] is None else f"{row['recall']:.1%}"
+                lines.append(f"| {name} | {label} | {precision} | {recall} | {row['support']} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["evaluate_fasttext", "evaluate_probe", "evaluate_router", "heldout_sets", "markdown",
+           "plot_confusions", "training_split"]
