@@ -68,7 +68,7 @@ py::tuple featurize_batch(const Featurizer& featurizer, const std::vector<std::s
     for (const std::string& text : texts) {
       buckets.clear();
       featurizer.hashed_ngrams(text, buckets);
-      const SparseFeatures features = Featurizer::features_from_buckets(buckets);
+      const SparseFeatures features = Featurizer::features_from_buckets(buckets, featurizer.config().hash_bits);
       indices.insert(indices.end(), features.index.begin(), features.index.end());
       values.insert(values.end(), features.value.begin(), features.value.end());
       indptr.push_back(std::int64_t(indices.size()));

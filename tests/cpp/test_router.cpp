@@ -282,3 +282,17 @@ TEST_CASE("Router files: bad and truncated files are FormatErrors naming the fil
   CHECK_THROWS_AS(Router::load(dir), FormatError);
   CHECK_THROWS_AS(Router::load(dir + "/missing"), FormatError);
 }
+
+TEST_CASE("Featurizer::sort_buckets (radix) agrees with std::sort", "[router]") {
+  std::mt19937 random(11);
+  for (int bits : {8, 9, 18, 24}) {
+    for (std::size_t size : {0, 5, 127, 128, 1000, 5000}) {
+      std::vector<std::uint32_t> ids(size);
+      for (auto& id : ids) id = std::uint32_t(random()) >> (32 - bits);
+      std::vector<std::uint32_t> expected = ids;
+      std::sort(expected.begin(), expected.end());
+      Featurizer::sort_buckets(ids, bits);
+      REQUIRE(ids == expected);
+    }
+  }
+}

@@ -80,12 +80,19 @@ def evaluate_fasttext(train: Sequence[Example], sets: Mapping[str, Sequence[Exam
     results: dict[str, Any] = {"settings": settings, "train_seconds": train_seconds}
     for name, examples in sets.items():
         started = time.perf_counter()
-        predicted = [model.predict(" ".join(text.split()))[0][0].removeprefix("__label__") for text, _ in examples]
+        predicted = [_fasttext_label(model, text) for text, _ in examples]
         seconds = (time.perf_counter() - started) / len(examples)
         report = classification_report(labels, [e for _, e in examples], predicted)
         report["seconds_per_query_python"] = seconds
         results[name] = report
     return results
+
+
+def _fasttext_label(model: Any, text: str) -> str:
+    # model.predict() of fasttext 0.9.2 fails under NumPy 2 (np.array(copy=False)); its C++
+    # binding returns the same (probability, label) pairs without NumPy.
+    pairs = model.f.predict(" ".join(text.split()) + "\n", 1, 0.0, "strict")
+    return pairs[0][1].removeprefix("__label__")
 
 
 def evaluate_probe(base: str | os.PathLike[str], train: Sequence[Example], sets: Mapping[str, Sequence[Example]],
