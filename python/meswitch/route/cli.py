@@ -103,7 +103,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     if args.plot:
-        evaluate.plot_confusions(results["router"], args.plot, f"router {router.path.name}: held-out sets")
+        evaluate.plot_confusions(results["router"], args.plot, f"router {router.path.parent.name}/{router.path.name}: held-out sets")
     return 0
 
 

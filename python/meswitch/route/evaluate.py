@@ -154,26 +154,48 @@ def plot_confusions(results: Mapping[str, Mapping[str, Any]], path: str | os.Pat
     plt.close(fig)
 
 
+def combined(reports: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-class precision and recall over all sets together (summed confusion matrices)."""
+    import numpy as np
+
+    first = next(iter(reports.values()))
+    labels = first["labels"]
+    matrix = sum(np.array(r["confusion"]) for r in reports.values())
+    truth = [labels[i] for i in range(len(labels)) for j in range(len(labels)) for _ in range(matrix[i, j])]
+    predicted = [labels[j] for i in range(len(labels)) for j in range(len(labels)) for _ in range(matrix[i, j])]
+    return classification_report(labels, truth, predicted)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
 def markdown(results: Mapping[str, Any]) -> str:
     """Markdown tables of one evaluation run (router, and fastText / probe when present)."""
     ours = results["router"]
-    lines = ["| set | queries | router accuracy | to expert | fallback | fastText accuracy | probe accuracy |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    others = [name for name in ("fasttext", "probe") if name in results]
+    header = "| set | queries | router accuracy | to expert | fallback |" + "".join(
+        f" {name} accuracy |" for name in others)
+    lines = [header, "|---|---:|---:|---:|---:|" + "---:|" * len(others)]
     for name, report in ours.items():
-        fast = results.get("fasttext", {}).get(name, {}).get("accuracy")
-        probe = results.get("probe", {}).get(name, {}).get("accuracy")
-        lines.append(f"| {name} | {report['examples']} | {report['accuracy']:.1%} | {report['to_expert']:.1%} | "
-                     f"{report['fallback_rate']:.1%} | {'-' if fast is None else f'{fast:.1%}'} | "
-                     f"{'-' if probe is None else f'{probe:.1%}'} |")
-    lines += ["", "| set | expert | precision | recall | support |", "|---|---|---:|---:|---:|"]
-    for name, report in ours.items():
-        for label, row in report["per_class"].items():
-            if row["support"] or row["precision"] is not None:
-                precision = "-" if row["precision"] is None else f"{row['precision']:.1%}"
-                recall = "-" if row["recall"] is None else f"{row['recall']:.1%}"
-                lines.append(f"| {name} | {label} | {precision} | {recall} | {row['support']} |")
+        lines.append(f"| {name} | {report['examples']} | {_percent(report['accuracy'])} | "
+                     f"{_percent(report['to_expert'])} | {_percent(report['fallback_rate'])} |" + "".join(
+                         f" {_percent(results[other][name]['accuracy'])} |" for other in others))
+    lines += ["", "| all sets, expert | precision | recall | support |" + "".join(
+        f" {name} precision | {name} recall |" for name in others),
+        "|---|---:|---:|---:|" + "---:|---:|" * len(others)]
+    totals = {name: combined({k: v for k, v in results[name].items() if k in ours}) for name in ["router", *others]}
+    for label, row in totals["router"]["per_class"].items():
+        lines.append(f"| {label} | {_percent(row['precision'])} | {_percent(row['recall'])} | {row['support']} |" + "".join(
+            f" {_percent(totals[o]['per_class'][label]['precision'])} | {_percent(totals[o]['per_class'][label]['recall'])} |"
+            for o in others))
+    lines += ["", "| mean latency per query (Python, one at a time) |" + " router |" + "".join(f" {o} |" for o in others),
+              "|---|---:|" + "---:|" * len(others)]
+    for name in ours:
+        lines.append(f"| {name} | {ours[name]['seconds_per_query_python'] * 1e6:.0f} us |" + "".join(
+            f" {results[o][name]['seconds_per_query_python'] * 1e6:.0f} us |" for o in others))
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["evaluate_fasttext", "evaluate_probe", "evaluate_router", "heldout_sets", "markdown",
+__all__ = ["combined", "evaluate_fasttext", "evaluate_probe", "evaluate_router", "heldout_sets", "markdown",
            "plot_confusions", "training_split"]
