@@ -4,7 +4,7 @@
 #   ./dev.sh demo       the main job on the bundled tiny expert family
 #   ./dev.sh test       C++ tests (Catch2 through ctest) and Python tests (pytest)
 #   ./dev.sh sanitize   the C++ tests under AddressSanitizer + UndefinedBehaviorSanitizer
-#   ./dev.sh fuzz [S]   the safetensors header and artifact manifest fuzzers, S seconds each (default 60)
+#   ./dev.sh fuzz [S]   the safetensors header and artifact manifest fuzzers, S seconds each (default 60); router 20 s
 #   ./dev.sh bench-io   the 1 GiB checkpoint read benchmark
 #   ./dev.sh develop    build the C++ tests and meswitch._core in build/dev, linked into
 #                       python/meswitch, for `PYTHONPATH=python python -m pytest` without installing
@@ -54,6 +54,9 @@ case "${1:-help}" in
     build/fuzz/fuzz/fuzz_safetensors_header -max_total_time="${2:-60}" -max_len=4096 build/fuzz/corpus
     # The manifest fuzzer seeds its corpus with the manifest of the artifact it builds.
     build/fuzz/fuzz/fuzz_artifact_manifest -max_total_time="${2:-60}" -max_len=8192 build/fuzz/corpus_manifest
+    # The router featurizer: any bytes are a text; a short run, it has no file format to explore.
+    mkdir -p build/fuzz/corpus_router
+    build/fuzz/fuzz/fuzz_router_features -max_total_time=20 -max_len=2048 build/fuzz/corpus_router
     ;;
   develop)
     build_cpp build/dev -DMESWITCH_PYTHON=ON -DMESWITCH_CUDA=OFF -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)"

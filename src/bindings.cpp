@@ -17,6 +17,7 @@ using namespace meswitch;
 void bind_artifact(py::module_& m);
 void bind_quantize(py::module_& m);
 void bind_ops(py::module_& m);
+void bind_router(py::module_& m);
 
 namespace {
 
@@ -136,6 +137,7 @@ PYBIND11_MODULE(_core, m) {
   bind_artifact(m);
   bind_quantize(m);
   bind_ops(m);
+  bind_router(m);
 
   m.def("write_safetensors", &write_file, py::arg("path"), py::arg("tensors"), py::arg("metadata"));
   m.def("f32_to_f16_bits", [](py::array_t<float, py::array::c_style | py::array::forcecast> x) { return narrow(x, float_to_f16); });

@@ -15,6 +15,7 @@ _LAZY = {
     "open_checkpoint": ("meswitch.checkpoint", "open_checkpoint"),
     "Checkpoint": ("meswitch.checkpoint", "Checkpoint"),
     "save_file": ("meswitch.checkpoint", "save_file"),
+    "Router": ("meswitch.route.router", "Router"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -283,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
         register_eval = None
     if register_eval is not None:
         register_eval(commands)
+    from meswitch.route.cli import register_cli as register_route
+
+    register_route(commands)
     return parser
 
 
