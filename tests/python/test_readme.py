@@ -47,6 +47,12 @@ COST = [
     ("eval", "--max-examples", "2", True,
      "the whole held-out sets take minutes on CPU; 2 examples per domain score every metric"),
 ]
+#: Files the README's commands read that a user brings: name -> (the bundled file standing for it, reason).
+USER_FILES = {
+    f"{domain}.jsonl": (FAMILY.parent / "calib" / f"{domain}.jsonl",
+                        "a user's examples of the domain, one per line: the family's calibration texts of it")
+    for domain in ("chat", "math", "code")
+}
 #: Environment of the commands, for cost only: variable -> (value, reason).
 ENVIRONMENT = {
     "OMP_NUM_THREADS": ("1", "torch's thread pool spins against other jobs on a shared machine (eval: 5 s, not 30)"),
@@ -105,6 +111,14 @@ def _check_promises(words: list[str], workdir: Path, stdout: str) -> None:
         assert "| model |" in stdout and "math ppl" in stdout
     elif command == "inspect":
         assert stdout.strip()
+    elif command == "route":
+        expert, confidence = stdout.split()
+        assert expert in ("chat", "math", "code", "base") and 0 <= float(confidence) <= 1
+    elif command == "router":
+        from meswitch.route import Router
+
+        routed = Router(workdir / _option(words, "--out")).route("Natalia sold 48 clips in April. How many in May?")
+        assert routed.label in ("chat", "math", "code") and 0 < routed.confidence <= 1
     plot = _option(words, "--plot")
     if plot is not None:
         assert (workdir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -121,6 +135,8 @@ def workdir(tmp_path: Path) -> Path:
     """The working directory of the README's commands, with its ``calib.jsonl`` (see COST)."""
     lines = CALIB.read_text(encoding="utf-8").splitlines()[:CALIB_TEXTS]
     (tmp_path / "calib.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for name, (source, _) in USER_FILES.items():
+        (tmp_path / name).write_bytes(source.read_bytes())
     return tmp_path
 
 
