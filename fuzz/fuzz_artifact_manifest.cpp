@@ -98,7 +98,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         if (view.nbytes() > 0) sink = sink + static_cast<const std::uint8_t*>(view.data)[view.nbytes() - 1];
       }
       const meswitch::TensorView extra = artifact.delta_extra_rows(weight);
-      if (extra.nbytes() > 0) sink = sink + static_cast<const std::uint8_t*>(extra.data)[extra.nbytes() - 1];
+      if (extra.data != nullptr) sink = sink + static_cast<const std::uint8_t*>(extra.data)[extra.nbytes() - 1];
     }
     for (const auto& file : artifact.side_files()) sink = sink + artifact.read_side_file(file.path).size();
   } catch (const meswitch::Error&) {
