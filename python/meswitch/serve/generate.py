@@ -1,0 +1,77 @@
+"""One request, start to end: tokenize with the expert's own tokenizer, prefill, decode, detokenize."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from meswitch.serve.model import MultiExpertModel, SequenceInput
+
+
+@lru_cache(maxsize=32)
+def _tokenizer(directory: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def expert_tokenizer(model: MultiExpertModel, expert: str | None) -> Any:
+    """The tokenizer of ``expert`` (its artifact's ``expert/`` directory) or of the base (``None``)."""
+    if expert is None:
+        return _tokenizer(str(model.base_dir))
+    directory = Path(model.expert_weights(expert).artifact.path) / "expert"
+    return _tokenizer(str(directory))
+
+
+def generate(model: MultiExpertModel, expert: str | None, prompt: str, max_tokens: int = 64, *,
+             temperature: float = 0.0, seed: int | None = None, stop_at_eos: bool = True) -> str:
+    """The text ``expert`` (``None``: the base) continues ``prompt`` with.
+
+    Parameters
+    ----------
+    model
+        The multi-expert model.
+    expert
+        The expert's name in the model's expert source, or ``None`` for the base.
+    prompt
+        Text, tokenized with that expert's own tokenizer.
+    max_tokens
+        At most this many new tokens.
+    temperature
+        0 decodes greedily; above 0 samples from ``softmax(logits / temperature)``.
+    seed
+        Seed of the sampler (only with ``temperature > 0``).
+    stop_at_eos
+        Stop at the tokenizer's end-of-sequence token (not included in the text).
+
+    Returns
+    -------
+    The new text only (the prompt is not repeated).
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    tokenizer = expert_tokenizer(model, expert)
+    tokens = list(tokenizer(prompt)["input_ids"])
+    if not tokens:
+        raise ValueError("the prompt encodes to no tokens")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    sequence, new = object(), []  # an id no other caller can share
+    try:
+        step = tokens
+        for _ in range(max_tokens):
+            logits = model.forward([SequenceInput(sequence, expert, step)], last_only=True)[0][-1]
+            if temperature == 0:
+                token = int(torch.argmax(logits))
+            else:
+                probabilities = torch.softmax(logits / temperature, dim=-1)
+                token = int(torch.multinomial(probabilities, 1, generator=generator))
+            if stop_at_eos and token == tokenizer.eos_token_id:
+                break
+            new.append(token)
+            step = [token]
+    finally:
+        model.free(sequence)
+    return tokenizer.decode(new, skip_special_tokens=True)

@@ -1,0 +1,328 @@
+"""One forward over a flattened batch whose sequences belong to different experts.
+
+Why not transformers' own forward: an HF model holds one set of weights, so every token of
+a batch runs the same expert, and its batches are rectangular (padded) with a contiguous
+cache per sequence. Serving needs per-sequence experts in one pass and ragged batches whose
+sequences join and leave (prefill and decode tokens together) over a paged cache. So the
+decoder is written out here (Llama, Mistral, Qwen2 share it), and every linear is
+
+    y = x @ W_base^T                 one GEMM for all tokens of the batch
+    y[seg_e] += x[seg_e] @ delta_e^T for each expert's segment (fused kernel, packed codes)
+
+with the tokens ordered by expert: sequences are sorted once per forward (a sequence has
+one expert, so its tokens stay contiguous) and the same order serves every linear.
+Attention is per sequence over the paged KV cache.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from meswitch.checkpoint import open_checkpoint
+from meswitch.ops import multi_delta_matmul
+from meswitch.serve.attention import paged_attention
+from meswitch.serve.config import read_decoder_config
+from meswitch.serve.experts import ExpertSourceAdapter, ExpertWeights
+from meswitch.serve.kv_cache import PagedKVCache
+from meswitch.serve.rope import inverse_frequencies, rotate
+
+
+@dataclass(frozen=True)
+class SequenceInput:
+    """The new tokens of one sequence in a forward: its whole prompt (prefill) or one token (decode).
+
+    ``sequence`` identifies it across forwards (its cache blocks); ``expert`` is the expert's
+    name, or ``None`` for the base model alone.
+    """
+
+    sequence: Hashable
+    expert: str | None
+    tokens: Sequence[int]
+
+
+@dataclass
+class _Group:
+    """The contiguous tokens ``[start, stop)`` of one expert (``weights`` ``None``: the base)."""
+
+    expert: str | None
+    weights: ExpertWeights | None
+    start: int
+    stop: int
+
+
+class MultiExpertModel:
+    """A base model and its compressed experts, run together over one flattened batch.
+
+    Parameters
+    ----------
+    base_dir
+        The base's HF model directory (``config.json`` and safetensors); its weights are
+        loaded once, in float32.
+    experts
+        Where experts come from: a mapping name -> :class:`~meswitch.artifact.ExpertArtifact`
+        (or artifact directory), or an expert store (an object with ``acquire(name)`` and
+        optionally ``release(name)``).
+    kv_cache_bytes
+        Byte budget of the paged KV cache (keys and values of all layers, float32).
+    block_size
+        Tokens per KV cache block.
+
+    Raises
+    ------
+    ValueError
+        The base is not a Llama, Mistral or Qwen2 model (the message names its architecture).
+    NotImplementedError
+        Its rotary scaling kind is not implemented.
+    """
+
+    def __init__(self, base_dir: str | os.PathLike[str], experts: Any, *, kv_cache_bytes: int = 64 << 20,
+                 block_size: int = 16) -> None:
+        self.base_dir = Path(base_dir)
+        self.config = config = read_decoder_config(base_dir)
+        self.inverse_frequencies = inverse_frequencies(config.rope, config.head_dim)
+        checkpoint = open_checkpoint(base_dir)
+        self.base = {name: torch.from_numpy(np.array(checkpoint.get_array(name, widen=True), dtype=np.float32))
+                     for name in checkpoint}
+        self.experts = ExpertSourceAdapter(experts)
+        self.cache = PagedKVCache(config.num_layers, config.num_kv_heads, config.head_dim,
+                                  budget_bytes=kv_cache_bytes, block_size=block_size)
+        self._prepared: dict[str, ExpertWeights] = {}
+        self._sequence_experts: dict[Hashable, str | None] = {}
+
+    # -- experts -------------------------------------------------------------------------
+
+    def expert_weights(self, name: str) -> ExpertWeights:
+        """The prepared tensors of expert ``name`` (acquired from the source, prepared once)."""
+        artifact = self.experts.acquire(name)
+        try:
+            prepared = self._prepared.get(name)
+            if prepared is None or prepared.artifact is not artifact:  # a store may have reloaded it
+                prepared = self._prepared[name] = ExpertWeights.prepare(artifact, self.base_dir)
+            return prepared
+        finally:
+            self.experts.release(name)
+
+    def vocab_size(self, expert: str | None) -> int:
+        """Rows of the logits of a sequence of ``expert`` (its own, possibly expanded, vocabulary)."""
+        if expert is None:
+            return self.config.vocab_size
+        weights = self.expert_weights(expert)
+        if self.config.tie_word_embeddings:
+            return self.config.vocab_size if weights.embedding is None else weights.embedding.shape[0]
+        head = weights.whole.get("lm_head.weight")
+        if head is not None:
+            return head.shape[0]
+        extra = weights.extra_rows.get("lm_head.weight")
+        return self.config.vocab_size + (0 if extra is None else extra.shape[0])
+
+    # -- the forward ---------------------------------------------------------------------
+
+    def free(self, sequence: Hashable) -> None:
+        """End ``sequence``: its KV blocks return to the pool."""
+        self.cache.free(sequence)
+        self._sequence_experts.pop(sequence, None)
+
+    @torch.no_grad()
+    def forward(self, inputs: Sequence[SequenceInput], *, last_only: bool = False) -> list[torch.Tensor]:
+        """Run the new tokens of every sequence, appending their keys and values to the cache.
+
+        Parameters
+        ----------
+        inputs
+            One entry per sequence, in any order; each sequence at most once. A sequence
+            seen for the first time starts at position 0; later ones continue where the
+            cache ends.
+        last_only
+            Return only each sequence's last token's logits (what decoding needs).
+
+        Returns
+        -------
+        Per input, in order, float32 logits ``[tokens (or 1), vocab]`` over that sequence's
+        expert's own vocabulary.
+
+        Raises
+        ------
+        meswitch.serve.KVCacheFull
+            Too few free cache blocks for this step (nothing is changed then).
+        ValueError
+            A sequence listed twice, with no tokens, with another expert than before, a
+            token outside its vocabulary, or past the model's positions or attention window.
+        """
+        order, groups = self._arrange(inputs)
+        tokens = torch.tensor([t for i in order for t in inputs[i].tokens], dtype=torch.int64)
+        starts = [self.cache.length(inputs[i].sequence) for i in order]
+        counts = [len(inputs[i].tokens) for i in order]
+        self._check_positions([inputs[i] for i in order], starts, counts)
+        self.cache.reserve({inputs[i].sequence: n for i, n in zip(order, counts)})
+        for i in order:
+            self._sequence_experts[inputs[i].sequence] = inputs[i].expert
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts)])
+        new_slots = torch.cat([self.cache.slots(inputs[i].sequence, s, s + n)
+                               for i, s, n in zip(order, starts, counts)])
+        all_slots = [self.cache.slots(inputs[i].sequence, 0, s + n) for i, s, n in zip(order, starts, counts)]
+
+        hidden = self._embed(tokens, groups)
+        for layer in range(self.config.num_layers):
+            hidden = self._layer(layer, hidden, groups, positions, new_slots, all_slots, starts, counts)
+        hidden = self._rms_norm(hidden, "model.norm.weight", groups)
+        offsets = np.cumsum([0, *counts])
+        if last_only:
+            keep = torch.tensor(offsets[1:] - 1, dtype=torch.int64)
+            hidden = hidden[keep]
+            groups = self._regroup(groups, [1] * len(counts), counts)
+            offsets = np.arange(len(counts) + 1)
+        parts = self._logits(hidden, groups)
+        result: list[torch.Tensor] = [torch.empty(0)] * len(inputs)
+        group = 0
+        for rank, i in enumerate(order):  # sorted order: each group's sequences are consecutive
+            row = int(offsets[rank])
+            while row >= groups[group].stop:
+                group += 1
+            begin = row - groups[group].start
+            result[i] = parts[group][begin:begin + int(offsets[rank + 1] - offsets[rank])]
+        return result
+
+    def _arrange(self, inputs: Sequence[SequenceInput]) -> tuple[list[int], list[_Group]]:
+        """The inputs' order sorted by expert (the base first) and each expert's token range."""
+        seen: set[Hashable] = set()
+        for item in inputs:
+            if item.sequence in seen:
+                raise ValueError(f"sequence {item.sequence!r} appears twice in one forward")
+            seen.add(item.sequence)
+            if len(item.tokens) == 0:
+                raise ValueError(f"sequence {item.sequence!r} has no new tokens")
+            known = self._sequence_experts.get(item.sequence, item.expert)
+            if item.sequence in self._sequence_experts and known != item.expert:
+                raise ValueError(f"sequence {item.sequence!r} runs expert {known!r}, not {item.expert!r}")
+        names = sorted({item.expert for item in inputs}, key=lambda name: (name is not None, name or ""))
+        rank = {name: r for r, name in enumerate(names)}
+        order = sorted(range(len(inputs)), key=lambda i: rank[inputs[i].expert])  # stable
+        groups, start = [], 0
+        for name in names:
+            size = sum(len(inputs[i].tokens) for i in order if inputs[i].expert == name)
+            weights = None if name is None else self.expert_weights(name)
+            groups.append(_Group(name, weights, start, start + size))
+            start += size
+        return order, groups
+
+    @staticmethod
+    def _regroup(groups: list[_Group], new_counts: list[int], counts: list[int]) -> list[_Group]:
+        """``groups`` after each sequence's ``counts[s]`` tokens became ``new_counts[s]``."""
+        result, old, new, s = [], 0, 0, 0
+        for group in groups:
+            size = 0
+            while old < group.stop:
+                old += counts[s]
+                size += new_counts[s]
+                s += 1
+            result.append(_Group(group.expert, group.weights, new, new + size))
+            new += size
+        return result
+
+    def _check_positions(self, inputs: list[SequenceInput], starts: list[int], counts: list[int]) -> None:
+        limit = self.config.max_position_embeddings
+        for item, start, count in zip(inputs, starts, counts):
+            if start + count > limit:
+                raise ValueError(f"sequence {item.sequence!r} would reach {start + count} tokens, past the "
+                                 f"model's {limit} positions")
+
+    # -- pieces of the decoder -------------------------------------------------------------
+
+    def _embed(self, tokens: torch.Tensor, groups: list[_Group]) -> torch.Tensor:
+        table = self.base["model.embed_tokens.weight"]
+        hidden = torch.empty((tokens.shape[0], table.shape[1]), dtype=torch.float32)
+        for group in groups:
+            own = table if group.weights is None or group.weights.embedding is None else group.weights.embedding
+            ids = tokens[group.start:group.stop]
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= own.shape[0]):
+                bad = int(ids[(ids < 0) | (ids >= own.shape[0])][0])
+                raise ValueError(f"token id {bad} is outside the vocabulary of {group.expert or 'the base'} "
+                                 f"({own.shape[0]} tokens)")
+            hidden[group.start:group.stop] = own[ids]
+        return hidden
+
+    def _per_token(self, name: str, groups: list[_Group]) -> torch.Tensor | None:
+        """A small whole tensor (norm weight, bias) for each token: ``[dim]`` when all share the base's,
+        else ``[tokens, dim]`` with each expert's own; ``None`` when no one has it."""
+        base = self.base.get(name)
+        own = [base if g.weights is None else g.weights.whole.get(name, base) for g in groups]
+        if all(t is base for t in own):
+            return base
+        if any(t is None for t in own):
+            dim = next(t for t in own if t is not None).shape[0]
+            own = [torch.zeros(dim) if t is None else t for t in own]
+        sizes = torch.tensor([g.stop - g.start for g in groups])
+        return torch.repeat_interleave(torch.stack(own), sizes, dim=0)
+
+    def _rms_norm(self, x: torch.Tensor, name: str, groups: list[_Group]) -> torch.Tensor:
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return self._per_token(name, groups) * (x * torch.rsqrt(variance + self.config.rms_norm_eps))
+
+    def _linear(self, x: torch.Tensor, name: str, groups: list[_Group]) -> torch.Tensor:
+        """Base GEMM for all tokens, each expert's own rows (dense or fused delta) by segment, bias."""
+        out = x @ self.base[name].T
+        run: list[_Group] = []
+        for group in [*groups, None]:
+            delta = None if group is None or group.weights is None else group.weights.deltas.get(name)
+            if delta is not None and (not run or run[-1].stop == group.start):
+                run.append(group)
+                continue
+            if run:  # one kernel call for consecutive expert segments
+                a, b = run[0].start, run[-1].stop
+                multi_delta_matmul(x[a:b], [g.weights.deltas[name] for g in run],
+                                   [g.start - a for g in run] + [b - a], out=out[a:b])
+                run = [group] if delta is not None else []
+            if group is not None and group.weights is not None and name in group.weights.whole:
+                dense = group.weights.whole[name]
+                out[group.start:group.stop] = x[group.start:group.stop] @ dense[:out.shape[1]].T
+        bias = self._per_token(name.removesuffix(".weight") + ".bias", groups)
+        return out if bias is None else out + bias
+
+    def _layer(self, layer: int, hidden: torch.Tensor, groups: list[_Group], positions: torch.Tensor,
+               new_slots: torch.Tensor, all_slots: list[torch.Tensor], starts: list[int],
+               counts: list[int]) -> torch.Tensor:
+        config, prefix = self.config, f"model.layers.{layer}."
+        x = self._rms_norm(hidden, prefix + "input_layernorm.weight", groups)
+        shape = (x.shape[0], -1, config.head_dim)
+        q = self._linear(x, prefix + "self_attn.q_proj.weight", groups).view(shape)
+        k = self._linear(x, prefix + "self_attn.k_proj.weight", groups).view(shape)
+        v = self._linear(x, prefix + "self_attn.v_proj.weight", groups).view(shape)
+        q = rotate(q, positions, self.inverse_frequencies)
+        k = rotate(k, positions, self.inverse_frequencies)
+        self.cache.write(layer, new_slots, k, v)
+        attended = paged_attention(q, self.cache, layer, all_slots, starts, counts,
+                                   window=config.sliding_windows[layer])
+        hidden = hidden + self._linear(attended.reshape(x.shape[0], -1), prefix + "self_attn.o_proj.weight", groups)
+        x = self._rms_norm(hidden, prefix + "post_attention_layernorm.weight", groups)
+        gate = self._linear(x, prefix + "mlp.gate_proj.weight", groups)
+        up = self._linear(x, prefix + "mlp.up_proj.weight", groups)
+        return hidden + self._linear(torch.nn.functional.silu(gate) * up, prefix + "mlp.down_proj.weight", groups)
+
+    def _logits(self, hidden: torch.Tensor, groups: list[_Group]) -> list[torch.Tensor]:
+        """Per expert group, its tokens' logits over that expert's own vocabulary."""
+        if self.config.tie_word_embeddings and "lm_head.weight" not in self.base:
+            parts = []
+            for group in groups:
+                own = group.weights.embedding if group.weights is not None else None
+                table = self.base["model.embed_tokens.weight"] if own is None else own
+                parts.append(hidden[group.start:group.stop] @ table.T)
+        else:
+            base_logits = self._linear(hidden, "lm_head.weight", groups)
+            parts = []
+            for group in groups:
+                part = base_logits[group.start:group.stop]
+                weights = group.weights
+                extra = None if weights is None else weights.extra_rows.get("lm_head.weight")
+                if weights is not None and "lm_head.weight" in weights.whole:
+                    extra = weights.whole["lm_head.weight"][base_logits.shape[1]:]
+                if extra is not None and extra.shape[0]:
+                    part = torch.cat([part, hidden[group.start:group.stop] @ extra.T], dim=1)
+                parts.append(part)
+        return parts

@@ -1,0 +1,154 @@
+"""The multi-expert model against transformers: one flattened batch mixing the base and the three
+bundled experts (ragged prompts, prefill then decode, a sequence joining mid-way) gives each
+sequence the logits of that expert's decompressed model run alone; and the paged KV cache,
+the architecture checks and rotary scaling behave as documented."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from meswitch.artifact import decompress
+from meswitch.compress import CompressionSettings, compress
+from meswitch.family import family_dir
+from meswitch.serve import KVCacheFull, MultiExpertModel, PagedKVCache, SequenceInput, generate
+from meswitch.serve.generate import expert_tokenizer
+from meswitch.serve.rope import inverse_frequencies
+
+transformers = pytest.importorskip("transformers")
+
+EXPERTS = ("chat", "math", "code")
+PROMPTS = {
+    None: "The river runs past the old mill and",
+    "chat": "<|user|>do you like hiking in the mountains?<|end|>\n<|assistant|>",
+    "math": "Tara has 12 shells. Tara finds 9 more shells. How many shells does Tara have now?\n",
+    "code": "def read_config(path):\n",
+}
+LATE_PROMPT = "Sam has 4 apples and buys 3 more."  # joins the batch at step JOIN_STEP, with math
+DECODE_STEPS, JOIN_STEP = 20, 10
+# Each sequence's logits vs its decompressed model through transformers (float32), as a fraction
+# of the largest logit. The decompressed checkpoint holds the weights rounded to the expert's
+# float16, while the model here adds the delta to the base in float32: measured 1-3e-4 on the
+# bundled family (the base alone, with no rounding on either side: ~1e-6). The fused kernel's
+# activation digits on VNNI CPUs (two int8 digits, ~3-5e-5) stay well inside. Bound: 1e-3.
+TOLERANCE = 1e-3
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """Artifacts and decompressed HF directories of the three bundled experts."""
+    root, source = tmp_path_factory.mktemp("serve"), family_dir()
+    artifacts, dense = {}, {None: source / "base"}
+    for name in EXPERTS:
+        artifacts[name] = root / f"{name}.meswitch"
+        compress(source / "base", source / name, artifacts[name], progress=False,
+                 settings=CompressionSettings(bits=2))
+        dense[name] = decompress(source / "base", artifacts[name], root / f"{name}-dense")
+    return {"base": source / "base", "artifacts": artifacts, "dense": dense}
+
+
+@pytest.fixture(scope="module")
+def model(family):
+    return MultiExpertModel(family["base"], family["artifacts"], kv_cache_bytes=8 << 20, block_size=16)
+
+
+def _reference_logits(directory, tokens: list[int]) -> torch.Tensor:
+    reference = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return reference(input_ids=torch.tensor([tokens])).logits[0]
+
+
+def test_mixed_batch_matches_transformers(family, model):
+    prompts = {name: list(expert_tokenizer(model, name)(text)["input_ids"]) for name, text in PROMPTS.items()}
+    prompts["late"] = list(expert_tokenizer(model, "math")(LATE_PROMPT)["input_ids"])
+    experts = {name: name for name in PROMPTS} | {"late": "math"}
+    assert len({len(tokens) for tokens in prompts.values()}) > 3  # ragged
+    fed = {name: [] for name in prompts}
+    logits = {name: [] for name in prompts}
+    pending = {name: tokens for name, tokens in prompts.items() if name != "late"}
+    free_at_start = model.cache.free_blocks
+    for step in range(DECODE_STEPS + 1):
+        if step == JOIN_STEP:
+            pending["late"] = prompts["late"]  # its prefill shares a forward with the others' decode
+        batch = [SequenceInput(name, experts[name], tokens) for name, tokens in pending.items()]
+        outputs = model.forward(batch)
+        for item, rows in zip(batch, outputs):
+            fed[item.sequence] += item.tokens
+            logits[item.sequence].append(rows)
+            pending[item.sequence] = [int(rows[-1].argmax())]  # greedy
+    scales = {}
+    for name, rows in logits.items():
+        ours = torch.cat(rows)
+        assert ours.shape == (len(fed[name]), model.vocab_size(experts[name]))
+        reference = _reference_logits(family["dense"][experts[name]], fed[name])
+        assert reference.shape == ours.shape  # chat: its own 4099-token vocabulary
+        scales[name] = ((ours - reference).abs().max() / reference.abs().max()).item()
+    assert max(scales.values()) < TOLERANCE, scales
+    assert model.vocab_size("chat") == 4099 and model.vocab_size(None) == 4096
+    for name in prompts:
+        model.free(name)
+    assert model.cache.free_blocks == free_at_start
+
+
+def test_generate_matches_transformers_greedy(family, model):
+    tokenizer = expert_tokenizer(model, "code")
+    ids = tokenizer(PROMPTS["code"], return_tensors="pt")["input_ids"]
+    reference = transformers.AutoModelForCausalLM.from_pretrained(family["dense"]["code"], dtype=torch.float32)
+    expected = reference.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                  pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:]
+    free_at_start = model.cache.free_blocks
+    text = generate(model, "code", PROMPTS["code"], max_tokens=12, stop_at_eos=False)
+    assert text == tokenizer.decode(expected, skip_special_tokens=True)
+    assert model.cache.free_blocks == free_at_start  # the request's blocks went back
+    sampled = generate(model, "chat", PROMPTS["chat"], max_tokens=4, temperature=0.8, seed=3)
+    assert isinstance(sampled, str)
+
+
+def test_unknown_architecture_is_refused_by_name(tmp_path):
+    config = json.loads((family_dir() / "base" / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox",
+                                                      "architectures": ["GPTNeoXForCausalLM"]}))
+    with pytest.raises(ValueError, match="gpt_neox.*GPTNeoXForCausalLM"):
+        MultiExpertModel(tmp_path, {})
+
+
+def test_kv_cache_exhaustion_and_free(model):
+    cache = PagedKVCache(num_layers=2, kv_heads=2, head_dim=8, budget_bytes=3 * 2 * 2 * 4 * 2 * 8 * 4, block_size=4)
+    assert cache.num_blocks == 3
+    cache.reserve({"a": 5})  # two blocks
+    assert cache.block_table("a") == [0, 1] and cache.free_blocks == 1
+    with pytest.raises(KVCacheFull, match="needs 2 more blocks.*1 of 3 are free"):
+        cache.reserve({"b": 4, "c": 1})
+    assert cache.free_blocks == 1 and "b" not in cache  # all or nothing
+    cache.reserve({"a": 3})  # fills block 1, no new block
+    assert cache.free_blocks == 1 and cache.length("a") == 8
+    cache.free("a")
+    assert cache.free_blocks == 3 and cache.length("a") == 0
+    with pytest.raises(ValueError, match="holds no block"):
+        PagedKVCache(1, 1, 8, budget_bytes=10)
+    # Through the model: a prompt longer than the pool raises before touching the cache.
+    small = MultiExpertModel(model.base_dir, {}, kv_cache_bytes=2 * model.cache.block_bytes, block_size=16)
+    with pytest.raises(KVCacheFull, match="KV cache exhausted"):
+        small.forward([SequenceInput("long", None, list(range(40)))])
+    assert small.cache.free_blocks == 2
+    small.forward([SequenceInput("short", None, list(range(20)))])
+    assert small.cache.free_blocks == 0
+    small.free("short")
+    assert small.cache.free_blocks == 2
+
+
+@pytest.mark.parametrize("parameters", [
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+])
+def test_rope_scaling_matches_transformers(parameters):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = transformers.LlamaConfig(hidden_size=256, num_attention_heads=4, max_position_embeddings=512,
+                                      rope_parameters=dict(parameters))
+    expected, _ = ROPE_INIT_FUNCTIONS[parameters["rope_type"]](config, "cpu")
+    torch.testing.assert_close(inverse_frequencies(parameters, 64), expected.to(torch.float32), rtol=1e-6, atol=0)
+    with pytest.raises(NotImplementedError, match="'yarn'"):
+        inverse_frequencies({"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}, 64)
