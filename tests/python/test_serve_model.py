@@ -6,10 +6,14 @@ the architecture checks and rotary scaling behave as documented."""
 from __future__ import annotations
 
 import json
+import shutil
 
+import numpy as np
 import pytest
 import torch
+
 from meswitch.artifact import decompress
+from meswitch.checkpoint import open_checkpoint, save_file
 from meswitch.compress import CompressionSettings, compress
 from meswitch.family import family_dir
 from meswitch.serve import KVCacheFull, MultiExpertModel, PagedKVCache, SequenceInput, generate
@@ -152,3 +156,45 @@ def test_rope_scaling_matches_transformers(parameters):
     torch.testing.assert_close(inverse_frequencies(parameters, 64), expected.to(torch.float32), rtol=1e-6, atol=0)
     with pytest.raises(NotImplementedError, match="'yarn'"):
         inverse_frequencies({"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}, 64)
+
+
+def _variant(base, out, model_type: str, **changes):
+    """The bundled base rewritten as another architecture (same weights; Qwen2 gains q/k/v biases)."""
+    out.mkdir()
+    for path in base.iterdir():
+        if path.name != "model.safetensors" and path.name != "config.json":
+            shutil.copy(path, out / path.name)
+    config = json.loads((base / "config.json").read_text())
+    architecture = {"mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[model_type]
+    config.update(model_type=model_type, architectures=[architecture], **changes)
+    (out / "config.json").write_text(json.dumps(config))
+    checkpoint = open_checkpoint(base)
+    tensors = {name: np.array(checkpoint.get_array(name, widen=True)) for name in checkpoint}
+    if model_type == "qwen2":
+        rng = np.random.default_rng(7)
+        for layer in range(config["num_hidden_layers"]):
+            for projection in ("q_proj", "k_proj", "v_proj"):
+                rows = tensors[f"model.layers.{layer}.self_attn.{projection}.weight"].shape[0]
+                tensors[f"model.layers.{layer}.self_attn.{projection}.bias"] = rng.normal(0, 0.5, rows).astype(np.float32)
+    save_file(tensors, out / "model.safetensors")
+    return out
+
+
+@pytest.mark.parametrize("model_type, changes", [
+    ("mistral", {"sliding_window": 8}),  # windowed attention: the prompt is longer than the window
+    ("qwen2", {"use_sliding_window": False}),  # biases on q, k, v
+])
+def test_other_architectures_match_transformers(tmp_path, model_type, changes):
+    directory = _variant(family_dir() / "base", tmp_path / model_type, model_type, **changes)
+    model = MultiExpertModel(directory, {}, kv_cache_bytes=1 << 20, block_size=4)
+    tokens = list(range(5, 25))
+    # The prompt in two chunks (the second continues over cached keys), then three decode steps.
+    rows = [model.forward([SequenceInput(0, None, tokens[:12])])[0], model.forward([SequenceInput(0, None, tokens[12:])])[0]]
+    for _ in range(3):
+        token = int(rows[-1][-1].argmax())
+        tokens.append(token)
+        rows.append(model.forward([SequenceInput(0, None, [token])])[0])
+    ours = torch.cat(rows)
+    reference = _reference_logits(directory, tokens)
+    # float32 on both sides, the same weights: only summation order differs (measured ~1e-6).
+    assert ((ours - reference).abs().max() / reference.abs().max()).item() < 1e-5
