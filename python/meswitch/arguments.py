@@ -109,6 +109,44 @@ _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**1
 _SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*")
 
 
+def parse_salient(text: str) -> tuple[float, int | None]:
+    """Read a salient setting as ``(salient, salient_channels)`` for :class:`CompressionSettings`.
+
+    ``"1%"`` -> ``(0.01, None)``, ``"100%"`` -> ``(1.0, None)`` (every channel),
+    ``"8"`` -> ``(0.0, 8)`` (eight channels). A percentage lies within [0, 100];
+    a count is a whole number >= 0.
+
+    Raises
+    ------
+    ValueError
+        For anything else (``"nan"``, ``"inf"``, ``"-1"``, ``"0.5"``, ``"150%"``).
+    """
+    text = text.strip()
+    if text.endswith("%"):
+        try:
+            percent = float(text[:-1])
+        except ValueError:
+            raise ValueError(f"{text!r} is not a percentage such as '1%'") from None
+        if not math.isfinite(percent):
+            raise ValueError(f"{text!r} is not a finite number")
+        if not 0 <= percent <= 100:
+            raise ValueError(f"{text!r} must be within 0%-100%")
+        return percent / 100, None
+    try:
+        count = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{text!r} is not a finite number") from None
+        raise ValueError(f"{text!r} is neither a percentage such as '1%' nor a whole number of channels") from None
+    if count < 0:
+        raise ValueError(f"{text!r} must be >= 0 channels")
+    return 0.0, count
+
+
 def parse_size(text: str) -> int:
     """Bytes from ``"134217728"``, ``"64MB"`` (64 * 10^6), ``"64MiB"`` (64 * 2^20), ``"1GiB"`` ...
 
@@ -137,8 +175,6 @@ def size(text: str) -> int:
 
 def salient(text: str) -> tuple[float, int | None]:
     """An argparse type: ``"1%"`` -> ``(0.01, None)``, ``"8"`` -> ``(0.0, 8)``; see ``parse_salient``."""
-    from meswitch.compress import parse_salient
-
     try:
         return parse_salient(text)
     except ValueError as error:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import math
 import os
 import shutil
 import time
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from meswitch import __version__
+from meswitch.arguments import parse_salient  # noqa: F401 -- re-exported: the setting's parser
 from meswitch.checkpoint import Checkpoint, open_checkpoint
 from meswitch.naming import is_delta_role, layer_index, tensor_role
 
@@ -122,44 +122,6 @@ class CompressionSettings:
             raise ValueError(f"refine_steps must be >= 0 and refine_lr > 0, got {self.refine_steps}, {self.refine_lr}")
         if self.avg_bits is not None and not 1.0 <= self.avg_bits <= 6.0:
             raise ValueError(f"avg_bits must be within [1, 6], got {self.avg_bits}")
-
-
-def parse_salient(text: str) -> tuple[float, int | None]:
-    """Read a salient setting as ``(salient, salient_channels)`` for :class:`CompressionSettings`.
-
-    ``"1%"`` -> ``(0.01, None)``, ``"100%"`` -> ``(1.0, None)`` (every channel),
-    ``"8"`` -> ``(0.0, 8)`` (eight channels). A percentage lies within [0, 100];
-    a count is a whole number >= 0.
-
-    Raises
-    ------
-    ValueError
-        For anything else (``"nan"``, ``"inf"``, ``"-1"``, ``"0.5"``, ``"150%"``).
-    """
-    text = text.strip()
-    if text.endswith("%"):
-        try:
-            percent = float(text[:-1])
-        except ValueError:
-            raise ValueError(f"{text!r} is not a percentage such as '1%'") from None
-        if not math.isfinite(percent):
-            raise ValueError(f"{text!r} is not a finite number")
-        if not 0 <= percent <= 100:
-            raise ValueError(f"{text!r} must be within 0%-100%")
-        return percent / 100, None
-    try:
-        count = int(text)
-    except ValueError:
-        try:
-            value = float(text)
-        except ValueError:
-            value = None
-        if value is not None and not math.isfinite(value):
-            raise ValueError(f"{text!r} is not a finite number") from None
-        raise ValueError(f"{text!r} is neither a percentage such as '1%' nor a whole number of channels") from None
-    if count < 0:
-        raise ValueError(f"{text!r} must be >= 0 channels")
-    return 0.0, count
 
 
 def salient_count(salient: float, salient_channels: int | None, cols: int) -> int:

@@ -11,7 +11,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from meswitch.artifact import decompress
 from meswitch.checkpoint import open_checkpoint, save_file
 from meswitch.compress import CompressionSettings, compress
