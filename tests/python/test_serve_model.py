@@ -197,3 +197,27 @@ def test_other_architectures_match_transformers(tmp_path, model_type, changes):
     reference = _reference_logits(directory, tokens)
     # float32 on both sides, the same weights: only summation order differs (measured ~1e-6).
     assert ((ours - reference).abs().max() / reference.abs().max()).item() < 1e-5
+
+
+def test_a_store_holds_each_expert_for_the_whole_forward(family):
+    """Any object with acquire/release serves as the expert source; every acquire is released."""
+
+    class CountingStore:
+        def __init__(self, artifacts):
+            self.artifacts, self.held, self.peak = artifacts, {}, {}
+
+        def acquire(self, name):
+            self.held[name] = self.held.get(name, 0) + 1
+            self.peak[name] = max(self.peak.get(name, 0), self.held[name])
+            from meswitch.artifact import load_artifact
+
+            return load_artifact(self.artifacts[name])
+
+        def release(self, name):
+            self.held[name] -= 1
+
+    store = CountingStore(family["artifacts"])
+    model = MultiExpertModel(family["base"], store, kv_cache_bytes=1 << 20)
+    rows = model.forward([SequenceInput("a", "math", [5, 6, 7]), SequenceInput("b", None, [8])])
+    assert rows[0].shape == (3, 4096) and rows[1].shape == (1, 4096)
+    assert store.held == {"math": 0} and store.peak["math"] >= 2  # held by the forward while prepared

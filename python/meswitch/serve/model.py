@@ -155,6 +155,17 @@ class MultiExpertModel:
             A sequence listed twice, with no tokens, with another expert than before, a
             token outside its vocabulary, or past the model's positions or attention window.
         """
+        # Hold every expert of the batch for the whole forward: a store never evicts a held one.
+        held = sorted({item.expert for item in inputs if item.expert is not None})
+        for name in held:
+            self.experts.acquire(name)
+        try:
+            return self._forward(inputs, last_only)
+        finally:
+            for name in held:
+                self.experts.release(name)
+
+    def _forward(self, inputs: Sequence[SequenceInput], last_only: bool) -> list[torch.Tensor]:
         order, groups = self._arrange(inputs)
         tokens = torch.tensor([t for i in order for t in inputs[i].tokens], dtype=torch.int64)
         starts = [self.cache.length(inputs[i].sequence) for i in order]
