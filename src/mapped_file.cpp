@@ -50,6 +50,47 @@ std::shared_ptr<MappedFile> MappedFile::open(const std::string& path) {
   return std::shared_ptr<MappedFile>(new MappedFile(path, data, size));
 }
 
+std::shared_ptr<MappedFile> MappedFile::read(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw IoError(system_error("cannot open", path));
+  struct stat info {};
+  const bool stated = ::fstat(fd, &info) == 0;
+  if (!stated || !S_ISREG(info.st_mode)) {
+    const std::string message = stated ? "not a regular file: '" + path + "'" : system_error("cannot stat", path);
+    ::close(fd);
+    throw IoError(message);
+  }
+  const auto size = static_cast<std::size_t>(info.st_size);
+  std::uint8_t* data = nullptr;
+  if (size > 0) {
+    // mmap of anonymous memory: page-aligned, and released by the same munmap as a file mapping.
+    void* memory = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (memory == MAP_FAILED) {
+      const std::string message = system_error("cannot allocate " + std::to_string(size) + " bytes for", path);
+      ::close(fd);
+      throw IoError(message);
+    }
+    data = static_cast<std::uint8_t*>(memory);
+    ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+    std::size_t done = 0;
+    while (done < size) {
+      const ssize_t got = ::pread(fd, data + done, size - done, off_t(done));
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0) {
+        const std::string message = got < 0 ? system_error("cannot read", path)
+                                            : "'" + path + "' ended after " + std::to_string(done) + " of " +
+                                                  std::to_string(size) + " bytes (changed while read)";
+        ::munmap(memory, size);
+        ::close(fd);
+        throw IoError(message);
+      }
+      done += std::size_t(got);
+    }
+  }
+  ::close(fd);
+  return std::shared_ptr<MappedFile>(new MappedFile(path, data, size));
+}
+
 MappedFile::~MappedFile() {
   if (data_ != nullptr) ::munmap(data_, size_);
 }

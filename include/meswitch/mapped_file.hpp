@@ -19,6 +19,13 @@ class MappedFile {
   // Throws IoError naming the path when the file cannot be opened or mapped.
   static std::shared_ptr<MappedFile> open(const std::string& path);
 
+  // The whole file read into anonymous, page-aligned memory this object owns. Unlike a
+  // file mapping, the bytes are resident once this returns (the kernel cannot drop them
+  // and re-read the file later, only swap them), they are exactly the bytes read even if
+  // the file is replaced afterwards, and the buffer can be registered as pinned memory
+  // for copies to a device. Throws IoError naming the path.
+  static std::shared_ptr<MappedFile> read(const std::string& path);
+
   ~MappedFile();
   MappedFile(const MappedFile&) = delete;
   MappedFile& operator=(const MappedFile&) = delete;

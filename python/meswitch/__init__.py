@@ -6,7 +6,7 @@ parts (evaluation, the tiny expert family) import without it.
 
 from __future__ import annotations
 
-from typing import Any
+from meswitch._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -21,12 +21,4 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        module_name, attribute = _LAZY[name]
-        value = getattr(importlib.import_module(module_name), attribute)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'meswitch' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
