@@ -41,6 +41,7 @@ py::dict report_dict(const StoreReport& report) {
   result["misses"] = report.misses;
   result["evictions"] = report.evictions;
   result["loads"] = report.loads;
+  result["verified_loads"] = report.verified_loads;
   result["load_failures"] = report.load_failures;
   result["prefetches_skipped"] = report.prefetches_skipped;
   result["load_seconds"] = report.load_seconds;

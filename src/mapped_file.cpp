@@ -20,6 +20,12 @@ std::string system_error(const std::string& what, const std::string& path) {
   return what + " '" + path + "': " + std::strerror(errno);
 }
 
+FileIdentity identity_of(const struct stat& info) {
+  return {std::uint64_t(info.st_dev), std::uint64_t(info.st_ino), std::uint64_t(info.st_size),
+          std::int64_t(info.st_mtim.tv_sec) * 1000000000 + info.st_mtim.tv_nsec,
+          std::int64_t(info.st_ctim.tv_sec) * 1000000000 + info.st_ctim.tv_nsec};
+}
+
 }  // namespace
 
 std::shared_ptr<MappedFile> MappedFile::open(const std::string& path) {
@@ -47,7 +53,7 @@ std::shared_ptr<MappedFile> MappedFile::open(const std::string& path) {
     data = static_cast<std::uint8_t*>(mapping);
   }
   ::close(fd);  // the mapping keeps the file alive
-  return std::shared_ptr<MappedFile>(new MappedFile(path, data, size));
+  return std::shared_ptr<MappedFile>(new MappedFile(path, data, size, identity_of(info)));
 }
 
 std::shared_ptr<MappedFile> MappedFile::read(const std::string& path) {
@@ -64,7 +70,8 @@ std::shared_ptr<MappedFile> MappedFile::read(const std::string& path) {
   std::uint8_t* data = nullptr;
   if (size > 0) {
     // mmap of anonymous memory: page-aligned, and released by the same munmap as a file mapping.
-    void* memory = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    // MAP_POPULATE: the pages are made in one call rather than faulted in one by one by the read.
+    void* memory = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
     if (memory == MAP_FAILED) {
       const std::string message = system_error("cannot allocate " + std::to_string(size) + " bytes for", path);
       ::close(fd);
@@ -87,8 +94,15 @@ std::shared_ptr<MappedFile> MappedFile::read(const std::string& path) {
       done += std::size_t(got);
     }
   }
+  // A write during the read would leave a mix of old and new bytes under the old identity.
+  struct stat after {};
+  const bool unchanged = ::fstat(fd, &after) == 0 && identity_of(after) == identity_of(info);
   ::close(fd);
-  return std::shared_ptr<MappedFile>(new MappedFile(path, data, size));
+  if (!unchanged) {
+    if (data != nullptr) ::munmap(data, size);
+    throw IoError("'" + path + "' changed while it was read");
+  }
+  return std::shared_ptr<MappedFile>(new MappedFile(path, data, size, identity_of(info)));
 }
 
 MappedFile::~MappedFile() {

@@ -328,6 +328,13 @@ class ExpertArtifact {
     return sizes;
   }
 
+  // Each shard file as it was when opened, in manifest order.
+  std::vector<FileIdentity> shard_identities() const {
+    std::vector<FileIdentity> identities;
+    for (const auto& shard : shards_) identities.push_back(shard->mapping()->identity());
+    return identities;
+  }
+
   // The side files recorded in the manifest ("expert/config.json", ...).
   const std::vector<ArtifactSideFile>& side_files() const { return files_; }
 

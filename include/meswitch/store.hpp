@@ -4,10 +4,17 @@
 // Tiers
 //   disk    every added artifact (NAME.meswitch/, artifact.hpp). No budget; nothing is
 //           held in memory for it but its name, directory and size.
-//   host    loaded experts: the artifact opened with every shard and side-file checksum
-//           verified (once, at load), its shards read into page-aligned memory the store
-//           owns (ShardMemory::Resident). The kernels read the packed pieces straight from
-//           those buffers, in the stored layout; nothing is unpacked or copied again.
+//   host    loaded experts: the artifact opened and checked, its shards read into
+//           page-aligned memory the store owns (ShardMemory::Resident). The kernels read
+//           the packed pieces straight from those buffers, in the stored layout; nothing
+//           is unpacked or copied again.
+//
+// Checksums are verified once per expert: its first load checks every shard and side file
+// against the manifest's sha256 and records each shard file's identity (FileIdentity:
+// inode, size, mtime, ctime). A reload after eviction skips the hashing, which would
+// otherwise cost more than the read, when every shard is still that file unchanged, and
+// verifies everything again when any is not. Side files are checked again whenever one is
+// read (ExpertArtifact::read_side_file).
 //   device  not built yet. A CUDA build would register the host buffers as pinned memory
 //           (cudaHostRegister) and copy the packed pieces into a device budget kept by the
 //           same rules; StoreTier and the per-tier report leave room for it.
@@ -100,7 +107,8 @@ struct StoreReport {
   std::uint64_t hits = 0;                  // acquires that found the expert resident
   std::uint64_t misses = 0;                // acquires that waited for or made a load
   std::uint64_t evictions = 0;
-  std::uint64_t loads = 0;  // completed loads (disk -> host)
+  std::uint64_t loads = 0;           // completed loads (disk -> host)
+  std::uint64_t verified_loads = 0;  // of which hashed every shard (first loads, changed files)
   std::uint64_t load_failures = 0;
   std::uint64_t prefetches_skipped = 0;  // found no room when the background thread came to them
   double load_seconds = 0;  // summed over completed loads
@@ -120,6 +128,7 @@ class ExpertStore {
     std::shared_ptr<const ExpertArtifact> artifact;  // set while resident on the host tier
     std::shared_ptr<Load> loading;                   // set while a load is in flight
     std::exception_ptr failed;                       // a background failure nobody has seen yet
+    std::vector<FileIdentity> verified;              // the shard files as last verified
     std::size_t holders = 0;
     bool pinned = false;
     bool queued = false;  // a prefetch waits in the queue
@@ -276,8 +285,8 @@ class ExpertStore {
         wait_for_load(lock, entry);  // resident now unless evicted since: look again
         continue;
       }
-      if (entry->queued) unqueue(entry);  // load it here rather than wait behind other prefetches
       std::vector<std::shared_ptr<const ExpertArtifact>> evicted = reserve(*entry);
+      if (entry->queued) unqueue(entry);  // loaded here rather than behind other prefetches
       lock.unlock();
       state_->changed.notify_all();  // wait() of this expert: it left the queue
       evicted.clear();
@@ -442,9 +451,16 @@ class ExpertStore {
     const auto start = std::chrono::steady_clock::now();
     std::shared_ptr<const ExpertArtifact> artifact;
     std::exception_ptr error;
+    bool verified = entry->verified.empty();  // written only by this entry's one load at a time
     try {
       artifact = std::make_shared<const ExpertArtifact>(
-          ExpertArtifact::open(entry->directory, /*verify_checksums=*/true, ShardMemory::Resident));
+          ExpertArtifact::open(entry->directory, verified, ShardMemory::Resident));
+      if (!verified && artifact->shard_identities() != entry->verified) {  // changed since: trust nothing
+        artifact.reset();
+        verified = true;
+        artifact = std::make_shared<const ExpertArtifact>(
+            ExpertArtifact::open(entry->directory, /*verify_checksums=*/true, ShardMemory::Resident));
+      }
       const std::uint64_t bytes = host_bytes(artifact->shard_sizes());
       if (bytes != entry->bytes)
         throw Error("expert '" + entry->name + "' at " + entry->directory + " now takes " + std::to_string(bytes) +
@@ -467,6 +483,10 @@ class ExpertStore {
         // orders it before theirs (the exception's reference count is invisible to TSan).
         if (background) error = nullptr;
       } else {
+        if (verified) {
+          entry->verified = artifact->shard_identities();
+          ++state_->counters.verified_loads;
+        }
         entry->artifact = std::move(artifact);
         entry->last_used = ++state_->clock;
         ++state_->counters.loads;

@@ -363,3 +363,29 @@ TEST_CASE("churn: threads acquire and release many experts within a budget small
   REQUIRE(report.load_failures == 0);
   for (const StoreExpertReport& expert : report.experts) REQUIRE(expert.holders == 0);
 }
+
+TEST_CASE("a reload after eviction hashes the shards again only when their files changed", "[store]") {
+  const Family family = family_of("reload", 2);
+  ExpertStore store(family.base, kConfig, family.bytes);  // room for one
+  store.add(family.experts[0]);
+  store.add(family.experts[1]);
+  store.acquire("reload_e0");
+  store.acquire("reload_e1");
+  store.acquire("reload_e0");  // its files are unchanged: no hashing
+  StoreReport report = store.memory_report();
+  REQUIRE(report.loads == 3);
+  REQUIRE(report.verified_loads == 2);
+  REQUIRE(report.evictions == 2);
+
+  store.acquire("reload_e1");  // evicts e0, whose shard is then altered in place
+  const std::string shard = family.experts[0] + "/deltas-00001-of-00001.safetensors";
+  {
+    std::fstream file(shard, std::ios::in | std::ios::out | std::ios::binary);
+    file.seekp(-4, std::ios::end);
+    file.put('\x7f');
+  }
+  REQUIRE_THROWS_WITH(store.acquire("reload_e0"), Contains(shard) && Contains("does not match the manifest"));
+  report = store.memory_report();
+  REQUIRE(report.load_failures == 1);
+  check_accounting(report);
+}

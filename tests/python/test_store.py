@@ -95,8 +95,8 @@ def test_budget_evicts_the_least_recently_used_and_reports_every_field(artifacts
         with store.acquire(name):
             assert_accounting(store.memory_report())
     report = store.memory_report()
-    assert set(report) == {"tiers", "experts", "hits", "misses", "evictions", "loads", "load_failures",
-                           "prefetches_skipped", "load_seconds"}
+    assert set(report) == {"tiers", "experts", "hits", "misses", "evictions", "loads", "verified_loads",
+                           "load_failures", "prefetches_skipped", "load_seconds"}
     assert set(report["tiers"]) == {"disk", "host"}
     assert set(host(report)) == {"used_bytes", "budget_bytes", "entries", "loading"}
     assert set(report["experts"][0]) == {"name", "directory", "tier", "bytes", "holders", "pinned"}

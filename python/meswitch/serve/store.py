@@ -178,7 +178,8 @@ class ExpertStore:
             resident there) and ``loading``; ``experts``: one dict per expert with
             ``name``, ``directory``, ``tier`` (``"disk"``, ``"loading"`` or ``"host"``),
             ``bytes``, ``holders``, ``pinned``; counters ``hits``, ``misses``,
-            ``evictions``, ``loads``, ``load_failures``, ``prefetches_skipped`` and
-            ``load_seconds`` (summed over loads).
+            ``evictions``, ``loads``, ``verified_loads`` (loads that hashed every shard:
+            an expert's first, and any after its files changed), ``load_failures``,
+            ``prefetches_skipped`` and ``load_seconds`` (summed over loads).
         """
         return self._core.memory_report()
