@@ -18,6 +18,7 @@ void bind_artifact(py::module_& m);
 void bind_quantize(py::module_& m);
 void bind_ops(py::module_& m);
 void bind_router(py::module_& m);
+void bind_store(py::module_& m);
 
 namespace {
 
@@ -138,6 +139,7 @@ PYBIND11_MODULE(_core, m) {
   bind_quantize(m);
   bind_ops(m);
   bind_router(m);
+  bind_store(m);
 
   m.def("write_safetensors", &write_file, py::arg("path"), py::arg("tensors"), py::arg("metadata"));
   m.def("f32_to_f16_bits", [](py::array_t<float, py::array::c_style | py::array::forcecast> x) { return narrow(x, float_to_f16); });

@@ -65,9 +65,14 @@ void bind_artifact(py::module_& m) {
       .def("abort", &ArtifactWriter::abort)
       .def_property_readonly("staging_directory", &ArtifactWriter::staging_directory);
 
-  py::class_<ExpertArtifact>(m, "ExpertArtifact")
-      .def_static("open", &ExpertArtifact::open, py::arg("directory"), py::arg("verify_checksums") = true,
+  py::class_<ExpertArtifact, std::shared_ptr<ExpertArtifact>>(m, "ExpertArtifact")
+      .def_static("open",
+                  [](const std::string& directory, bool verify_checksums) {
+                    return ExpertArtifact::open(directory, verify_checksums);
+                  },
+                  py::arg("directory"), py::arg("verify_checksums") = true,
                   py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("directory", &ExpertArtifact::directory)
       .def("manifest_json", [](const ExpertArtifact& self) { return self.manifest().dump(); })
       .def("side_files",
            [](const ExpertArtifact& self) {

@@ -20,6 +20,12 @@ std::string system_error(const std::string& what, const std::string& path) {
   return what + " '" + path + "': " + std::strerror(errno);
 }
 
+FileIdentity identity_of(const struct stat& info) {
+  return {std::uint64_t(info.st_dev), std::uint64_t(info.st_ino), std::uint64_t(info.st_size),
+          std::int64_t(info.st_mtim.tv_sec) * 1000000000 + info.st_mtim.tv_nsec,
+          std::int64_t(info.st_ctim.tv_sec) * 1000000000 + info.st_ctim.tv_nsec};
+}
+
 }  // namespace
 
 std::shared_ptr<MappedFile> MappedFile::open(const std::string& path) {
@@ -47,7 +53,56 @@ std::shared_ptr<MappedFile> MappedFile::open(const std::string& path) {
     data = static_cast<std::uint8_t*>(mapping);
   }
   ::close(fd);  // the mapping keeps the file alive
-  return std::shared_ptr<MappedFile>(new MappedFile(path, data, size));
+  return std::shared_ptr<MappedFile>(new MappedFile(path, data, size, identity_of(info)));
+}
+
+std::shared_ptr<MappedFile> MappedFile::read(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw IoError(system_error("cannot open", path));
+  struct stat info {};
+  const bool stated = ::fstat(fd, &info) == 0;
+  if (!stated || !S_ISREG(info.st_mode)) {
+    const std::string message = stated ? "not a regular file: '" + path + "'" : system_error("cannot stat", path);
+    ::close(fd);
+    throw IoError(message);
+  }
+  const auto size = static_cast<std::size_t>(info.st_size);
+  std::uint8_t* data = nullptr;
+  if (size > 0) {
+    // mmap of anonymous memory: page-aligned, and released by the same munmap as a file mapping.
+    // MAP_POPULATE: the pages are made in one call rather than faulted in one by one by the read.
+    void* memory = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    if (memory == MAP_FAILED) {
+      const std::string message = system_error("cannot allocate " + std::to_string(size) + " bytes for", path);
+      ::close(fd);
+      throw IoError(message);
+    }
+    data = static_cast<std::uint8_t*>(memory);
+    ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+    std::size_t done = 0;
+    while (done < size) {
+      const ssize_t got = ::pread(fd, data + done, size - done, off_t(done));
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0) {
+        const std::string message = got < 0 ? system_error("cannot read", path)
+                                            : "'" + path + "' ended after " + std::to_string(done) + " of " +
+                                                  std::to_string(size) + " bytes (changed while read)";
+        ::munmap(memory, size);
+        ::close(fd);
+        throw IoError(message);
+      }
+      done += std::size_t(got);
+    }
+  }
+  // A write during the read would leave a mix of old and new bytes under the old identity.
+  struct stat after {};
+  const bool unchanged = ::fstat(fd, &after) == 0 && identity_of(after) == identity_of(info);
+  ::close(fd);
+  if (!unchanged) {
+    if (data != nullptr) ::munmap(data, size);
+    throw IoError("'" + path + "' changed while it was read");
+  }
+  return std::shared_ptr<MappedFile>(new MappedFile(path, data, size, identity_of(info)));
 }
 
 MappedFile::~MappedFile() {

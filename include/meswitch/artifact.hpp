@@ -272,19 +272,25 @@ class ArtifactWriter {
   bool committed_ = false;
 };
 
+// Where an opened artifact's shard bytes live: mapped from the files (paged in when
+// touched, shared with the page cache) or read into memory the artifact owns
+// (MappedFile::read: resident, and the checksum is taken over the very bytes used).
+enum class ShardMemory { Mapped, Resident };
+
 class ExpertArtifact {
  public:
   // Opens NAME.meswitch/ and checks all of it (see the top of this file); shard and
   // side-file checksums only when `verify_checksums` (the default).
-  static ExpertArtifact open(const std::string& directory, bool verify_checksums = true) {
+  static ExpertArtifact open(const std::string& directory, bool verify_checksums = true,
+                             ShardMemory memory = ShardMemory::Mapped) {
     const std::string manifest_path = directory + "/manifest.json";
     detail::require_regular_file(manifest_path);
-    return from_manifest(directory, detail::read_regular_file(manifest_path), verify_checksums);
+    return from_manifest(directory, detail::read_regular_file(manifest_path), verify_checksums, memory);
   }
 
   // The same with the manifest's text given (the fuzzer's entry point).
   static ExpertArtifact from_manifest(const std::string& directory, const std::string& manifest_text,
-                                      bool verify_checksums = true) {
+                                      bool verify_checksums = true, ShardMemory memory = ShardMemory::Mapped) {
     ExpertArtifact artifact;
     artifact.directory_ = directory;
     artifact.manifest_path_ = directory + "/manifest.json";
@@ -294,12 +300,14 @@ class ExpertArtifact {
     for (const ArtifactShard& shard : parsed.shards) {
       const std::string path = directory + "/" + shard.file;
       detail::require_regular_file(path);
+      std::shared_ptr<MappedFile> bytes = memory == ShardMemory::Resident ? MappedFile::read(path) : nullptr;
       if (verify_checksums) {
-        const std::string actual = sha256_file(path);
+        const std::string actual = bytes ? sha256_hex(bytes->data(), bytes->size()) : sha256_file(path);
         if (actual != shard.sha256)
           throw FormatError(path, "", "sha256 " + actual + " does not match the manifest's " + shard.sha256);
       }
-      artifact.shards_.push_back(std::make_shared<SafetensorsFile>(SafetensorsFile::open(path)));
+      artifact.shards_.push_back(std::make_shared<SafetensorsFile>(bytes ? SafetensorsFile::over(std::move(bytes))
+                                                                         : SafetensorsFile::open(path)));
       std::set<std::string> listed(shard.tensors.begin(), shard.tensors.end());
       for (const auto& tensor : artifact.shards_.back()->tensors()) {
         if (listed.erase(tensor.name) == 0)
@@ -311,6 +319,20 @@ class ExpertArtifact {
     artifact.check_entries();
     artifact.check_side_files(verify_checksums);
     return artifact;
+  }
+
+  // The size of each shard in bytes, in manifest order.
+  std::vector<std::uint64_t> shard_sizes() const {
+    std::vector<std::uint64_t> sizes;
+    for (const auto& shard : shards_) sizes.push_back(shard->mapping()->size());
+    return sizes;
+  }
+
+  // Each shard file as it was when opened, in manifest order.
+  std::vector<FileIdentity> shard_identities() const {
+    std::vector<FileIdentity> identities;
+    for (const auto& shard : shards_) identities.push_back(shard->mapping()->identity());
+    return identities;
   }
 
   // The side files recorded in the manifest ("expert/config.json", ...).
@@ -407,8 +429,13 @@ class ExpertArtifact {
 
   // Refuses a base whose fingerprint differs from the one recorded at compression.
   void check_base(const SafetensorsCheckpoint& base, const std::string& config_text) const {
+    check_base_fingerprint(base, base_fingerprint(base, config_text));
+  }
+
+  // The same with the base's fingerprint computed once by the caller (base_fingerprint
+  // reads every byte of the base), for checking many experts against one base.
+  void check_base_fingerprint(const SafetensorsCheckpoint& base, const nlohmann::json& actual) const {
     const nlohmann::json expected = manifest_.at("base");
-    const nlohmann::json actual = base_fingerprint(base, config_text);
     if (expected.value("fingerprint", "") == actual["fingerprint"]) return check_entries_against(base);
     std::string detail = "fingerprint " + actual["fingerprint"].get<std::string>() + " != recorded " +
                          expected.value("fingerprint", std::string("<none>"));

@@ -14,10 +14,33 @@
 
 namespace meswitch {
 
+// Which file, in which state: equal identities mean the same inode unchanged since (any
+// write or metadata change moves ctime, which user space cannot set back).
+struct FileIdentity {
+  std::uint64_t device = 0;
+  std::uint64_t inode = 0;
+  std::uint64_t size = 0;
+  std::int64_t modified_ns = 0;
+  std::int64_t changed_ns = 0;
+  bool operator==(const FileIdentity& other) const {
+    return device == other.device && inode == other.inode && size == other.size &&
+           modified_ns == other.modified_ns && changed_ns == other.changed_ns;
+  }
+  bool operator!=(const FileIdentity& other) const { return !(*this == other); }
+};
+
 class MappedFile {
  public:
   // Throws IoError naming the path when the file cannot be opened or mapped.
   static std::shared_ptr<MappedFile> open(const std::string& path);
+
+  // The whole file read into anonymous, page-aligned memory this object owns. Unlike a
+  // file mapping, the bytes are resident once this returns (the kernel cannot drop them
+  // and re-read the file later, only swap them), they are exactly the bytes read even if
+  // the file is replaced afterwards, and the buffer can be registered as pinned memory
+  // for copies to a device. Throws IoError naming the path, also when the file changed
+  // while it was read.
+  static std::shared_ptr<MappedFile> read(const std::string& path);
 
   ~MappedFile();
   MappedFile(const MappedFile&) = delete;
@@ -27,6 +50,8 @@ class MappedFile {
   std::uint8_t* mutable_data() const { return data_; }  // private mapping: writes never reach disk
   std::size_t size() const { return size_; }
   const std::string& path() const { return path_; }
+  // The file as it was when mapped or read.
+  const FileIdentity& identity() const { return identity_; }
 
   // Drops the pages of [offset, offset + size) from this process's memory (they are
   // re-read from the file if touched again), so streaming through a checkpoint
@@ -34,12 +59,13 @@ class MappedFile {
   void release(std::size_t offset, std::size_t size) const;
 
  private:
-  MappedFile(std::string path, std::uint8_t* data, std::size_t size)
-      : path_(std::move(path)), data_(data), size_(size) {}
+  MappedFile(std::string path, std::uint8_t* data, std::size_t size, FileIdentity identity)
+      : path_(std::move(path)), data_(data), size_(size), identity_(identity) {}
 
   std::string path_;
   std::uint8_t* data_;
   std::size_t size_;
+  FileIdentity identity_;
 };
 
 // Writes a file under a temporary name in the destination's directory and renames

@@ -15,6 +15,7 @@
 #include "meswitch/salient.hpp"
 #include "meswitch/sha256.hpp"
 #include "meswitch/sharded_safetensors.hpp"
+#include "meswitch/store.hpp"
 #include "meswitch/tensor.hpp"
 #include "meswitch/text_features.hpp"
 #include "meswitch/version.hpp"

@@ -20,6 +20,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "meswitch/error.hpp"
@@ -171,11 +172,14 @@ inline SafetensorsHeader parse_safetensors_header(const std::uint8_t* bytes, std
 // the shared MappedFile is alive (the Python layer keeps it in each array's base).
 class SafetensorsFile {
  public:
-  static SafetensorsFile open(const std::string& path) {
+  static SafetensorsFile open(const std::string& path) { return over(MappedFile::open(path)); }
+
+  // The same over bytes already in memory (MappedFile::read), validated the same way.
+  static SafetensorsFile over(std::shared_ptr<MappedFile> bytes) {
     SafetensorsFile file;
-    file.mapping_ = MappedFile::open(path);
+    file.mapping_ = std::move(bytes);
     file.header_ = parse_safetensors_header(file.mapping_->data(), file.mapping_->size(),
-                                            file.mapping_->size(), path);
+                                            file.mapping_->size(), file.mapping_->path());
     for (std::size_t i = 0; i < file.header_.tensors.size(); ++i)
       file.index_.emplace(file.header_.tensors[i].name, i);
     return file;

@@ -44,6 +44,15 @@ class ExpertArtifact:
         self._core = _core.ExpertArtifact.open(str(self.path), verify_checksums)
         self.manifest: dict[str, Any] = json.loads(self._core.manifest_json())
 
+    @classmethod
+    def from_core(cls, core: Any) -> ExpertArtifact:
+        """Wrap an already opened ``meswitch._core.ExpertArtifact`` (the expert store's resident ones)."""
+        artifact = cls.__new__(cls)
+        artifact.path = Path(core.directory)
+        artifact._core = core
+        artifact.manifest = json.loads(core.manifest_json())
+        return artifact
+
     @property
     def name(self) -> str:
         return self.manifest["name"]

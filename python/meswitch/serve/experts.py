@@ -30,11 +30,18 @@ class ExpertSourceAdapter:
                             f"got {type(source).__name__}")
         self.source = source
         self._opened: dict[str, ExpertArtifact] = {}
+        self._handles: dict[str, list[Any]] = {}  # a store's handles, held until released
+
+    @property
+    def is_store(self) -> bool:
+        """A store checks each expert against the base when it is added."""
+        return hasattr(self.source, "acquire")
 
     def acquire(self, name: str) -> ExpertArtifact:
         """The opened artifact of ``name``; held until :meth:`release` for a store."""
-        if hasattr(self.source, "acquire"):
+        if self.is_store:
             handle = self.source.acquire(name)
+            self._handles.setdefault(name, []).append(handle)
             return getattr(handle, "artifact", handle)
         if name not in self.source:
             known = ", ".join(sorted(map(str, self.source))) or "none"
@@ -45,7 +52,12 @@ class ExpertSourceAdapter:
         return self._opened[name]
 
     def release(self, name: str) -> None:
-        if hasattr(self.source, "release"):
+        """Let go of the latest hold on ``name`` (a store's handle, or the store's ``release(name)``)."""
+        handles = self._handles.get(name)
+        handle = handles.pop() if handles else None
+        if handle is not None and hasattr(handle, "release"):
+            handle.release()
+        elif hasattr(self.source, "release"):
             self.source.release(name)
 
 
@@ -71,9 +83,11 @@ class ExpertWeights:
     embedding: torch.Tensor | None = None
 
     @classmethod
-    def prepare(cls, artifact: ExpertArtifact, base_dir: str | os.PathLike[str]) -> ExpertWeights:
+    def prepare(cls, artifact: ExpertArtifact, base_dir: str | os.PathLike[str], *,
+                check_base: bool = True) -> ExpertWeights:
         """Check ``artifact`` against the base and gather its tensors (raises ``meswitch.FormatError``)."""
-        artifact.check_base(base_dir)
+        if check_base:
+            artifact.check_base(base_dir)
         prepared = cls(artifact)
         for name, entry in artifact.tensors.items():
             kind, role = entry["kind"], tensor_role(name)

@@ -103,8 +103,10 @@ class MultiExpertModel:
         artifact = self.experts.acquire(name)
         try:
             prepared = self._prepared.get(name)
-            if prepared is None or prepared.artifact is not artifact:  # a store may have reloaded it
-                prepared = self._prepared[name] = ExpertWeights.prepare(artifact, self.base_dir)
+            # The same loaded artifact keeps its prepared tensors; a store's reload is a new one.
+            if prepared is None or prepared.artifact._core is not artifact._core:
+                prepared = self._prepared[name] = ExpertWeights.prepare(
+                    artifact, self.base_dir, check_base=not self.experts.is_store)
             return prepared
         finally:
             self.experts.release(name)

@@ -1,0 +1,535 @@
+// The expert store: the experts a server can run, which tier each one's bytes are in,
+// and the byte budget each tier keeps.
+//
+// Tiers
+//   disk    every added artifact (NAME.meswitch/, artifact.hpp). No budget; nothing is
+//           held in memory for it but its name, directory and size.
+//   host    loaded experts: the artifact opened and checked, its shards read into
+//           page-aligned memory the store owns (ShardMemory::Resident). The kernels read
+//           the packed pieces straight from those buffers, in the stored layout; nothing
+//           is unpacked or copied again.
+//
+// Checksums are verified once per expert: its first load checks every shard and side file
+// against the manifest's sha256 and records each shard file's identity (FileIdentity:
+// inode, size, mtime, ctime). A reload after eviction skips the hashing, which would
+// otherwise cost more than the read, when every shard is still that file unchanged, and
+// verifies everything again when any is not. Side files are checked again whenever one is
+// read (ExpertArtifact::read_side_file).
+//   device  not built yet. A CUDA build would register the host buffers as pinned memory
+//           (cudaHostRegister) and copy the packed pieces into a device budget kept by the
+//           same rules; StoreTier and the per-tier report leave room for it.
+//
+// What a host byte is: an expert counts the sizes of its shard files, each rounded up to
+// whole pages, which is what its buffers take. The parsed manifest (kilobytes) is not
+// counted. Owned buffers rather than a mapping whose pages are faulted in: the kernel may
+// drop a clean file-backed page at any time and read it again from a file that may have
+// been replaced since it was verified, so a mapping's "resident" bytes promise nothing;
+// owned buffers stay (at worst swapped), their checksum is over the very bytes the kernels
+// read, and they are what a CUDA build pins.
+//
+// Budget: bytes resident plus bytes of loads in flight never pass the host budget. A
+// load reserves its bytes before it reads anything, evicting experts nobody holds and
+// nobody pinned, least recently acquired first. When that is not enough (everything
+// resident is held, pinned or loading) the load fails at once with an Error naming the
+// expert, its bytes, the budget and who holds the tier; it does not wait, because a caller
+// holding one expert while acquiring another could wait forever. An expert larger than the
+// budget is refused the same way.
+//
+// Holding: acquire() returns a Handle; while any Handle of an expert lives (a running batch
+// uses it) the expert is never evicted. pin() loads an expert and keeps it resident until
+// unpin(). remove() of a held or loading expert is refused with an Error saying so (the
+// caller releases or waits and tries again); otherwise the expert leaves every tier at
+// once, pinned or not. add() opens the artifact (its structure checked; checksums wait for
+// the load) and checks its base fingerprint against the store's base, hashed once when the
+// store is made; a wrong base is refused naming the first differing tensor.
+//
+// Prefetch: prefetch() queues the load for the store's one background thread, started on
+// the first prefetch and joined when the store goes away, and returns at once (an expert
+// larger than the budget is refused there). The thread reserves the bytes when it starts
+// the load, not when it is queued, so queued prefetches hold no budget; a prefetch that
+// finds no room then is skipped (a hint, counted as prefetches_skipped), and a later
+// acquire() makes its own attempt. acquire() of an expert being loaded waits for that
+// load, and one of a queued expert takes it out of the queue and loads it itself; wait()
+// waits for a queued prefetch too. A failed background load is thrown from
+// every acquire() or wait() waiting on it or, when none was, from the next one for that
+// expert (once: the acquire after that loads again).
+//
+// Thread safety: one mutex and one condition variable guard all state; reading, hashing
+// and freeing expert bytes happen outside the lock. Handles may outlive the store. Views
+// taken from a Handle's artifact must not outlive the Handle: after release the expert may
+// be evicted and its bytes are no longer counted.
+#pragma once
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "meswitch/artifact.hpp"
+#include "meswitch/error.hpp"
+#include "meswitch/sharded_safetensors.hpp"
+
+namespace meswitch {
+
+// Per tier: bytes in use (resident plus loads in flight), budget (0: none), experts resident.
+struct StoreTierReport {
+  std::string tier;
+  std::uint64_t used_bytes = 0;
+  std::uint64_t budget_bytes = 0;
+  std::size_t entries = 0;
+  std::size_t loading = 0;
+};
+
+// One expert: where it is ("disk", "loading" or "host"), its host bytes, who holds it.
+struct StoreExpertReport {
+  std::string name;
+  std::string directory;
+  std::string tier;
+  std::uint64_t bytes = 0;
+  std::size_t holders = 0;
+  bool pinned = false;
+};
+
+struct StoreReport {
+  std::vector<StoreTierReport> tiers;      // "disk", "host"
+  std::vector<StoreExpertReport> experts;  // by name
+  std::uint64_t hits = 0;                  // acquires that found the expert resident
+  std::uint64_t misses = 0;                // acquires that waited for or made a load
+  std::uint64_t evictions = 0;
+  std::uint64_t loads = 0;           // completed loads (disk -> host)
+  std::uint64_t verified_loads = 0;  // of which hashed every shard (first loads, changed files)
+  std::uint64_t load_failures = 0;
+  std::uint64_t prefetches_skipped = 0;  // found no room when the background thread came to them
+  double load_seconds = 0;  // summed over completed loads
+};
+
+class ExpertStore {
+  struct Load {
+    bool done = false;
+    std::size_t waiters = 0;
+    std::exception_ptr error;
+  };
+
+  struct Entry {
+    std::string name;
+    std::string directory;
+    std::uint64_t bytes = 0;                         // host bytes once loaded
+    std::shared_ptr<const ExpertArtifact> artifact;  // set while resident on the host tier
+    std::shared_ptr<Load> loading;                   // set while a load is in flight
+    std::exception_ptr failed;                       // a background failure nobody has seen yet
+    std::vector<FileIdentity> verified;              // the shard files as last verified
+    std::size_t holders = 0;
+    bool pinned = false;
+    bool queued = false;  // a prefetch waits in the queue
+    std::uint64_t last_used = 0;
+  };
+
+  struct State {
+    std::mutex mutex;
+    std::condition_variable changed;
+    std::map<std::string, std::shared_ptr<Entry>> entries;
+    std::uint64_t budget = 0;
+    std::uint64_t used = 0;
+    std::uint64_t clock = 0;
+    std::deque<std::shared_ptr<Entry>> queue;  // prefetches not started (no bytes reserved)
+    bool stopping = false;
+    StoreReport counters;
+  };
+
+ public:
+  // An expert held resident: never evicted while this lives. Move-only; release() or the
+  // destructor lets go.
+  class Handle {
+   public:
+    Handle() = default;
+    Handle(Handle&& other) noexcept { *this = std::move(other); }
+    Handle& operator=(Handle&& other) noexcept {
+      if (this != &other) {
+        release();
+        state_ = std::move(other.state_);
+        entry_ = std::move(other.entry_);
+        artifact_ = std::move(other.artifact_);
+      }
+      return *this;
+    }
+    Handle(const Handle&) = delete;
+    Handle& operator=(const Handle&) = delete;
+    ~Handle() { release(); }
+
+    explicit operator bool() const { return artifact_ != nullptr; }
+    const std::string& name() const {
+      require();
+      return entry_->name;
+    }
+    const ExpertArtifact& artifact() const {
+      require();
+      return *artifact_;
+    }
+    const std::shared_ptr<const ExpertArtifact>& shared_artifact() const {
+      require();
+      return artifact_;
+    }
+
+    void release() {
+      if (!state_) return;
+      {
+        std::lock_guard<std::mutex> lock(state_->mutex);
+        --entry_->holders;
+      }
+      state_->changed.notify_all();
+      state_.reset();
+      entry_.reset();
+      artifact_.reset();
+    }
+
+   private:
+    friend class ExpertStore;
+    Handle(std::shared_ptr<State> state, std::shared_ptr<Entry> entry)
+        : state_(std::move(state)), entry_(std::move(entry)), artifact_(entry_->artifact) {}
+
+    void require() const {
+      if (!artifact_) throw Error("this expert handle was released (or never held an expert)");
+    }
+
+    std::shared_ptr<State> state_;
+    std::shared_ptr<Entry> entry_;
+    std::shared_ptr<const ExpertArtifact> artifact_;
+  };
+
+  // `base_path`: the base checkpoint (directory or .safetensors), `base_config_text` its
+  // config.json; both are fingerprinted now, once, for every add().
+  ExpertStore(const std::string& base_path, const std::string& base_config_text, std::uint64_t host_budget_bytes)
+      : state_(std::make_shared<State>()), base_(SafetensorsCheckpoint::open(base_path)),
+        fingerprint_(base_fingerprint(base_, base_config_text)) {
+    if (host_budget_bytes == 0) throw Error("the store's host budget must be a positive number of bytes");
+    state_->budget = host_budget_bytes;
+  }
+
+  ~ExpertStore() {
+    {
+      std::lock_guard<std::mutex> lock(state_->mutex);
+      state_->stopping = true;
+      for (const auto& entry : state_->queue) entry->queued = false;
+      state_->queue.clear();
+    }
+    state_->changed.notify_all();
+    if (worker_.joinable()) worker_.join();
+  }
+
+  ExpertStore(const ExpertStore&) = delete;
+  ExpertStore& operator=(const ExpertStore&) = delete;
+
+  std::uint64_t host_budget() const { return state_->budget; }
+
+  // Adds the artifact at `directory` to the disk tier and returns its name.
+  std::string add(const std::string& directory) {
+    const ExpertArtifact artifact = ExpertArtifact::open(directory, /*verify_checksums=*/false);
+    artifact.check_base_fingerprint(base_, fingerprint_);
+    auto entry = std::make_shared<Entry>();
+    entry->name = artifact.manifest().at("name").get<std::string>();
+    entry->directory = directory;
+    entry->bytes = host_bytes(artifact.shard_sizes());
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    const auto found = state_->entries.find(entry->name);
+    if (found != state_->entries.end())
+      throw Error("the store already has an expert named '" + entry->name + "' (from " + found->second->directory +
+                  "); remove it before adding " + directory);
+    state_->entries.emplace(entry->name, entry);
+    return entry->name;
+  }
+
+  // Drops the expert from every tier; refused while it is held or being loaded.
+  void remove(const std::string& name) {
+    std::shared_ptr<const ExpertArtifact> freed;  // destroyed after the lock is let go
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    const std::shared_ptr<Entry> entry = find(name);
+    if (entry->holders > 0)
+      throw Error("cannot remove expert '" + name + "': " + std::to_string(entry->holders) +
+                  " handle(s) hold it (a running batch); remove it once they are released");
+    if (entry->loading) throw Error("cannot remove expert '" + name + "' while it is being loaded; wait() for it first");
+    if (entry->artifact) state_->used -= entry->bytes;
+    freed = std::move(entry->artifact);
+    if (entry->queued) unqueue(entry);
+    state_->entries.erase(name);
+    state_->changed.notify_all();
+  }
+
+  // The expert, resident on the host tier and held until the Handle goes; loads it (in
+  // this thread) or waits for a load in flight when it is not resident.
+  Handle acquire(const std::string& name) {
+    std::unique_lock<std::mutex> lock(state_->mutex);
+    bool counted = false;
+    for (;;) {
+      const std::shared_ptr<Entry> entry = find(name);
+      if (entry->artifact) {
+        if (!counted) ++state_->counters.hits;
+        ++entry->holders;
+        entry->last_used = ++state_->clock;
+        return Handle(state_, entry);
+      }
+      if (!counted) ++state_->counters.misses;
+      counted = true;
+      if (entry->failed) std::rethrow_exception(std::exchange(entry->failed, nullptr));
+      if (entry->loading) {
+        wait_for_load(lock, entry);  // resident now unless evicted since: look again
+        continue;
+      }
+      std::vector<std::shared_ptr<const ExpertArtifact>> evicted = reserve(*entry);
+      if (entry->queued) unqueue(entry);  // loaded here rather than behind other prefetches
+      lock.unlock();
+      state_->changed.notify_all();  // wait() of this expert: it left the queue
+      evicted.clear();
+      load(entry, /*background=*/false);
+      return Handle(state_, entry);  // load() took the hold with the lock
+    }
+  }
+
+  // Queues the expert for the background thread and returns at once (nothing to do when
+  // it is resident, loading or queued). Throws at once when it can never fit.
+  void prefetch(const std::string& name) {
+    {
+      std::lock_guard<std::mutex> lock(state_->mutex);
+      const std::shared_ptr<Entry> entry = find(name);
+      if (entry->artifact || entry->loading || entry->queued) return;
+      check_fits_budget(*entry);
+      entry->failed = nullptr;  // this attempt replaces the one that failed
+      entry->queued = true;
+      state_->queue.push_back(entry);
+      if (!worker_.joinable()) worker_ = std::thread([this] { run_background_loads(); });
+    }
+    state_->changed.notify_all();
+  }
+
+  // Waits for a queued prefetch or a load in flight of the expert; throws its error (or
+  // that of a background load that failed unseen). Returns at once when there is none.
+  void wait(const std::string& name) {
+    std::unique_lock<std::mutex> lock(state_->mutex);
+    const std::shared_ptr<Entry> entry = find(name);
+    state_->changed.wait(lock, [&] { return !entry->queued; });
+    if (entry->failed) std::rethrow_exception(std::exchange(entry->failed, nullptr));
+    if (entry->loading) wait_for_load(lock, entry);
+  }
+
+  // Loads the expert if needed and keeps it resident until unpin().
+  void pin(const std::string& name) {
+    Handle held = acquire(name);
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    held.entry_->pinned = true;
+  }
+
+  void unpin(const std::string& name) {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    find(name)->pinned = false;
+  }
+
+  std::vector<std::string> names() const {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    std::vector<std::string> names;
+    for (const auto& item : state_->entries) names.push_back(item.first);
+    return names;
+  }
+
+  // A consistent snapshot of both tiers, every expert and the counters.
+  StoreReport memory_report() const {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    StoreReport report = state_->counters;
+    StoreTierReport disk{"disk", 0, 0, 0, 0};
+    StoreTierReport host{"host", state_->used, state_->budget, 0, 0};
+    for (const auto& item : state_->entries) {
+      const Entry& entry = *item.second;
+      disk.used_bytes += entry.bytes;
+      ++disk.entries;
+      const char* tier = entry.artifact ? "host" : entry.loading ? "loading" : "disk";
+      if (entry.artifact) ++host.entries;
+      if (entry.loading) ++host.loading;
+      report.experts.push_back({entry.name, entry.directory, tier, entry.bytes, entry.holders, entry.pinned});
+    }
+    report.tiers = {disk, host};
+    return report;
+  }
+
+ private:
+  // The host bytes of an expert whose shards have these sizes: each buffer takes whole pages.
+  static std::uint64_t host_bytes(const std::vector<std::uint64_t>& shard_sizes) {
+    const std::uint64_t page = std::uint64_t(::sysconf(_SC_PAGESIZE));
+    std::uint64_t total = 0;
+    for (const std::uint64_t size : shard_sizes) total += (size + page - 1) / page * page;
+    return total;
+  }
+
+  // Under the lock.
+  std::shared_ptr<Entry> find(const std::string& name) const {
+    const auto found = state_->entries.find(name);
+    if (found != state_->entries.end()) return found->second;
+    std::string known;
+    for (const auto& item : state_->entries) known += (known.empty() ? "" : ", ") + item.first;
+    throw Error("the store has no expert named '" + name + "' (it has: " + (known.empty() ? "none" : known) + ")");
+  }
+
+  // Under the lock: makes room for `entry` on the host tier and counts its bytes as used,
+  // marking it loading. Returns the evicted experts' bytes, to be freed after the lock.
+  std::vector<std::shared_ptr<const ExpertArtifact>> reserve(Entry& entry) {
+    State& state = *state_;
+    check_fits_budget(entry);
+    // Fail before evicting anything: a load that cannot fit leaves the tier as it was.
+    std::uint64_t evictable = 0;
+    for (const auto& item : state.entries)
+      if (evictable_now(*item.second)) evictable += item.second->bytes;
+    if (state.used - evictable + entry.bytes > state.budget) {
+      std::string busy;
+      for (const auto& item : state.entries) {
+        const Entry& other = *item.second;
+        if ((other.artifact || other.loading) && !evictable_now(other))
+          busy += (busy.empty() ? "" : ", ") + other.name + " (" + std::to_string(other.bytes) + " bytes, " +
+                  (other.loading ? "loading" : other.holders > 0 ? "held" : "pinned") + ")";
+      }
+      throw Error("cannot load expert '" + entry.name + "' (" + std::to_string(entry.bytes) +
+                  " bytes): the host tier's budget is " + std::to_string(state.budget) + " bytes and " +
+                  std::to_string(state.used - evictable) + " of them are held, pinned or loading: " + busy);
+    }
+    std::vector<std::shared_ptr<const ExpertArtifact>> evicted;
+    while (state.used + entry.bytes > state.budget) {
+      Entry* victim = nullptr;
+      for (const auto& item : state.entries)
+        if (evictable_now(*item.second) && (victim == nullptr || item.second->last_used < victim->last_used))
+          victim = item.second.get();
+      state.used -= victim->bytes;
+      evicted.push_back(std::move(victim->artifact));
+      ++state.counters.evictions;
+    }
+    state.used += entry.bytes;
+    entry.loading = std::make_shared<Load>();
+    return evicted;
+  }
+
+  // Under the lock.
+  void unqueue(const std::shared_ptr<Entry>& entry) {
+    entry->queued = false;
+    state_->queue.erase(std::find(state_->queue.begin(), state_->queue.end(), entry));
+  }
+
+  void check_fits_budget(const Entry& entry) const {
+    if (entry.bytes > state_->budget)
+      throw Error("expert '" + entry.name + "' needs " + std::to_string(entry.bytes) +
+                  " bytes of host memory, more than the host tier's whole budget of " +
+                  std::to_string(state_->budget) + " bytes");
+  }
+
+  static bool evictable_now(const Entry& entry) { return entry.artifact && entry.holders == 0 && !entry.pinned; }
+
+  // Under the lock: ends the entry's load in flight and wakes its waiters.
+  static void finish_load(Entry& entry, std::exception_ptr error) {
+    const std::shared_ptr<Load> load = std::move(entry.loading);
+    load->done = true;
+    load->error = error;
+  }
+
+  // Under the lock (held by `lock`); throws the load's error.
+  void wait_for_load(std::unique_lock<std::mutex>& lock, const std::shared_ptr<Entry>& entry) {
+    const std::shared_ptr<Load> load = entry->loading;
+    ++load->waiters;
+    state_->changed.wait(lock, [&] { return load->done; });
+    --load->waiters;
+    if (load->error) std::rethrow_exception(load->error);
+  }
+
+  // Reads and verifies the reserved expert without the lock, then publishes it. A
+  // foreground load takes a hold in the same step (nothing can evict it in between) and
+  // throws its error; a background one leaves the error to the waiters or the next caller.
+  void load(const std::shared_ptr<Entry>& entry, bool background) {
+    const auto start = std::chrono::steady_clock::now();
+    std::shared_ptr<const ExpertArtifact> artifact;
+    std::exception_ptr error;
+    bool verified = entry->verified.empty();  // written only by this entry's one load at a time
+    try {
+      artifact = std::make_shared<const ExpertArtifact>(
+          ExpertArtifact::open(entry->directory, verified, ShardMemory::Resident));
+      if (!verified && artifact->shard_identities() != entry->verified) {  // changed since: trust nothing
+        artifact.reset();
+        verified = true;
+        artifact = std::make_shared<const ExpertArtifact>(
+            ExpertArtifact::open(entry->directory, /*verify_checksums=*/true, ShardMemory::Resident));
+      }
+      const std::uint64_t bytes = host_bytes(artifact->shard_sizes());
+      if (bytes != entry->bytes)
+        throw Error("expert '" + entry->name + "' at " + entry->directory + " now takes " + std::to_string(bytes) +
+                    " bytes, " + std::to_string(entry->bytes) +
+                    " when it was added (replaced on disk since); remove it and add it again");
+    } catch (...) {
+      error = std::current_exception();
+      artifact.reset();
+    }
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    {
+      std::lock_guard<std::mutex> lock(state_->mutex);
+      const bool seen = entry->loading->waiters > 0;
+      finish_load(*entry, error);
+      if (error) {
+        state_->used -= entry->bytes;
+        ++state_->counters.load_failures;
+        if (background && !seen) entry->failed = error;
+        // The waiters own the error now. Dropping this thread's reference under the lock
+        // orders it before theirs (the exception's reference count is invisible to TSan).
+        if (background) error = nullptr;
+      } else {
+        if (verified) {
+          entry->verified = artifact->shard_identities();
+          ++state_->counters.verified_loads;
+        }
+        entry->artifact = std::move(artifact);
+        entry->last_used = ++state_->clock;
+        ++state_->counters.loads;
+        state_->counters.load_seconds += seconds;
+        if (!background) ++entry->holders;
+      }
+    }
+    state_->changed.notify_all();
+    if (error && !background) std::rethrow_exception(error);
+  }
+
+  void run_background_loads() {
+    for (;;) {
+      std::shared_ptr<Entry> entry;
+      std::vector<std::shared_ptr<const ExpertArtifact>> evicted;
+      {
+        std::unique_lock<std::mutex> lock(state_->mutex);
+        state_->changed.wait(lock, [&] { return state_->stopping || !state_->queue.empty(); });
+        if (state_->stopping) return;
+        entry = std::move(state_->queue.front());
+        state_->queue.pop_front();
+        entry->queued = false;
+        if (!entry->artifact && !entry->loading) {
+          try {
+            evicted = reserve(*entry);
+          } catch (const Error&) {  // no room now: a prefetch is a hint, the next acquire tries itself
+            ++state_->counters.prefetches_skipped;
+            entry.reset();
+          }
+        } else {
+          entry.reset();  // an acquire loaded it meanwhile
+        }
+      }
+      state_->changed.notify_all();  // wait() of this expert: it left the queue
+      evicted.clear();
+      if (entry) load(entry, /*background=*/true);
+    }
+  }
+
+  std::shared_ptr<State> state_;
+  SafetensorsCheckpoint base_;
+  nlohmann::json fingerprint_;
+  std::thread worker_;
+};
+
+}  // namespace meswitch

@@ -1,0 +1,185 @@
+"""The expert store: experts of one base within a host-memory byte budget.
+
+A thin face over ``meswitch._core.ExpertStore`` (``include/meswitch/store.hpp``, whose
+header explains the tiers, what a byte is, eviction, holding and prefetch). Every call
+that loads or waits releases the GIL, so a serving loop can prefetch on one thread and
+run batches on another.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from meswitch.arguments import parse_size
+from meswitch.artifact import ExpertArtifact
+from meswitch.inputs import read_model_config
+
+__all__ = ["ExpertStore", "HeldExpert"]
+
+
+class HeldExpert:
+    """An expert held resident by the store until :meth:`release` (or the end of a ``with``).
+
+    While held it is never evicted. ``artifact`` reads the store's resident buffers; arrays
+    taken from it must not be used after the release (the expert may then be evicted).
+
+    Attributes
+    ----------
+    name
+        The expert's name.
+    artifact
+        The loaded :class:`meswitch.artifact.ExpertArtifact`; ``(held.artifact, weight)``
+        is what :func:`meswitch.ops.multi_delta_matmul` takes for each expert.
+    """
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        self.name: str = handle.name
+        core = handle.artifact
+        self.artifact = ExpertArtifact.from_core(core)
+
+    def release(self) -> None:
+        """Let the store evict this expert again (idempotent)."""
+        self._handle.release()
+
+    def __enter__(self) -> ExpertArtifact:
+        return self.artifact
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "held" if self._handle else "released"
+        return f"HeldExpert({self.name!r}, {state})"
+
+
+class ExpertStore:
+    """Compressed experts of one base, loaded into host memory within a byte budget.
+
+    Parameters
+    ----------
+    base
+        The base model directory (its safetensors and ``config.json``); fingerprinted once
+        here, and every added expert must have been compressed against it.
+    host_budget
+        Bytes of host memory for resident experts: an int or a size such as ``"8GB"`` or
+        ``"512MiB"``. Resident plus loading experts never take more.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``base`` has no ``config.json``.
+    ValueError
+        ``host_budget`` is not a positive size.
+
+    Examples
+    --------
+    >>> store = ExpertStore("family/tiny/base", host_budget="64MB")  # doctest: +SKIP
+    >>> store.add("math.meswitch")                                    # doctest: +SKIP
+    'math'
+    >>> with store.acquire("math") as artifact:                       # doctest: +SKIP
+    ...     multi_delta_matmul(x, [(artifact, "model.layers.0.mlp.up_proj.weight")], [0, len(x)])
+    """
+
+    def __init__(self, base: str | os.PathLike[str], host_budget: int | str = "8GB") -> None:
+        from meswitch import _core
+
+        budget = parse_size(host_budget) if isinstance(host_budget, str) else int(host_budget)
+        if budget <= 0:
+            raise ValueError(f"host_budget must be a positive number of bytes, got {host_budget!r}")
+        self.base = Path(base)
+        config_text = read_model_config(self.base)[0]
+        self._core = _core.ExpertStore(str(self.base), config_text, budget)
+
+    @property
+    def host_budget(self) -> int:
+        """The host tier's budget in bytes."""
+        return self._core.host_budget
+
+    def add(self, artifact: str | os.PathLike[str]) -> str:
+        """Add the ``NAME.meswitch`` artifact (on disk; nothing loaded) and return its name.
+
+        Raises
+        ------
+        FileNotFoundError
+            ``artifact`` has no ``manifest.json``.
+        meswitch.FormatError
+            A malformed artifact, or one compressed against another base (the message
+            names the first differing tensor).
+        RuntimeError
+            The store already has an expert of that name.
+        """
+        path = Path(artifact)
+        if not (path / "manifest.json").is_file():
+            raise FileNotFoundError(f"{path}: no manifest.json (not a NAME.meswitch artifact)")
+        return self._core.add(str(path))
+
+    def remove(self, name: str) -> None:
+        """Drop an expert from every tier; refused (``RuntimeError``) while it is held or loading."""
+        self._core.remove(name)
+
+    def acquire(self, name: str) -> HeldExpert:
+        """Hold the expert resident, loading it first (or waiting for its prefetch) if needed.
+
+        Use as ``with store.acquire(name) as artifact: ...``, or keep the returned
+        :class:`HeldExpert` across the steps of a batch and :meth:`HeldExpert.release` it.
+
+        Raises
+        ------
+        meswitch.FormatError
+            The load found the artifact altered (a checksum mismatch names the shard),
+            also when that load was a :meth:`prefetch` in the background.
+        RuntimeError
+            No such expert, the expert is larger than the host budget, or it does not fit
+            because everything resident is held or pinned (the message says who).
+        """
+        return HeldExpert(self._core.acquire(name))
+
+    def prefetch(self, name: str) -> None:
+        """Start loading the expert in the background and return at once.
+
+        A failure reaches the next :meth:`acquire` or :meth:`wait`; a prefetch that finds
+        no room when its turn comes is skipped (``prefetches_skipped`` in the report).
+        """
+        self._core.prefetch(name)
+
+    def wait(self, name: str) -> None:
+        """Wait for the expert's prefetch or load in flight and raise its error, if any."""
+        self._core.wait(name)
+
+    def pin(self, name: str) -> None:
+        """Load the expert if needed and keep it resident until :meth:`unpin`."""
+        self._core.pin(name)
+
+    def unpin(self, name: str) -> None:
+        """Let the store evict the expert again when nobody holds it."""
+        self._core.unpin(name)
+
+    def names(self) -> list[str]:
+        """The experts added, sorted."""
+        return list(self._core.names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names()
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def memory_report(self) -> dict[str, Any]:
+        """A consistent snapshot of the store.
+
+        Returns
+        -------
+        dict
+            ``tiers``: ``{"disk": ..., "host": ...}``, each with ``used_bytes`` (host:
+            resident plus loading), ``budget_bytes`` (``0``: none), ``entries`` (experts
+            resident there) and ``loading``; ``experts``: one dict per expert with
+            ``name``, ``directory``, ``tier`` (``"disk"``, ``"loading"`` or ``"host"``),
+            ``bytes``, ``holders``, ``pinned``; counters ``hits``, ``misses``,
+            ``evictions``, ``loads``, ``verified_loads`` (loads that hashed every shard:
+            an expert's first, and any after its files changed), ``load_failures``,
+            ``prefetches_skipped`` and ``load_seconds`` (summed over loads).
+        """
+        return self._core.memory_report()

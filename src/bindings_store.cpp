@@ -1,0 +1,77 @@
+// Bindings for the expert store: argument checks and forwarding only. Every call that
+// may wait for a load, or load, releases the GIL.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <string>
+
+#include "meswitch/store.hpp"
+
+namespace py = pybind11;
+using namespace meswitch;
+
+namespace {
+
+py::dict report_dict(const StoreReport& report) {
+  py::dict tiers;
+  for (const StoreTierReport& tier : report.tiers) {
+    py::dict entry;
+    entry["used_bytes"] = tier.used_bytes;
+    entry["budget_bytes"] = tier.budget_bytes;
+    entry["entries"] = tier.entries;
+    entry["loading"] = tier.loading;
+    tiers[py::str(tier.tier)] = entry;
+  }
+  py::list experts;
+  for (const StoreExpertReport& expert : report.experts) {
+    py::dict entry;
+    entry["name"] = expert.name;
+    entry["directory"] = expert.directory;
+    entry["tier"] = expert.tier;
+    entry["bytes"] = expert.bytes;
+    entry["holders"] = expert.holders;
+    entry["pinned"] = expert.pinned;
+    experts.append(entry);
+  }
+  py::dict result;
+  result["tiers"] = tiers;
+  result["experts"] = experts;
+  result["hits"] = report.hits;
+  result["misses"] = report.misses;
+  result["evictions"] = report.evictions;
+  result["loads"] = report.loads;
+  result["verified_loads"] = report.verified_loads;
+  result["load_failures"] = report.load_failures;
+  result["prefetches_skipped"] = report.prefetches_skipped;
+  result["load_seconds"] = report.load_seconds;
+  return result;
+}
+
+}  // namespace
+
+void bind_store(py::module_& m) {
+  using Handle = ExpertStore::Handle;
+  py::class_<Handle>(m, "ExpertHandle")
+      .def_property_readonly("name", &Handle::name)
+      .def_property_readonly("artifact",
+                             [](const Handle& self) {
+                               return std::const_pointer_cast<ExpertArtifact>(self.shared_artifact());
+                             })
+      .def("release", &Handle::release)
+      .def("__bool__", [](const Handle& self) { return bool(self); });
+
+  py::class_<ExpertStore>(m, "ExpertStore")
+      .def(py::init<const std::string&, const std::string&, std::uint64_t>(), py::arg("base_path"),
+           py::arg("base_config_text"), py::arg("host_budget"), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("host_budget", &ExpertStore::host_budget)
+      .def("add", &ExpertStore::add, py::arg("directory"), py::call_guard<py::gil_scoped_release>())
+      .def("remove", &ExpertStore::remove, py::arg("name"), py::call_guard<py::gil_scoped_release>())
+      .def("acquire", &ExpertStore::acquire, py::arg("name"), py::call_guard<py::gil_scoped_release>())
+      .def("prefetch", &ExpertStore::prefetch, py::arg("name"), py::call_guard<py::gil_scoped_release>())
+      .def("wait", &ExpertStore::wait, py::arg("name"), py::call_guard<py::gil_scoped_release>())
+      .def("pin", &ExpertStore::pin, py::arg("name"), py::call_guard<py::gil_scoped_release>())
+      .def("unpin", &ExpertStore::unpin, py::arg("name"), py::call_guard<py::gil_scoped_release>())
+      .def("names", &ExpertStore::names)
+      .def("memory_report", [](const ExpertStore& self) { return report_dict(self.memory_report()); });
+}

@@ -1,0 +1,215 @@
+"""The expert store through Python, on compressed experts of the bundled tiny family."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import meswitch
+import numpy as np
+import pytest
+from meswitch import ops
+from meswitch.artifact import ExpertArtifact
+from meswitch.compress import CompressionSettings, compress
+from meswitch.serve import ExpertStore
+
+FAMILY = Path(meswitch.__file__).parent / "family" / "tiny"
+BASE = FAMILY / "base"
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> dict[str, Path]:
+    """math and code compressed once, plus copies of math renamed (same bytes, other names)."""
+    root = tmp_path_factory.mktemp("store")
+    out = {}
+    for name in ("math", "code"):
+        out[name] = root / f"{name}.meswitch"
+        compress(BASE, FAMILY / name, out[name], settings=CompressionSettings(bits=2, group_size=32, salient=0.01),
+                 progress=False)
+    for copy in ("math2", "math3"):
+        out[copy] = renamed(out["math"], root / f"{copy}.meswitch", copy)
+    return out
+
+
+def renamed(artifact: Path, target: Path, name: str) -> Path:
+    """A copy of ``artifact`` under another expert name (the manifest is not checksummed)."""
+    shutil.copytree(artifact, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["name"] = name
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+def host(report: dict) -> dict:
+    return report["tiers"]["host"]
+
+
+def tier_of(report: dict, name: str) -> str:
+    return next(expert["tier"] for expert in report["experts"] if expert["name"] == name)
+
+
+def assert_accounting(report: dict) -> None:
+    used = sum(expert["bytes"] for expert in report["experts"] if expert["tier"] != "disk")
+    assert host(report)["used_bytes"] == used <= host(report)["budget_bytes"]
+
+
+def a_delta_weight(artifact: ExpertArtifact) -> str:
+    return next(name for name, entry in artifact.tensors.items() if entry["kind"] == "delta")
+
+
+def test_acquire_gives_the_artifact_the_kernels_take(artifacts):
+    store = ExpertStore(BASE, host_budget="1GB")
+    assert store.add(artifacts["math"]) == "math"
+    assert store.names() == ["math"] and "math" in store and len(store) == 1
+    reference = ExpertArtifact(artifacts["math"])
+    weight = a_delta_weight(reference)
+    cols = reference.tensors[weight]["cols"]
+    x = np.random.default_rng(0).standard_normal((3, cols)).astype(np.float32)
+    with store.acquire("math") as artifact:
+        assert artifact.name == "math" and artifact.path == artifacts["math"]
+        got = ops.multi_delta_matmul(x, [(artifact, weight)], [0, 3])
+        assert tier_of(store.memory_report(), "math") == "host"
+        assert store.memory_report()["experts"][0]["holders"] == 1
+    np.testing.assert_array_equal(got, ops.delta_matmul(x, (reference, weight)))
+    report = store.memory_report()
+    assert report["experts"][0]["holders"] == 0
+    assert (report["hits"], report["misses"], report["loads"]) == (0, 1, 1)
+    assert report["load_seconds"] > 0
+    with store.acquire("math"):
+        pass
+    assert store.memory_report()["hits"] == 1
+
+
+def test_budget_evicts_the_least_recently_used_and_reports_every_field(artifacts):
+    probe = ExpertStore(BASE, host_budget=1 << 30)
+    for name in ("math", "code", "math2"):
+        probe.add(artifacts[name])
+    sizes = {expert["name"]: expert["bytes"] for expert in probe.memory_report()["experts"]}
+    budget = sizes["math"] + sizes["code"] + sizes["math2"] - 1  # all three never fit
+    store = ExpertStore(BASE, host_budget=budget)
+    for name in ("math", "code", "math2"):
+        store.add(artifacts[name])
+    for name in ("math", "code", "math", "math2"):  # code is the least recently used at the end
+        with store.acquire(name):
+            assert_accounting(store.memory_report())
+    report = store.memory_report()
+    assert set(report) == {"tiers", "experts", "hits", "misses", "evictions", "loads", "verified_loads",
+                           "load_failures", "prefetches_skipped", "load_seconds"}
+    assert set(report["tiers"]) == {"disk", "host"}
+    assert set(host(report)) == {"used_bytes", "budget_bytes", "entries", "loading"}
+    assert set(report["experts"][0]) == {"name", "directory", "tier", "bytes", "holders", "pinned"}
+    assert tier_of(report, "code") == "disk" and tier_of(report, "math") == tier_of(report, "math2") == "host"
+    assert report["evictions"] == 1 and report["hits"] == 1 and report["misses"] == 3
+    assert host(report)["budget_bytes"] == budget and host(report)["entries"] == 2
+    assert report["tiers"]["disk"]["used_bytes"] == sum(sizes.values())
+    assert_accounting(report)
+
+    # Everything resident held or pinned: the next load is refused, never over budget.
+    store.pin("math")
+    with store.acquire("math2"), pytest.raises(RuntimeError, match=r"cannot load expert 'code'.*math \(\d+ bytes, pinned\)"):
+        store.acquire("code")
+    assert_accounting(store.memory_report())
+    store.unpin("math")
+    with store.acquire("code"):
+        pass
+    assert tier_of(store.memory_report(), "math") == "disk"  # unpinned and least recently used
+
+
+def test_hot_add_and_remove_and_the_held_rule(artifacts):
+    store = ExpertStore(BASE, host_budget="64MB")
+    store.add(artifacts["math"])
+    held = store.acquire("math")
+    store.add(artifacts["code"])  # while math is held
+    with pytest.raises(RuntimeError, match="cannot remove expert 'math': 1 handle"):
+        store.remove("math")
+    with pytest.raises(RuntimeError, match="already has an expert named 'math'"):
+        store.add(artifacts["math"])
+    held.release()
+    held.release()  # idempotent
+    store.remove("math")
+    assert store.names() == ["code"] and host(store.memory_report())["used_bytes"] == 0
+    with pytest.raises(RuntimeError, match="no expert named 'math'.*it has: code"):
+        store.acquire("math")
+    store.add(artifacts["math"])
+    with store.acquire("math") as artifact:
+        assert artifact.manifest["name"] == "math"
+
+
+def test_prefetch_loads_in_the_background_and_threads_share_the_store(artifacts):
+    store = ExpertStore(BASE, host_budget="64MB")
+    for name in ("math", "code", "math2", "math3"):
+        store.add(artifacts[name])
+    store.prefetch("code")
+    store.wait("code")
+    assert tier_of(store.memory_report(), "code") == "host"
+
+    errors = []
+
+    def churn(names: list[str]) -> None:
+        try:
+            for name in names * 5:
+                with store.acquire(name) as artifact:
+                    assert artifact.name == name
+        except Exception as error:  # noqa: BLE001 - reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=churn, args=(names,))
+               for names in (["math", "code"], ["math2", "math3"], ["code", "math3"])]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert_accounting(store.memory_report())
+
+
+def test_a_bad_artifact_or_a_wrong_base_is_one_clear_error(artifacts, tmp_path):
+    with pytest.raises(meswitch.FormatError, match=r"different base model.*tensor '[^']+' differs"):
+        ExpertStore(FAMILY / "chat", host_budget="1GB").add(artifacts["math"])
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        ExpertStore(BASE).add(tmp_path)
+
+    broken = renamed(artifacts["code"], tmp_path / "broken.meswitch", "broken")
+    shard = max(broken.glob("deltas-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+    store = ExpertStore(BASE, host_budget="64MB")
+    store.add(broken)  # checksums are verified when loading
+    store.prefetch("broken")
+    with pytest.raises(meswitch.FormatError, match=f"{shard.name}.*does not match the manifest"):
+        store.acquire("broken")
+    with pytest.raises(meswitch.FormatError, match="does not match the manifest"):
+        store.acquire("broken")  # loads again, fails again
+    report = store.memory_report()
+    assert report["load_failures"] == 2 and host(report)["used_bytes"] == 0
+
+    store.add(artifacts["math"])
+    small = ExpertStore(BASE, host_budget=4096)
+    small.add(artifacts["math"])
+    with pytest.raises(RuntimeError, match=r"expert 'math' needs \d+ bytes of host memory, more than .* 4096 bytes"):
+        small.acquire("math")
+    with pytest.raises(ValueError, match="not a size"):
+        ExpertStore(BASE, host_budget="8 lightyears")
+    with pytest.raises(ValueError, match="positive"):
+        ExpertStore(BASE, host_budget=0)
+
+
+def test_the_multi_expert_model_takes_its_experts_from_the_store(artifacts):
+    """Held for each forward and let go after; the logits are those of the same artifacts given directly."""
+    from meswitch.serve import MultiExpertModel, SequenceInput
+
+    store = ExpertStore(BASE, host_budget=64 << 20)
+    for name in ("math", "code"):
+        store.add(artifacts[name])
+    direct = MultiExpertModel(BASE, {name: artifacts[name] for name in ("math", "code")}, kv_cache_bytes=4 << 20)
+    stored = MultiExpertModel(BASE, store, kv_cache_bytes=4 << 20)
+    batch = [SequenceInput("a", "math", [1, 17, 300, 42]), SequenceInput("b", "code", [1, 5, 9]),
+             SequenceInput("c", None, [1, 2])]
+    for expected, got in zip(direct.forward(batch), stored.forward(batch)):
+        np.testing.assert_array_equal(expected.numpy(), got.numpy())
+    report = store.memory_report()
+    assert all(expert["holders"] == 0 for expert in report["experts"])
+    assert report["misses"] == 2 and report["hits"] >= 2  # loaded once each, held again for the forward
