@@ -65,8 +65,11 @@ def run_demo(family: Path | None = None, workdir: Path | None = None, max_exampl
     reports = {}
     for domain in EXPERTS:
         calibration = calibration_dir / f"{domain}.jsonl"
+        # The work directory is the demo's own: a rerun replaces the artifacts it wrote before
+        # (anything else found there is still refused).
         reports[domain] = compress(base, family / domain, workdir / f"{domain}.meswitch", settings=settings,
-                                   calibration=calibration if calibration.is_file() else None, domain=domain)
+                                   calibration=calibration if calibration.is_file() else None, domain=domain,
+                                   force=True)
         print(f"  {domain:<5} -> {reports[domain].artifact}: {reports[domain].artifact_bytes / 2**20:.2f} MiB, "
               f"{reports[domain].avg_bits:.2f} bits/param, {reports[domain].seconds:.1f} s")
 

@@ -172,3 +172,15 @@ def test_cost_substitutions_name_real_flags(command, flag, value, add, reason, r
     assert reason
     done = run_cli([command, "--help"], tmp_path)
     assert done.returncode == 0 and flag in done.stdout
+
+
+def test_the_quick_start_demo_runs_and_runs_again(tmp_path, run_cli):
+    """``./dev.sh demo`` runs ``meswitch demo``; a second run replaces the demo's own artifacts.
+
+    ``--max-examples 2`` for cost (see COST: the held-out scoring is what takes minutes)."""
+    environment = {k: v for k, (v, _) in ENVIRONMENT.items()}
+    for attempt in range(2):
+        done = run_cli(["demo", "--max-examples", "2", "--workdir", "demo"], tmp_path, timeout=600, env=environment)
+        assert done.returncode == 0, f"run {attempt + 1}: {done.stderr[-2000:]}"
+        assert "Size" in done.stdout and "meswitch :" in done.stdout
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["chat.meswitch", "code.meswitch", "math.meswitch"]
