@@ -40,7 +40,7 @@ void without_gil(Work&& work) {
 // The width comes from x, so a qweight of another width is reported against x. Per
 // call only the layout is checked, as the kernels do (the contents scan would cost a
 // good part of a decode step's kernel time); a delta's contents are validated where it
-// enters: ExpertArtifact.delta / validate_delta, the quantizer, dequantize_delta.
+// enters: ExpertArtifact::open (every delta), the quantizer, dequantize_delta.
 BorrowedDelta expert_delta(const std::array<py::handle, 5>& pieces, int bits, std::int64_t group_size,
                            const HostTensor& x, const std::string& name) {
   const std::int64_t cols = x.view.shape[1];

@@ -83,7 +83,8 @@ class ExpertArtifact:
 
         The rules (shapes for the manifest's layout, zero points below 2^bits, strictly
         ascending salient indices within the width, finite scales and salient values) are
-        checked once here; the fused kernels check only the layout on every call.
+        already checked for every delta when the artifact is opened, which is why the fused
+        kernels check only the layout on every call; this runs the check again.
         """
         self._core.validate_delta(weight)
 

@@ -48,7 +48,6 @@ class DeltaLinear(_torch_module().nn.Module):
         self.register_buffer("extra_rows", extra_rows, persistent=False)
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
         self.artifact, self.weight_name = artifact, weight
-        artifact.validate_delta(weight)  # once: the kernel calls check only the layout
         self.pieces = (artifact, weight)
         entry = artifact.tensors[weight]
         self.in_features = entry["cols"]

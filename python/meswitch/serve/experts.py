@@ -105,7 +105,6 @@ class ExpertWeights:
             elif kind == "full":
                 prepared.whole[name] = _float32(artifact.stored(f"{name}.full")).reshape(entry["shape"])
             else:
-                artifact.validate_delta(name)  # once: the kernel calls check only the layout
                 prepared.deltas[name] = (artifact, name)
                 if entry["extra_rows"]:
                     prepared.extra_rows[name] = _float32(artifact.stored(f"{name}.extra_rows"))
