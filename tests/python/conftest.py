@@ -38,18 +38,29 @@ def force_cpu_path(monkeypatch):
     return force
 
 
+def subprocess_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment plus ``extra``, with a PYTHONPATH under which a subprocess imports the
+    meswitch this process tests (an in-place checkout or the installed package), whatever its
+    working directory: a relative PYTHONPATH would not."""
+    package_root = str(Path(meswitch.__file__).resolve().parents[1])
+    path = os.pathsep.join([package_root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+    return {**os.environ, **(extra or {}), "PYTHONPATH": path}
+
+
+@pytest.fixture
+def subprocess_env() -> Callable[..., dict[str, str]]:
+    """``subprocess_env(extra=None)``: see :func:`subprocess_environment`."""
+    return subprocess_environment
+
+
 @pytest.fixture
 def run_cli() -> Callable[..., subprocess.CompletedProcess]:
     """``run_cli(argv, cwd, env=...)``: the ``meswitch`` command line as a real subprocess, output decoded."""
 
-    def run(argv: list[str], cwd: Path, timeout: float = 300,
+    def run(argv: list[str], cwd: Path | None = None, timeout: float = 300,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        # The subprocess imports the meswitch this process tests (an in-place checkout or the
-        # installed package), whatever its working directory: a relative PYTHONPATH would not.
-        package_root = str(Path(meswitch.__file__).resolve().parents[1])
-        path = os.pathsep.join([package_root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
         done = subprocess.run([sys.executable, "-m", "meswitch.cli", *argv], capture_output=True, cwd=cwd, check=False,
-                              timeout=timeout, env={**os.environ, **(env or {}), "PYTHONPATH": path})
+                              timeout=timeout, env=subprocess_environment(env))
         # Decoded by hand: text=True would turn the carriage returns of a progress bar into newlines.
         return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
 

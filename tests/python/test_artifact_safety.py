@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -27,8 +26,6 @@ import safetensors
 import safetensors.numpy
 import torch
 import transformers
-
-import meswitch
 from meswitch import _core
 from meswitch.artifact import decompress, load_artifact
 from meswitch.compress import CompressionSettings, compress
@@ -86,17 +83,6 @@ def _tree_digest(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-# Subprocesses import the same meswitch as this test, from any working directory.
-_PACKAGE_ROOT = str(Path(meswitch.__file__).resolve().parent.parent)
-_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
-
-
-def _cli(*argv: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    environment = {**_ENV, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "meswitch.cli", *argv], cwd=cwd, env=environment,
-                          capture_output=True, text=True, timeout=300)
-
-
 def _one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
@@ -108,20 +94,20 @@ def _one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
 
 # --------------------------------------------------------------------------- no data loss
 
-def test_decompress_into_the_current_directory_is_refused_and_deletes_nothing(family, artifact, tmp_path):
+def test_decompress_into_the_current_directory_is_refused_and_deletes_nothing(family, artifact, tmp_path, run_cli):
     base, _ = family
     (tmp_path / "notes.txt").write_text("a user's file")
-    result = _cli("decompress", "--base", str(base), "--artifact", str(artifact), "--out", ".", cwd=tmp_path)
+    result = run_cli(["decompress", "--base", str(base), "--artifact", str(artifact), "--out", "."], tmp_path)
     _one_line_error(result, "current directory")
     assert (tmp_path / "notes.txt").read_text() == "a user's file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
-def test_compress_refuses_to_write_over_its_inputs_or_their_parents(family, tmp_path):
+def test_compress_refuses_to_write_over_its_inputs_or_their_parents(family, tmp_path, run_cli):
     base, expert = family
     before = {"base": _tree_digest(base), "expert": _tree_digest(expert)}
     for out, role in ((expert, "the expert"), (base, "the base model"), (expert.parent, "one of its parents")):
-        result = _cli("compress", "--base", str(base), "--expert", str(expert), "--out", str(out), "--quiet")
+        result = run_cli(["compress", "--base", str(base), "--expert", str(expert), "--out", str(out), "--quiet"])
         _one_line_error(result, role)
         with pytest.raises(OutputPathError, match="choose another output path"):
             _compress(family, out, force=True)  # not even when forced
@@ -210,12 +196,13 @@ def _bits_of(out: Path) -> int:
 
 
 @pytest.mark.parametrize("point, survivor", [("before-commit", 2), ("after-exchange", 3)])
-def test_a_compression_killed_at_the_commit_leaves_the_old_or_the_new_artifact(family, tmp_path, point, survivor):
+def test_a_compression_killed_at_the_commit_leaves_the_old_or_the_new_artifact(family, tmp_path, point, survivor,
+                                                                               subprocess_env):
     base, expert = family
     out = tmp_path / "e.meswitch"
     _compress(family, out, bits=2)
     result = subprocess.run([sys.executable, "-c", _COMPRESS_SCRIPT, str(base), str(expert), str(out)],
-                            env={**_ENV, "MESWITCH_CRASH_AT": point}, capture_output=True, timeout=300)
+                            env=subprocess_env({"MESWITCH_CRASH_AT": point}), capture_output=True, timeout=300, check=False)
     assert result.returncode == -signal.SIGKILL
     assert _bits_of(out) == survivor
     assert list(tmp_path.glob("e.meswitch.tmp.*")), "the killed writer's staging directory is left"
@@ -223,14 +210,14 @@ def test_a_compression_killed_at_the_commit_leaves_the_old_or_the_new_artifact(f
     assert _bits_of(out) == 4 and not list(tmp_path.glob("e.meswitch.tmp.*"))
 
 
-def test_a_compression_killed_at_random_moments_never_loses_the_artifact(family, tmp_path):
+def test_a_compression_killed_at_random_moments_never_loses_the_artifact(family, tmp_path, subprocess_env):
     base, expert = family
     out = tmp_path / "e.meswitch"
     _compress(family, out, bits=2)
     seen = set()
     for delay in (0.3, 0.8, 1.5, 2.5, 4.0):
         process = subprocess.Popen([sys.executable, "-c", _COMPRESS_SCRIPT, str(base), str(expert), str(out)],
-                                   env=_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(delay)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
@@ -240,7 +227,7 @@ def test_a_compression_killed_at_random_moments_never_loses_the_artifact(family,
 
 @pytest.mark.parametrize("point, survivor", [("before-commit", "old"), ("after-exchange", "new")])
 def test_a_decompression_killed_at_the_commit_leaves_the_old_or_the_new_model(family, artifact, tmp_path, point,
-                                                                             survivor):
+                                                                             survivor, subprocess_env):
     base, _ = family
     model = tmp_path / "dense"
     decompress(base, artifact, model)
@@ -248,7 +235,7 @@ def test_a_decompression_killed_at_the_commit_leaves_the_old_or_the_new_model(fa
     other = tmp_path / "other.meswitch"
     _compress(family, other, bits=4)
     result = subprocess.run([sys.executable, "-c", _DECOMPRESS_SCRIPT, str(base), str(other), str(model)],
-                            env={**_ENV, "MESWITCH_CRASH_AT": point}, capture_output=True, timeout=300)
+                            env=subprocess_env({"MESWITCH_CRASH_AT": point}), capture_output=True, timeout=300, check=False)
     assert result.returncode == -signal.SIGKILL
     after = _tree_digest(model)
     assert (after == old) == (survivor == "old")
@@ -306,7 +293,7 @@ def _edit_manifest(directory: Path, edit) -> None:
     (directory / "manifest.json").write_text(json.dumps(manifest))
 
 
-def test_a_side_file_linking_outside_the_artifact_is_refused(family, hostile, tmp_path):
+def test_a_side_file_linking_outside_the_artifact_is_refused(family, hostile, tmp_path, run_cli):
     base, _ = family
     secret = tmp_path / "id_ed25519"
     secret.write_text("PRIVATE KEY")
@@ -315,7 +302,7 @@ def test_a_side_file_linking_outside_the_artifact_is_refused(family, hostile, tm
     target.symlink_to(secret)
     with pytest.raises(FormatError, match="tokenizer_config.json: is a symbolic link"):
         load_artifact(hostile)
-    result = _cli("decompress", "--base", str(base), "--artifact", str(hostile), "--out", str(tmp_path / "dense"))
+    result = run_cli(["decompress", "--base", str(base), "--artifact", str(hostile), "--out", str(tmp_path / "dense")])
     _one_line_error(result, "symbolic link")
     assert not (tmp_path / "dense").exists()
 
@@ -413,17 +400,17 @@ def test_a_same_entry_that_disagrees_with_the_base_is_refused(family, hostile):
         load_artifact(hostile).check_base(base)
 
 
-def test_the_cli_replaces_an_earlier_output_only_with_force(family, artifact, tmp_path):
+def test_the_cli_replaces_an_earlier_output_only_with_force(family, artifact, tmp_path, run_cli):
     base, expert = family
     out = tmp_path / "e.meswitch"
     common = ("compress", "--base", str(base), "--expert", str(expert), "--quiet", "--group-size", "32")
-    assert _cli(*common, "--bits", "2", "--out", str(out)).returncode == 0
-    _one_line_error(_cli(*common, "--bits", "3", "--out", str(out)), "already holds a meswitch artifact", "--force")
+    assert run_cli([*common, "--bits", "2", "--out", str(out)]).returncode == 0
+    _one_line_error(run_cli([*common, "--bits", "3", "--out", str(out)]), "already holds a meswitch artifact", "--force")
     assert _bits_of(out) == 2
-    assert _cli(*common, "--bits", "3", "--out", str(out), "--force").returncode == 0
+    assert run_cli([*common, "--bits", "3", "--out", str(out), "--force"]).returncode == 0
     assert _bits_of(out) == 3
     model = tmp_path / "dense"
     decompress_args = ("decompress", "--base", str(base), "--artifact", str(artifact), "--out", str(model))
-    assert _cli(*decompress_args).returncode == 0
-    _one_line_error(_cli(*decompress_args), "already holds a model written by meswitch decompress")
-    assert _cli(*decompress_args, "--force").returncode == 0
+    assert run_cli(list(decompress_args)).returncode == 0
+    _one_line_error(run_cli(list(decompress_args)), "already holds a model written by meswitch decompress")
+    assert run_cli([*decompress_args, "--force"]).returncode == 0
