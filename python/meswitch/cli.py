@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     from meswitch.route.cli import register_cli as register_route
 
     register_route(commands)
+    from meswitch.serve.cli import register_cli as register_serve
+
+    register_serve(commands)
     return parser
 
 
