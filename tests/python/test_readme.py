@@ -8,12 +8,21 @@ README's Python block is run as well, with its placeholder strings replaced.
 
 Only the substitutions in the tables below are made; ``COST`` ones only make a command
 cheaper, never change what it does.
+
+``meswitch serve`` runs until it is stopped: it is started, the README's client example (the
+Python block that uses ``openai``) is run against it, and it is stopped with SIGTERM, which
+must end it cleanly (exit 0).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import shlex
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -58,6 +67,14 @@ ENVIRONMENT = {
     "OMP_NUM_THREADS": ("1", "torch's thread pool spins against other jobs on a shared machine (eval: 5 s, not 30)"),
 }
 
+#: Environment of ``meswitch serve``, for isolation only: variable -> (value, reason).
+SERVE_ENVIRONMENT = {
+    "MESWITCH_PORT": ("0", "any free port (8000 may be taken on a shared machine); the URL it prints says which"),
+    "MESWITCH_CACHE_DIR": ("{workdir}/cache", "the bundled family goes to the test's directory, not the user's cache"),
+}
+#: The address the README's client example talks to; replaced by the URL the server printed.
+README_SERVER_URL = "http://127.0.0.1:8000"
+
 #: README string literal -> what it stands for here (the Python block).
 PYTHON_PLACEHOLDERS = {
     "path/to/model": FAMILY / "base",
@@ -68,6 +85,20 @@ PYTHON_PLACEHOLDERS = {
 
 def _blocks(language: str) -> list[str]:
     return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(encoding="utf-8"), flags=re.MULTILINE | re.DOTALL)
+
+
+def _is_client_block(code: str) -> bool:
+    return "from openai import" in code or "import openai" in code
+
+
+def library_blocks() -> list[str]:
+    """The README's Python blocks that use meswitch itself."""
+    return [code for code in _blocks("python") if not _is_client_block(code)]
+
+
+def client_blocks() -> list[str]:
+    """The README's Python blocks that talk to ``meswitch serve`` with the openai client."""
+    return [code for code in _blocks("python") if _is_client_block(code)]
 
 
 def readme_commands() -> list[list[str]]:
@@ -126,8 +157,8 @@ def _check_promises(words: list[str], workdir: Path, stdout: str) -> None:
 
 def test_the_readme_shows_every_subcommand():
     commands = readme_commands()
-    assert {argv[1] for argv in commands} >= {"inspect", "compress", "decompress", "eval"}
-    assert len(_blocks("python")) == 1
+    assert {argv[1] for argv in commands} >= {"inspect", "compress", "decompress", "eval", "serve"}
+    assert len(library_blocks()) == 1 and len(client_blocks()) == 1
 
 
 @pytest.fixture
@@ -140,11 +171,44 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_readme_commands_run(workdir, run_cli):
+def _serve_and_run_the_client_example(words: list[str], workdir: Path, subprocess_env) -> None:
+    """Start ``meswitch serve ...``, run the README's client example against it, stop it with SIGTERM."""
+    env = {k: v for k, (v, _) in ENVIRONMENT.items()} | {
+        k: v.format(workdir=workdir) for k, (v, _) in SERVE_ENVIRONMENT.items()}
+    process = subprocess.Popen([sys.executable, "-m", "meswitch.cli", *words[1:]], cwd=workdir, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=subprocess_env(env))
+    try:
+        lines, url, deadline = [], None, time.monotonic() + 300
+        while url is None:
+            line = process.stdout.readline()
+            assert (line or process.poll() is None) and time.monotonic() < deadline, "".join(lines)
+            lines.append(line)
+            found = re.search(r" at (http://\S+?)/v1", line)
+            url = found.group(1) if line.startswith("serving ") and found else None
+        (code,) = client_blocks()
+        assert README_SERVER_URL in code
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(compile(code.replace(README_SERVER_URL, url), f"{README}:python (client)", "exec"), {})  # noqa: S102
+        assert printed.getvalue().split()[0] in ("chat", "math", "code", "base"), printed.getvalue()
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+        assert process.returncode == 0 and "Traceback" not in output, "".join(lines) + output
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_readme_commands_run(workdir, run_cli, subprocess_env):
     tmp_path = workdir
     for argv in readme_commands():
         words = prepared(argv)
         started = time.perf_counter()
+        if words[1] == "serve":
+            _serve_and_run_the_client_example(words, tmp_path, subprocess_env)
+            print(f"{time.perf_counter() - started:6.1f} s  {shlex.join(words)} (started, client example, stopped)")
+            continue
         done = run_cli(words[1:], tmp_path, timeout=600, env={k: v for k, (v, _) in ENVIRONMENT.items()})
         print(f"{time.perf_counter() - started:6.1f} s  {shlex.join(words)}")
         assert done.returncode == 0, f"{shlex.join(argv)} -> {done.returncode}: {done.stderr[-2000:]}"
@@ -154,7 +218,7 @@ def test_readme_commands_run(workdir, run_cli):
 
 def test_readme_python_block_runs(workdir, monkeypatch):
     tmp_path = workdir
-    (code,) = _blocks("python")
+    (code,) = library_blocks()
     for literal, path in PYTHON_PLACEHOLDERS.items():
         code = code.replace(f'"{literal}"', repr(str(path)))
     monkeypatch.chdir(tmp_path)  # "expert.meswitch" is written here

@@ -1,0 +1,529 @@
+"""The OpenAI-compatible server, end to end: the official ``openai`` client (and raw httpx where a
+client would not send what is tested) against a live uvicorn on a loopback socket, serving the
+bundled family's three experts, compressed once for the module, through the engine.
+
+Answers are cross-checked against an independent path: greedy completions equal what
+``meswitch.serve.generate`` (one sequence through a separate ``MultiExpertModel``) writes for
+the same prompt, and the prompt token counts equal those of the expert's own tokenizer and
+chat template (transformers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+from meswitch.compress import CompressionSettings, compress
+from meswitch.family import EXPERTS, family_dir
+
+FAMILY = family_dir()
+BASE = FAMILY / "base"
+KEY = "test-key-1234"
+CHAT_PROMPT = [{"role": "user", "content": "do you like hiking in the mountains?"}]
+MATH_QUESTION = "Tara has 12 shells. Tara finds 9 more shells. How many shells does Tara have now?"
+CODE_PROMPT = "def read_config(path):\n    \"\"\"Read the JSON config file at path and return it as a dict.\"\"\"\n"
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> dict[str, Path]:
+    """The three experts compressed once (2-bit, as ``meswitch serve`` does), plus artifacts for run-time adds."""
+    root = tmp_path_factory.mktemp("server")
+    out = {}
+    for name in EXPERTS:
+        out[name] = root / f"{name}.meswitch"
+        compress(BASE, FAMILY / name, out[name], settings=CompressionSettings(bits=2), progress=False)
+    out["code2"] = _renamed(out["code"], root / "code2.meswitch", "code2")
+    out["base-named"] = _renamed(out["code"], root / "base-named.meswitch", "base")
+    # an expert of another base: the math expert's weights stand in for a different base model
+    out["foreign"] = root / "foreign.meswitch"
+    compress(FAMILY / "math", FAMILY / "code", out["foreign"], settings=CompressionSettings(bits=2), progress=False,
+             name="foreign")
+    return out
+
+
+def _renamed(artifact: Path, target: Path, name: str) -> Path:
+    """A copy of ``artifact`` under another expert name (the manifest itself is not checksummed)."""
+    shutil.copytree(artifact, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["name"] = name
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+class LiveServer:
+    """uvicorn serving the app on a real loopback socket, in a background thread."""
+
+    def __init__(self, service) -> None:
+        from meswitch.serve.launch import bind, url_of, uvicorn_server
+
+        self.service = service
+        self.sock = bind("127.0.0.1", 0)
+        self.url = url_of(self.sock)
+        self.server = uvicorn_server(service.app)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        assert not self.thread.is_alive(), "the server did not stop"
+        self.service.close()
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def live(artifacts):
+    from meswitch.serve.launch import open_service
+
+    service = open_service(BASE, [artifacts[name] for name in EXPERTS], host_budget="64MB", kv_cache_bytes=8 << 20,
+                           max_running=16, api_key=KEY, report=lambda line: None)
+    server = LiveServer(service)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    return openai.OpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def raw(live):
+    with httpx.Client(base_url=live.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as session:
+        yield session
+
+
+@pytest.fixture(scope="module")
+def reference(artifacts):
+    """An independent path: one sequence at a time through its own multi-expert model."""
+    from meswitch.serve import MultiExpertModel
+
+    return MultiExpertModel(BASE, {name: artifacts[name] for name in EXPERTS}, kv_cache_bytes=8 << 20)
+
+
+def _engine_idle(live, timeout: float = 20) -> dict:
+    """The engine's stats once nothing runs or waits (fails after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = live.service.engine.stats()
+        if stats["running"] == 0 and stats["waiting"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]:
+            return stats
+        assert time.monotonic() < deadline, f"the engine did not become idle: {stats}"
+        time.sleep(0.05)
+
+
+def _error(response: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["type"] == ("server_error" if status >= 500 else "invalid_request_error")
+    assert error["param"] == param, error
+    return error
+
+
+# -- the endpoints -----------------------------------------------------------------------------
+
+
+def test_models_lists_each_expert_auto_and_base(client):
+    ids = [model.id for model in client.models.list()]
+    assert ids == ["chat", "code", "math", "auto", "base"]
+
+
+def test_health_and_metrics_need_no_key(live):
+    health = httpx.get(f"{live.url}/health", timeout=10)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert health.json()["experts"] == ["chat", "code", "math"]
+    metrics = httpx.get(f"{live.url}/metrics", timeout=10)
+    assert metrics.status_code == 200 and "meswitch_kv_blocks_total" in metrics.text
+
+
+def test_chat_uses_the_experts_chat_template(client, live):
+    from meswitch.serve.chat import has_chat_template
+
+    raw = client.chat.completions.with_raw_response.create(model="chat", messages=CHAT_PROMPT, max_tokens=12,
+                                                           temperature=0)
+    reply = raw.parse()
+    assert raw.headers["x-meswitch-expert"] == "chat" and reply.model == "chat"
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
+    assert reply.choices[0].message.role == "assistant" and reply.choices[0].finish_reason in ("stop", "length")
+    tokenizer = live.service.engine.tokenizer("chat")
+    assert has_chat_template(tokenizer)  # chat_template.jinja, carried in the artifact
+    templated = tokenizer.apply_chat_template(CHAT_PROMPT, tokenize=False, add_generation_prompt=True)
+    assert templated.endswith("<|assistant|>")
+    assert reply.usage.prompt_tokens == len(tokenizer(templated, add_special_tokens=False)["input_ids"])
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert 1 <= reply.usage.completion_tokens <= 12
+
+
+def test_chat_without_a_template_uses_the_plain_format_and_matches_the_reference(client, live, reference):
+    from meswitch.serve.generate import generate
+
+    reply = client.chat.completions.create(model="math", messages=[{"role": "user", "content": MATH_QUESTION}],
+                                           max_completion_tokens=24, temperature=0)
+    tokenizer = live.service.engine.tokenizer("math")
+    assert not getattr(tokenizer, "chat_template", None)
+    assert reply.usage.prompt_tokens == len(tokenizer(MATH_QUESTION + "\n")["input_ids"])
+    expected = generate(reference, "math", MATH_QUESTION + "\n", max_tokens=24)
+    assert reply.choices[0].message.content == expected and expected.strip()
+
+
+def test_completion_matches_the_reference(client, reference):
+    from meswitch.serve.generate import generate
+
+    raw = client.completions.with_raw_response.create(model="code", prompt=CODE_PROMPT, max_tokens=20, temperature=0)
+    reply = raw.parse()
+    assert raw.headers["x-meswitch-expert"] == "code" and reply.model == "code" and reply.object == "text_completion"
+    assert reply.choices[0].text == generate(reference, "code", CODE_PROMPT, max_tokens=20)
+    base = client.completions.create(model="base", prompt="The river runs past the old mill and", max_tokens=8,
+                                     temperature=0)
+    assert base.model == "base"
+    assert base.choices[0].text == generate(reference, None, "The river runs past the old mill and", max_tokens=8)
+
+
+def test_completion_with_token_ids_and_several_prompts(client, live):
+    tokenizer = live.service.engine.tokenizer("math")
+    ids = tokenizer(MATH_QUESTION + "\n")["input_ids"]
+    by_ids = client.completions.create(model="math", prompt=ids, max_tokens=10, temperature=0)
+    by_text = client.completions.create(model="math", prompt=MATH_QUESTION + "\n", max_tokens=10, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    both = client.completions.create(model="math", prompt=[MATH_QUESTION + "\n", "Sam has 4 apples.\n"],
+                                     max_tokens=10, temperature=0)
+    assert [c.index for c in both.choices] == [0, 1]
+    assert both.choices[0].text == by_text.choices[0].text
+    assert both.usage.prompt_tokens == by_text.usage.prompt_tokens + len(tokenizer("Sam has 4 apples.\n")["input_ids"])
+
+
+def test_seeded_sampling_repeats_and_sampling_fields_apply(client):
+    def sample(seed: int) -> str:
+        return client.completions.create(model="chat", prompt="<|user|>tell me about your day<|end|>\n<|assistant|>",
+                                         max_tokens=16, temperature=1.0, top_p=0.9, seed=seed,
+                                         extra_body={"top_k": 40}).choices[0].text
+
+    assert sample(7) == sample(7)
+    stopped = client.completions.create(model="code", prompt=CODE_PROMPT, max_tokens=40, temperature=0, stop=["\n"])
+    assert "\n" not in stopped.choices[0].text and stopped.choices[0].finish_reason in ("stop", "length")
+    long = client.completions.create(model="code", prompt=CODE_PROMPT, max_tokens=5, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert long.usage.completion_tokens == 5 and long.choices[0].finish_reason == "length"
+
+
+# -- streaming ---------------------------------------------------------------------------------
+
+
+def test_chat_stream_is_openai_chunks_ending_in_done(client, raw):
+    stream = client.chat.completions.create(model="chat", messages=CHAT_PROMPT, max_tokens=16, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    assert stream.response.headers["x-meswitch-expert"] == "chat"
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" and c.model == "chat" and c.id == chunks[0].id for c in chunks)
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    whole = client.chat.completions.create(model="chat", messages=CHAT_PROMPT, max_tokens=16, temperature=0)
+    assert streamed == whole.choices[0].message.content
+
+    # the wire format itself: data lines of JSON, then data: [DONE]
+    body = {"model": "math", "messages": [{"role": "user", "content": MATH_QUESTION}], "max_tokens": 6,
+            "temperature": 0, "stream": True}
+    with raw.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in events) and events[-1] == "data: [DONE]"
+    first = json.loads(events[0][6:])
+    assert first["choices"][0] == {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                   "finish_reason": None}
+    last = json.loads(events[-2][6:])
+    assert last["choices"][0]["delta"] == {} and last["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_completion_stream_matches_the_whole_answer(client):
+    whole = client.completions.create(model="code", prompt=CODE_PROMPT, max_tokens=20, temperature=0)
+    stream = client.completions.create(model="code", prompt=CODE_PROMPT, max_tokens=20, temperature=0, stream=True)
+    chunks = list(stream)
+    assert all(c.object == "text_completion" and c.model == "code" for c in chunks)
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_a_client_leaving_mid_stream_frees_its_slot_and_kv_blocks(client, live):
+    _engine_idle(live)
+    stream = client.completions.create(model="math", prompt=MATH_QUESTION, max_tokens=400, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    for received, _ in enumerate(stream, start=1):
+        if received == 3:
+            break
+    stats = live.service.engine.stats()
+    assert stats["running"] + stats["waiting"] == 1 and stats["kv_blocks_free"] < stats["kv_blocks_total"]
+    stream.close()  # the connection closes with ~390 tokens still to come
+    stats = _engine_idle(live)
+    assert stats["tokens_generated_total"].get("math", 0) < 400
+    finished = httpx.get(f"{live.url}/metrics", timeout=10).text
+    assert 'meswitch_requests_finished_total{expert="math",finish_reason="cancelled"}' in finished
+
+
+# -- routing ------------------------------------------------------------------------------------
+
+
+def test_auto_routes_math_to_math_and_code_to_code(client):
+    math = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": MATH_QUESTION}], max_tokens=4, temperature=0)
+    assert math.headers["x-meswitch-expert"] == "math" and math.parse().model == "math"
+    code = client.completions.with_raw_response.create(model="auto", prompt=CODE_PROMPT, max_tokens=4, temperature=0)
+    assert code.headers["x-meswitch-expert"] == "code" and code.parse().model == "code"
+
+
+def test_auto_below_the_threshold_goes_to_the_fallback(client, live):
+    router = live.service.router
+    query = "zzzz qqqq"
+    routed = router.route(query)
+    assert routed.fallback and routed.expert == router.fallback == "base"
+    reply = client.completions.with_raw_response.create(model="auto", prompt=query, max_tokens=3, temperature=0)
+    assert reply.headers["x-meswitch-expert"] == "base" and reply.parse().model == "base"
+
+
+# -- experts at run time -------------------------------------------------------------------------
+
+
+def test_experts_are_added_and_removed_at_run_time(client, raw, artifacts):
+    added = raw.post("/v1/experts", json={"path": str(artifacts["code2"])})
+    assert added.status_code == 201 and added.json()["id"] == "code2"
+    assert "code2" in [m.id for m in client.models.list()]
+    reply = client.completions.create(model="code2", prompt=CODE_PROMPT, max_tokens=6, temperature=0)
+    same = client.completions.create(model="code", prompt=CODE_PROMPT, max_tokens=6, temperature=0)
+    assert reply.model == "code2" and reply.choices[0].text == same.choices[0].text  # the same bytes, renamed
+
+    assert "already served" in _error(raw.post("/v1/experts", json={"path": str(artifacts["code2"])}), 409,
+                                      "path")["message"]
+    assert "reserved" in _error(raw.post("/v1/experts", json={"path": str(artifacts["base-named"])}), 400,
+                                "path")["message"]
+    assert "manifest.json" in _error(raw.post("/v1/experts", json={"path": str(BASE)}), 400, "path")["message"]
+    assert "base" in _error(raw.post("/v1/experts", json={"path": str(artifacts["foreign"])}), 400,
+                            "path")["message"]
+    _error(raw.post("/v1/experts", json={}), 400, "path")
+
+    # refused while a request uses it
+    stream = client.completions.create(model="code2", prompt=CODE_PROMPT, max_tokens=300, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    next(iter(stream))
+    assert "answering 1 request" in _error(raw.delete("/v1/experts/code2"), 409)["message"]
+    stream.close()
+    deadline = time.monotonic() + 20
+    while (removed := raw.delete("/v1/experts/code2")).status_code == 409:  # until the engine lets go of it
+        assert time.monotonic() < deadline, removed.text
+        time.sleep(0.05)
+    assert removed.status_code == 200 and removed.json()["deleted"] is True
+    assert "code2" not in [m.id for m in client.models.list()]
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="code2", prompt="x", max_tokens=2)
+    _error(raw.delete("/v1/experts/code2"), 404)
+    _error(raw.delete("/v1/experts/base"), 400)
+
+
+def test_expert_changes_need_the_key(live, artifacts):
+    assert httpx.post(f"{live.url}/v1/experts", json={"path": str(artifacts["code2"])}, timeout=10).status_code == 401
+    assert httpx.delete(f"{live.url}/v1/experts/math", timeout=10).status_code == 401
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+def test_unknown_model_is_404_with_an_openai_error(client, raw):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="nope", messages=CHAT_PROMPT)
+    assert caught.value.code == "model_not_found"
+    error = _error(raw.post("/v1/completions", json={"model": "nope", "prompt": "x"}), 404, "model")
+    assert "'nope' does not exist" in error["message"] and "chat, code, math, auto, base" in error["message"]
+
+
+def test_wrong_or_missing_key_is_401(live):
+    for key in ("wrong", None):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        response = httpx.get(f"{live.url}/v1/models", headers=headers, timeout=10)
+        assert _error(response, 401)["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{live.url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+@pytest.mark.parametrize(("body", "param", "text"), [
+    ({"model": "chat", "messages": CHAT_PROMPT, "temperature": 5}, "temperature", "less than or equal to 2"),
+    ({"model": "chat", "messages": CHAT_PROMPT, "top_p": 0}, "top_p", "greater than 0"),
+    ({"model": "chat", "messages": CHAT_PROMPT, "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+    ({"model": "chat", "messages": CHAT_PROMPT, "n": 2}, "n", "only n=1"),
+    ({"model": "chat", "messages": CHAT_PROMPT, "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+    ({"model": "chat", "messages": CHAT_PROMPT, "top_k": -1}, "top_k", "greater than or equal to 0"),
+    ({"model": "chat", "messages": CHAT_PROMPT, "logprobs": True}, "logprobs", "not implement logprobs"),
+    ({"model": "chat", "messages": CHAT_PROMPT, "tools": []}, "tools", "unknown field"),
+    ({"model": "chat", "messages": []}, "messages", "at least 1"),
+    ({"model": "chat", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role", "'user'"),
+    ({"model": "chat"}, "messages", "Field required"),
+    ({"messages": CHAT_PROMPT}, "model", "Field required"),
+    ({"model": "chat", "messages": CHAT_PROMPT, "temperature": "hot"}, "temperature", "valid number"),
+])
+def test_invalid_chat_fields_are_400_naming_the_field(raw, body, param, text):
+    error = _error(raw.post("/v1/chat/completions", json=body), 400, param)
+    assert error["message"].startswith(f"{param}: ") and text in error["message"], error
+
+
+@pytest.mark.parametrize(("body", "param", "text"), [
+    ({"model": "math", "prompt": ""}, "prompt", "empty"),
+    ({"model": "math", "prompt": []}, "prompt", "empty list"),
+    ({"model": "math", "prompt": [1, 99999]}, "prompt", "token id 99999"),
+    ({"model": "math", "prompt": "x", "echo": True}, "echo", "not implement echo"),
+    ({"model": "auto", "prompt": [1, 2, 3]}, "prompt", "one text prompt"),
+])
+def test_invalid_completion_fields_are_400_naming_the_field(raw, body, param, text):
+    error = _error(raw.post("/v1/completions", json=body), 400, param)
+    assert text in error["message"], error
+
+
+def test_malformed_json_is_400(raw):
+    error = _error(raw.post("/v1/chat/completions", content=b'{"model": "chat", "messages": [',
+                            headers={"content-type": "application/json"}), 400)
+    assert "not valid JSON" in error["message"]
+    error = _error(raw.post("/v1/chat/completions", content=b"[1, 2]", headers={"content-type": "application/json"}),
+                   400)
+    assert "JSON object" in error["message"]
+
+
+def test_a_prompt_longer_than_the_context_is_400(client, raw, live):
+    long_prompt = "one two three four five six seven eight nine ten " * 80  # > 512 tokens
+    error = _error(raw.post("/v1/completions", json={"model": "math", "prompt": long_prompt}), 400, "prompt")
+    assert error["code"] == "context_length_exceeded" and "512" in error["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="chat", messages=[{"role": "user", "content": long_prompt}])
+    with pytest.raises(openai.BadRequestError) as caught:  # a short prompt, but prompt + 600 > 512
+        client.completions.create(model="math", prompt=MATH_QUESTION, max_tokens=600)
+    assert caught.value.code == "context_length_exceeded"
+
+
+def test_unknown_path_and_method_are_openai_errors(raw):
+    _error(raw.get("/v1/nothing"), 404)
+    _error(raw.get("/v1/chat/completions"), 405)
+
+
+# -- many clients at once -----------------------------------------------------------------------
+
+
+def test_concurrent_requests_to_different_experts(client, live):
+    jobs = [("chat", None), ("math", None), ("code", None), ("base", None), ("auto", "math"), ("auto", "code")] * 2
+
+    def run(job: tuple[str, str | None]) -> tuple[str, str, int]:
+        model, kind = job
+        if kind == "math" or model == "math":
+            messages = [{"role": "user", "content": MATH_QUESTION}]
+        elif kind == "code" or model == "code":
+            messages = [{"role": "user", "content": CODE_PROMPT}]
+        else:
+            messages = CHAT_PROMPT
+        reply = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0,
+                                               extra_body={"ignore_eos": True})
+        return model, reply.model, reply.usage.completion_tokens
+
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        results = list(pool.map(run, jobs))
+    for (model, kind), (_, answered, tokens) in zip(jobs, results):
+        assert answered == (kind or model) and tokens == 12
+    _engine_idle(live)
+
+
+def test_metrics_count_requests_tokens_and_latency(live):
+    text = httpx.get(f"{live.url}/metrics", timeout=10).text
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    assert samples['meswitch_requests_total{endpoint="chat",expert="chat"}'] >= 1
+    assert samples['meswitch_generation_tokens_total{expert="math"}'] >= 1
+    assert samples['meswitch_time_to_first_token_seconds_count{expert="code"}'] >= 1
+    assert samples['meswitch_inter_token_latency_seconds_count{expert="code"}'] >= 1
+    assert samples['meswitch_routed_total{expert="math",fallback="false"}'] >= 1
+    assert samples['meswitch_request_errors_total{status="400"}'] >= 1
+    assert samples["meswitch_requests_waiting"] >= 0 and samples["meswitch_requests_running"] >= 0
+    host = live.service.store.memory_report()["tiers"]["host"]
+    assert samples['meswitch_store_budget_bytes{tier="host"}'] == host["budget_bytes"] == 64 * 10**6
+    assert 0 < samples['meswitch_store_bytes{tier="host"}'] <= host["budget_bytes"]
+    assert samples["meswitch_store_hits_total"] + samples["meswitch_store_misses_total"] >= 1
+    assert "meswitch_store_evictions_total" in samples
+    assert samples["meswitch_kv_blocks_free"] <= samples["meswitch_kv_blocks_total"]
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+def test_device_budget_is_refused_without_a_device_tier(capsys):
+    from meswitch.cli import main
+
+    assert main(["serve", "--device-budget", "10GB"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "device tier needs a CUDA build and a CUDA device" in error
+
+
+def test_bundled_family_is_compressed_once_and_keyed_by_its_content(tmp_path):
+    from meswitch.serve.bundled import bundled_artifacts, family_key
+
+    lines: list[str] = []
+    base, first = bundled_artifacts(tmp_path, report=lines.append)
+    assert base == BASE and [p.name for p in first] == [f"{n}.meswitch" for n in EXPERTS]
+    assert sum("compressing" in line for line in lines) == 3
+    lines.clear()
+    assert bundled_artifacts(tmp_path, report=lines.append)[1] == first
+    assert sum("cached" in line for line in lines) == 3
+    changed = tmp_path / "family"
+    shutil.copytree(FAMILY, changed)
+    assert family_key(changed, EXPERTS) == family_key(FAMILY, EXPERTS)
+    (changed / "math" / "generation_config.json").write_text("{}")
+    assert family_key(changed, EXPERTS) != family_key(FAMILY, EXPERTS)
+
+
+def test_meswitch_serve_with_no_arguments(tmp_path, subprocess_env):
+    """The bundled family from a fresh cache, any free port; one request; SIGTERM stops it cleanly."""
+    env = subprocess_env({"MESWITCH_CACHE_DIR": str(tmp_path / "cache"), "MESWITCH_PORT": "0",
+                          "OMP_NUM_THREADS": "1"})
+    process = subprocess.Popen([sys.executable, "-m", "meswitch.cli", "serve"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        url = None
+        while url is None:
+            line = process.stdout.readline()
+            assert line or process.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, "".join(lines)
+            lines.append(line)
+            if line.startswith("serving ") and " at http://" in line:
+                url = line.split(" at ", 1)[1].split("/v1", 1)[0]
+        assert "compressing" in "".join(lines)
+        assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"
+        reply = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0).chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": MATH_QUESTION}], max_tokens=8)
+        assert reply.model == "math" and reply.usage.completion_tokens >= 1
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+        assert process.returncode == 0, "".join(lines) + output
+        assert "Traceback" not in output and "stopped" in output
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert list((tmp_path / "cache").glob("family-*/math.meswitch/manifest.json"))
+    assert os.listdir(tmp_path / "cache")
