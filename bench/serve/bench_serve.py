@@ -138,8 +138,10 @@ def resolve_experts(jobs: list[Job]) -> None:
 class ServerProcess:
     """``meswitch serve`` in a subprocess on a free loopback port."""
 
-    def __init__(self, artifacts: dict[str, Path], host_budget: int, kv_cache: int, max_running: int) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")])}
+    def __init__(self, artifacts: dict[str, Path], host_budget: int, kv_cache: int, max_running: int,
+                 threads: int) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")]),
+               "OMP_NUM_THREADS": str(threads), "MESWITCH_NUM_THREADS": str(threads)}
         argv = [sys.executable, "-m", "meswitch.cli", "serve", "--base", str(FAMILY / "base"),
                 "--experts", *map(str, artifacts.values()), "--host", "127.0.0.1", "--port", "0",
                 "--host-budget", str(host_budget), "--kv-cache", str(kv_cache), "--max-running", str(max_running)]
@@ -354,6 +356,9 @@ def main() -> int:
     parser.add_argument("--kv-cache", type=int, default=64 << 20, help="KV cache bytes (default 64 MiB)")
     parser.add_argument("--max-running", type=int, default=64, help="sequences per forward (default 64)")
     parser.add_argument("--scrape", type=float, default=0.25, help="seconds between /metrics reads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch and kernel threads of the server and of the baseline (default 1: on a shared "
+                             "2-core machine a second thread spins against the clients)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-baseline", action="store_true", help="only the load test")
     parser.add_argument("--json", type=Path, help="write the figures here")
@@ -361,6 +366,9 @@ def main() -> int:
     from meswitch.compress import CompressionSettings, compress
     from meswitch.ops import cpu_kernel_path
 
+    import torch
+
+    torch.set_num_threads(args.threads)
     jobs = request_list(args.requests, args.seed)
     resolve_experts(jobs)
     with tempfile.TemporaryDirectory() as scratch:
@@ -374,7 +382,7 @@ def main() -> int:
         print(f"{len(jobs)} requests, {args.clients} clients, {args.max_tokens} tokens each; host budget "
               f"{host_budget / 2**20:.2f} MiB (experts {', '.join(f'{s / 2**20:.2f}' for s in sizes)} MiB on disk)",
               flush=True)
-        server = ServerProcess(artifacts, host_budget, args.kv_cache, args.max_running)
+        server = ServerProcess(artifacts, host_budget, args.kv_cache, args.max_running, args.threads)
         try:
             print(f"server at {server.url}; load test ...", flush=True)
             run = asyncio.run(load_test(server.url, jobs, args.clients, args.max_tokens, args.scrape))

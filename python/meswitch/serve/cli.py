@@ -57,7 +57,7 @@ def _check_device_budget(budget: int) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from meswitch.serve.launch import bind, open_service, url_of, uvicorn_server
+    from meswitch.serve.launch import bind, open_service, serve_until_stopped, url_of, uvicorn_server
 
     _check_device_budget(args.device_budget)
     if args.experts and args.base is None:
@@ -82,7 +82,7 @@ def _run_serve(args: argparse.Namespace) -> int:
                  f"(host budget {service.store.host_budget / 2**20:.0f} MiB"
                  f"{', API key required' if args.api_key else ''}); Ctrl-C stops")
             server = uvicorn_server(service.app, log_level=args.log_level, access_log=args.access_log)
-            server.run(sockets=[sock])
+            serve_until_stopped(server, sock)
         finally:
             service.close()
     finally:

@@ -84,13 +84,32 @@ def validation_error(errors: Sequence[dict[str, Any]]) -> APIError:
     field = _field(first.get("loc", ()))
     if kind == "missing" and field is None:
         return APIError(400, "the request needs a JSON body", code="invalid_request")
-    if kind == "extra_forbidden":
-        message = "unknown field (not supported by this server)"
-    elif kind == "model_attributes_type" or (kind.endswith("_type") and field is None):
-        message = "the request body must be a JSON object"
-    else:
-        message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return APIError(400, f"{field}: {message}" if field else message, param=field, code="invalid_value")
+    if field is None and (kind == "model_attributes_type" or kind.endswith("_type")):
+        return APIError(400, "the request body must be a JSON object (sent as Content-Type: application/json)",
+                        code="invalid_json")
+    alternatives = _union_alternatives(first, errors)
+    if len(alternatives) > 1:  # a field of several forms (content, prompt, stop): say what each one wanted
+        shown = [f"{_field(e['loc'])}: {_message(e)}" for e in alternatives[:4]]
+        return APIError(400, "; or ".join(dict.fromkeys(shown)), param=field, code="invalid_value")
+    return APIError(400, f"{field}: {_message(first)}" if field else _message(first), param=field,
+                    code="invalid_value")
+
+
+def _message(error: dict[str, Any]) -> str:
+    if error.get("type") == "extra_forbidden":
+        return "unknown field (not supported by this server)"
+    return str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+
+
+def _union_alternatives(first: dict[str, Any], errors: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The errors of every branch of the union ``first`` failed in (just ``first`` when it is no union)."""
+    location = tuple(first.get("loc", ()))
+    branch = next((i for i, part in enumerate(location) if _is_union_branch(part)), None)
+    if branch is None:
+        return [first]
+    prefix = location[:branch]
+    return [e for e in errors if tuple(e.get("loc", ()))[:branch] == prefix
+            and len(e.get("loc", ())) > branch and _is_union_branch(e["loc"][branch])]
 
 
 async def _on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

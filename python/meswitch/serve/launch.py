@@ -7,6 +7,7 @@ a benchmark that wants the server in its own process uses the same pieces.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -165,4 +166,24 @@ def uvicorn_server(app: Any, *, log_level: str = "warning", access_log: bool = F
     return uvicorn.Server(config)
 
 
-__all__ = ["DEFAULT_KV_CACHE_BYTES", "Service", "bind", "open_router", "open_service", "url_of", "uvicorn_server"]
+def serve_until_stopped(server: Any, sock: socket.socket) -> int | None:
+    """Run ``server`` on ``sock`` until SIGINT or SIGTERM; returns the signal that stopped it (None: none).
+
+    uvicorn stops gracefully on either signal and then raises it again for the handler that
+    was in place before it started, which by default would kill the process (SIGTERM) or
+    raise ``KeyboardInterrupt`` (SIGINT) before the engine is closed. The handler in place
+    here only records the signal, so the caller closes the engine and exits normally.
+    """
+    received: list[int] = []
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda sig, frame: received.append(sig)) for sig in handled}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return received[0] if received else None
+
+
+__all__ = ["DEFAULT_KV_CACHE_BYTES", "Service", "bind", "open_router", "open_service", "serve_until_stopped",
+           "url_of", "uvicorn_server"]

@@ -157,7 +157,7 @@ class CompletionRequest(_SamplingFields):
     def _check_prompt(cls, prompt: Any) -> Any:
         if isinstance(prompt, list):
             if not prompt:
-                raise ValueError("prompt must not be an empty list")
+                raise ValueError("must not be an empty list")
             if isinstance(prompt[0], (str, list)) and len(prompt) > MAX_PROMPTS:
                 raise ValueError(f"at most {MAX_PROMPTS} prompts in one request, got {len(prompt)}")
         return prompt
