@@ -363,10 +363,9 @@ def main() -> int:
     parser.add_argument("--no-baseline", action="store_true", help="only the load test")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
+    import torch
     from meswitch.compress import CompressionSettings, compress
     from meswitch.ops import cpu_kernel_path
-
-    import torch
 
     torch.set_num_threads(args.threads)
     jobs = request_list(args.requests, args.seed)
