@@ -272,6 +272,17 @@ def test_a_client_leaving_mid_stream_frees_its_slot_and_kv_blocks(client, live):
     assert 'meswitch_requests_finished_total{expert="math",finish_reason="cancelled"}' in finished
 
 
+def test_a_client_leaving_a_plain_request_cancels_it(live):
+    _engine_idle(live)
+    body = {"model": "code", "prompt": CODE_PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(f"{live.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5)
+    stats = _engine_idle(live)
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+    metrics = httpx.get(f"{live.url}/metrics", timeout=10).text
+    assert 'meswitch_requests_finished_total{expert="code",finish_reason="cancelled"}' in metrics
+
+
 # -- routing ------------------------------------------------------------------------------------
 
 

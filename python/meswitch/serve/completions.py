@@ -133,14 +133,14 @@ async def _collect_all(request: Request, handles: Sequence[Any], timers: Sequenc
     work = asyncio.ensure_future(asyncio.gather(*(_collect(h, t) for h, t in zip(handles, timers))))
     watcher = asyncio.ensure_future(_until_disconnected(request.receive))
     try:
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
         if not work.done():
             work.cancel()
         for handle in handles:  # all of them when one failed; a finished one is left as it is
             handle.cancel()
-    if work.cancelled():
+    if work not in done:  # the client left first
         for timer in timers:
             timer.cancelled()
         raise APIError(499, "the client closed the connection", code="client_closed")
@@ -234,8 +234,9 @@ class Completions:
         stack = self._hold(choice, "chat")
         handles: list[Any] = []
         try:
-            tokenizer = context.engine.tokenizer(choice.expert)
-            prompt = await run_in_threadpool(chat_prompt_tokens, tokenizer, body.messages)
+            # off the event loop: a tokenizer's first use reads it from disk, and templates run Jinja
+            prompt = await run_in_threadpool(
+                lambda: chat_prompt_tokens(context.engine.tokenizer(choice.expert), body.messages))
             limit = body.token_limit()
             max_tokens = limit if limit is not None else max(1, context.context_length - len(prompt))
             params = _sampling_params(body, max_tokens)
