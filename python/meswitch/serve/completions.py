@@ -97,12 +97,17 @@ def _submit(context: ServingContext, choice: Choice, prompt: str | list[int], pa
     try:
         return context.engine.submit(choice.expert, prompt, params)
     except PromptTooLong as error:
-        raise APIError(400, f"{field}: {error}", param=field, code="context_length_exceeded") from None
+        raise APIError(400, f"{field}: {_about_prompt(error)}", param=field, code="context_length_exceeded") from None
     except ExpertUnavailable as error:
         raise APIError(404, f"the model '{choice.model}' is not available: {error}", param="model",
                        code="model_not_found") from None
     except ValueError as error:
-        raise APIError(400, f"{field}: {error}", param=field, code="invalid_value") from None
+        raise APIError(400, f"{field}: {_about_prompt(error)}", param=field, code="invalid_value") from None
+
+
+def _about_prompt(error: Exception) -> str:
+    """The engine's message without its own ``prompt:`` (the caller names the request's field)."""
+    return str(error).removeprefix("prompt: ")
 
 
 async def _collect(handle: Any, timer: RequestTimer) -> _Outcome:

@@ -155,6 +155,8 @@ class CompletionRequest(_SamplingFields):
     @field_validator("prompt")
     @classmethod
     def _check_prompt(cls, prompt: Any) -> Any:
+        if prompt == "" or (isinstance(prompt, list) and any(p == "" or p == [] for p in prompt)):
+            raise ValueError("must not be empty")
         if isinstance(prompt, list):
             if not prompt:
                 raise ValueError("must not be an empty list")
