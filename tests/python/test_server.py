@@ -241,6 +241,7 @@ def test_chat_stream_is_openai_chunks_ending_in_done(client, raw):
         events = [line for line in response.iter_lines() if line]
     assert all(line.startswith("data: ") for line in events) and events[-1] == "data: [DONE]"
     first = json.loads(events[0][6:])
+    assert set(first) == {"id", "object", "created", "model", "choices"}  # no usage unless asked for
     assert first["choices"][0] == {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                    "finish_reason": None}
     last = json.loads(events[-2][6:])

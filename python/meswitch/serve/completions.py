@@ -171,7 +171,11 @@ class _EngineStream(StreamingResponse):
 
 
 def _sse(payload: Any) -> str:
-    data = payload.model_dump_json() if hasattr(payload, "model_dump_json") else json.dumps(payload)
+    """One server-sent event; a chunk's ``usage`` appears only where it is set (OpenAI's usage chunk)."""
+    if hasattr(payload, "model_dump_json"):
+        data = payload.model_dump_json(exclude={"usage"} if getattr(payload, "usage", 0) is None else None)
+    else:
+        data = json.dumps(payload)
     return f"data: {data}\n\n"
 
 
