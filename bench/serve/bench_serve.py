@@ -167,6 +167,11 @@ class ServerProcess:
         for line in self.process.stdout:
             self.lines.append(line)
 
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used so far (user + system, all its threads)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -384,7 +389,9 @@ def main() -> int:
         server = ServerProcess(artifacts, host_budget, args.kv_cache, args.max_running, args.threads)
         try:
             print(f"server at {server.url}; load test ...", flush=True)
+            server_cpu, client_cpu = server.cpu_seconds(), time.process_time()
             run = asyncio.run(load_test(server.url, jobs, args.clients, args.max_tokens, args.scrape))
+            server_cpu, client_cpu = server.cpu_seconds() - server_cpu, time.process_time() - client_cpu
         finally:
             status = server.stop()
     outcomes: list[Outcome] = run["outcomes"]
@@ -410,7 +417,8 @@ def main() -> int:
                 "kv": {"blocks_total": scrapes.kv_total, "blocks_used_max": scrapes.kv_used_max},
                 "queue": {"waiting_max": scrapes.waiting_max, "running_max": scrapes.running_max,
                           "preemptions": final.get("meswitch_preemptions_total")},
-                "scrapes": scrapes.count, "violations": scrapes.violations}
+                "scrapes": scrapes.count, "violations": scrapes.violations,
+                "cpu_seconds": {"server": server_cpu, "clients": client_cpu}}
     results: dict[str, Any] = {
         "machine": {"cpu_kernel_path": cpu_kernel_path(), "cpus": os.cpu_count(),
                     "processor": platform.processor() or platform.machine()},
@@ -419,7 +427,9 @@ def main() -> int:
         "meswitch": meswitch,
         "requests": [asdict(o) for o in sorted(outcomes, key=lambda o: o.index)],
     }
-    print(f"CPU kernel path {cpu_kernel_path()}, {os.cpu_count()} CPUs; server and clients share them")
+    print(f"CPU kernel path {cpu_kernel_path()}, {os.cpu_count()} CPUs; server and clients share them "
+          f"(CPU seconds during the load test: server {server_cpu:.1f}, clients {client_cpu:.1f}, "
+          f"over {run['seconds']:.1f} s)")
     rows = [("meswitch serve (one engine, 2-bit deltas)", meswitch["tokens_per_s"], meswitch["ttft_p50_s"],
              meswitch["ttft_p99_s"])]
     if not args.no_baseline:
