@@ -482,6 +482,22 @@ def test_device_budget_is_refused_without_a_device_tier(capsys):
     assert error.count("\n") == 1 and "device tier needs a CUDA build and a CUDA device" in error
 
 
+def test_a_port_in_use_is_a_one_line_error_before_anything_loads(capsys, tmp_path, monkeypatch):
+    import socket
+
+    from meswitch.cli import main
+
+    monkeypatch.setenv("MESWITCH_CACHE_DIR", str(tmp_path / "cache"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 1
+    error = capsys.readouterr().err
+    assert error == f"meswitch serve: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    assert not (tmp_path / "cache").exists()  # nothing was compressed
+
+
 def test_bundled_family_is_compressed_once_and_keyed_by_its_content(tmp_path):
     from meswitch.serve.bundled import bundled_artifacts, family_key
 
