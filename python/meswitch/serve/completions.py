@@ -217,13 +217,16 @@ class Completions:
     def __init__(self, context: ServingContext) -> None:
         self.context = context
 
-    def _hold(self, choice: Choice, endpoint: str) -> ExitStack:
+    def _hold(self, choice: Choice) -> ExitStack:
         stack = ExitStack()
         stack.enter_context(self.context.catalog.use(choice))
+        return stack
+
+    def _accepted(self, choice: Choice, endpoint: str) -> None:
+        """Count a request the engine took (one refused at submission is counted by its status)."""
         self.context.metrics.requests.labels(choice.model, endpoint).inc()
         if choice.route is not None:
             self.context.metrics.routed.labels(choice.model, str(choice.route.fallback).lower()).inc()
-        return stack
 
     def _release(self, stack: ExitStack, handles: Sequence[Any], timers: Sequence[RequestTimer]) -> Callable[[], None]:
         def close() -> None:
@@ -240,7 +243,7 @@ class Completions:
         context = self.context
         messages = [m.model_dump() for m in body.messages]
         choice = context.catalog.choose(body.model, messages)
-        stack = self._hold(choice, "chat")
+        stack = self._hold(choice)
         handles: list[Any] = []
         try:
             # off the event loop: a tokenizer's first use reads it from disk, and templates run Jinja
@@ -253,6 +256,7 @@ class Completions:
         except BaseException:
             stack.close()
             raise
+        self._accepted(choice, "chat")
         timer = RequestTimer(context.metrics, choice.model, received)
         headers = {EXPERT_HEADER: choice.model}
         response_id, created = new_id("chatcmpl"), now()
@@ -300,7 +304,7 @@ class Completions:
             raise APIError(400, "prompt: model 'auto' routes one text prompt per request (not token ids or a list)",
                            param="prompt")
         choice = context.catalog.choose(body.model, prompts[0] if isinstance(prompts[0], str) else None)
-        stack = self._hold(choice, "completions")
+        stack = self._hold(choice)
         handles: list[Any] = []
         try:
             params = _sampling_params(body, body.max_tokens or COMPLETION_MAX_TOKENS)
@@ -314,6 +318,7 @@ class Completions:
                 handle.cancel()
             stack.close()
             raise
+        self._accepted(choice, "completions")
         timers = [RequestTimer(context.metrics, choice.model, received) for _ in handles]
         headers = {EXPERT_HEADER: choice.model}
         response_id, created = new_id("cmpl"), now()
