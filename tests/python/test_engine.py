@@ -375,7 +375,7 @@ def test_sampling_params_name_the_bad_field(field, value):
         SamplingParams(**{field: value})
 
 
-def test_bad_requests_are_refused_at_submit(model):
+def test_bad_requests_are_refused_at_submit(family, model, tmp_path):
     with Engine(model) as engine:
         with pytest.raises(PromptTooLong, match=r"500 tokens plus max_tokens 16 exceed the model's 512 positions"):
             engine.submit(None, list(range(5, 505)), SamplingParams(max_tokens=16))
@@ -391,6 +391,11 @@ def test_bad_requests_are_refused_at_submit(model):
         assert engine.stats()["waiting"] == 0 and engine.stats()["prompt_tokens_total"] == {}
     with pytest.raises(ValueError, match="max_running: must be an integer >= 1"):
         Engine(model, max_running=0)
+    (tmp_path / "expert").mkdir()
+    engine = Engine(MultiExpertModel(family["base"], {"ghost": tmp_path}, kv_cache_bytes=1 << 20))
+    with pytest.raises(EngineError, match=f"'ghost': no tokenizer can be read from {tmp_path / 'expert'}"):
+        engine.submit("ghost", [5, 6])
+    engine.close()
 
 
 def test_events_from_asyncio(model, references):

@@ -152,11 +152,25 @@ class Engine:
     # -- requests --------------------------------------------------------------------------
 
     def tokenizer(self, expert: str | None) -> Any:
-        """The tokenizer of ``expert`` (the base's for ``None``), read without loading the expert."""
+        """The tokenizer of ``expert`` (the base's for ``None``), read without loading the expert.
+
+        Raises
+        ------
+        ExpertUnavailable
+            No such expert.
+        EngineError
+            Its artifact has no readable tokenizer (the message names the directory).
+        """
         if expert is None:
-            return load_tokenizer(str(self.model.base_dir))
-        self._check_known(expert)
-        return load_tokenizer(str(self._residency.directory(expert) / "expert"))
+            directory = self.model.base_dir
+        else:
+            self._check_known(expert)
+            directory = self._residency.directory(expert) / "expert"
+        try:
+            return load_tokenizer(str(directory))
+        except (OSError, ValueError) as error:
+            raise EngineError(f"{'the base' if expert is None else repr(expert)}: no tokenizer can be read from "
+                              f"{directory}: {error}") from error
 
     def _check_known(self, expert: str) -> None:
         if not self._residency.known(expert):
