@@ -116,13 +116,7 @@ class MultiExpertModel:
         if expert is None:
             return self.config.vocab_size
         weights = self.expert_weights(expert)
-        if self.config.tie_word_embeddings:
-            return self.config.vocab_size if weights.embedding is None else weights.embedding.shape[0]
-        head = weights.whole.get("lm_head.weight")
-        if head is not None:
-            return head.shape[0]
-        extra = weights.extra_rows.get("lm_head.weight")
-        return self.config.vocab_size + (0 if extra is None else extra.shape[0])
+        return weights.rows(self._head_name, self.config.vocab_size)
 
     # -- the forward ---------------------------------------------------------------------
 
@@ -252,13 +246,14 @@ class MultiExpertModel:
         table = self.base["model.embed_tokens.weight"]
         hidden = torch.empty((tokens.shape[0], table.shape[1]), dtype=torch.float32)
         for group in groups:
-            own = table if group.weights is None or group.weights.embedding is None else group.weights.embedding
             ids = tokens[group.start:group.stop]
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= own.shape[0]):
-                bad = int(ids[(ids < 0) | (ids >= own.shape[0])][0])
-                raise ValueError(f"token id {bad} is outside the vocabulary of {group.expert or 'the base'} "
-                                 f"({own.shape[0]} tokens)")
-            hidden[group.start:group.stop] = own[ids]
+            if group.weights is not None:
+                hidden[group.start:group.stop] = group.weights.lookup("model.embed_tokens.weight", table, ids)
+                continue
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= table.shape[0]):
+                bad = int(ids[(ids < 0) | (ids >= table.shape[0])][0])
+                raise ValueError(f"token id {bad} is outside the vocabulary of the base ({table.shape[0]} tokens)")
+            hidden[group.start:group.stop] = table[ids]
         return hidden
 
     def _per_token(self, name: str, groups: list[_Group]) -> torch.Tensor | None:
@@ -318,24 +313,25 @@ class MultiExpertModel:
         up = self._linear(x, prefix + "mlp.up_proj.weight", groups)
         return hidden + self._linear(torch.nn.functional.silu(gate) * up, prefix + "mlp.down_proj.weight", groups)
 
+    @property
+    def _head_name(self) -> str:
+        """The output matrix: ``lm_head.weight``, or the embedding when the two are tied."""
+        tied = self.config.tie_word_embeddings and "lm_head.weight" not in self.base
+        return "model.embed_tokens.weight" if tied else "lm_head.weight"
+
     def _logits(self, hidden: torch.Tensor, groups: list[_Group]) -> list[torch.Tensor]:
-        """Per expert group, its tokens' logits over that expert's own vocabulary."""
-        if self.config.tie_word_embeddings and "lm_head.weight" not in self.base:
-            parts = []
-            for group in groups:
-                own = group.weights.embedding if group.weights is not None else None
-                table = self.base["model.embed_tokens.weight"] if own is None else own
-                parts.append(hidden[group.start:group.stop] @ table.T)
-        else:
-            base_logits = self._linear(hidden, "lm_head.weight", groups)
-            parts = []
-            for group in groups:
-                part = base_logits[group.start:group.stop]
-                weights = group.weights
-                extra = None if weights is None else weights.extra_rows.get("lm_head.weight")
-                if weights is not None and "lm_head.weight" in weights.whole:
-                    extra = weights.whole["lm_head.weight"][base_logits.shape[1]:]
-                if extra is not None and extra.shape[0]:
-                    part = torch.cat([part, hidden[group.start:group.stop] @ extra.T], dim=1)
-                parts.append(part)
+        """Per expert group, its tokens' logits over that expert's own vocabulary: the base's rows
+        by the fused linear, then the rows an expanded vocabulary adds."""
+        name = self._head_name
+        base_logits = self._linear(hidden, name, groups)
+        parts = []
+        for group in groups:
+            part = base_logits[group.start:group.stop]
+            weights = group.weights
+            extra = None if weights is None else weights.extra_rows.get(name)
+            if weights is not None and name in weights.whole:
+                extra = weights.whole[name][base_logits.shape[1]:]
+            if extra is not None and extra.shape[0]:
+                part = torch.cat([part, hidden[group.start:group.stop] @ extra.T], dim=1)
+            parts.append(part)
         return parts
