@@ -116,6 +116,7 @@ def _run_compress(args: argparse.Namespace) -> int:
                                    salient_channels=channels, clip_grid=args.clip_grid, min_clip=args.min_clip,
                                    avg_bits=args.avg_bits, vocab_bits=args.vocab_bits,
                                    refine_steps=args.refine_steps, refine_lr=args.refine_lr,
+                                   method=args.method, damping=args.damping, act_order=args.act_order,
                                    ragged_groups=args.ragged_groups, max_shard_bytes=args.max_shard_bytes)
     report = compress(args.base, args.expert, args.out, settings=settings, calibration=args.calib,
                       name=args.name, domain=args.domain or "", progress=not args.quiet, force=args.force)
@@ -263,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="step-size search points; 1 (default) keeps the full range")
     compress.add_argument("--min-clip", type=float_in(0, 1, low_open=True), default=0.5,
                           help="smallest clip ratio searched, in (0, 1]")
+    compress.add_argument("--method", choices=("gptq", "rtn"), default="gptq",
+                          help="gptq (default): error-compensating quantization with the calibration Hessians of "
+                               "--calib (round to nearest without --calib); rtn: round every value to nearest")
+    compress.add_argument("--damping", type=float_in(0, low_open=True), default=0.01,
+                          help="GPTQ: damping added to the Hessian's diagonal, times its mean (default 0.01)")
+    compress.add_argument("--act-order", action="store_true",
+                          help="GPTQ: quantize the most active input channels first")
     compress.add_argument("--refine-steps", type=int_in(0), default=0,
                           help="learnable step sizes: Adam steps training the scales end to end on --calib (default 0)")
     compress.add_argument("--refine-lr", type=float_in(0, low_open=True), default=1e-2,
