@@ -40,6 +40,22 @@ def read_calibration_texts(path: str | Path, limit: int | None = None) -> list[s
     return texts[:limit] if limit else texts
 
 
+def token_sequences(tokenizer, texts: Sequence[str], max_length: int, what: str) -> list:
+    """Each text as a 1-D ``torch`` id tensor: BOS (else EOS) then at most ``max_length - 1`` tokens.
+
+    Texts shorter than two tokens are dropped; none left is a ValueError naming ``what``.
+    """
+    import torch
+
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    sequences = [torch.tensor([start] + tokenizer(t, add_special_tokens=False)["input_ids"][: max_length - 1])
+                 for t in texts]
+    sequences = [s for s in sequences if len(s) >= 2]
+    if not sequences:
+        raise ValueError(f"{what}: every calibration text is empty after tokenization")
+    return sequences
+
+
 def _run_calibration(model, tokenizer, texts: Sequence[str], max_length: int, max_tokens: int, hook_for) -> None:
     """Run ``model`` on ``texts`` with ``hook_for(weight name)`` as a pre-hook on every ``nn.Linear``."""
     import torch

@@ -462,8 +462,21 @@ def compress(base: str | Path, expert: str | Path, out: str | Path, *,
     delta_names = [n for n in names if n in base_ckpt and is_delta_role(tensor_role(n))
                    and len(expert_ckpt.info(n)["shape"]) == 2]
     plan: dict[str, PlanChoice] | None = None
+    planner_info: dict[str, Any] | None = None
     if settings.avg_bits is not None:
-        plan = _plan(base, expert, base_ckpt, expert_ckpt, delta_names, statistics, settings, progress)
+        plan_start = time.perf_counter()
+        sensitivity = None
+        if texts:  # the output-aware score needs the model on calibration text
+            from meswitch.sensitivity import output_sensitivity
+
+            hessians = statistics if settings.method == "gptq" else None
+            sensitivity = output_sensitivity(expert, texts, hessians=hessians)
+            if any(name not in sensitivity for name in delta_names):
+                sensitivity = None  # scores must share one unit across matrices
+        plan = _plan(base, expert, base_ckpt, expert_ckpt, delta_names, statistics, settings, progress, sensitivity)
+        planner_info = {"bits": list(PLANNER_BITS), "salient_fractions": list(PLANNER_SALIENT_FRACTIONS),
+                        "score": "output" if sensitivity is not None else "relative weight error",
+                        "seconds": time.perf_counter() - plan_start}
 
     # With refinement the quantized artifact is an intermediate in a private scratch
     # directory beside ``out``: ``out`` appears only refined.
@@ -490,8 +503,7 @@ def compress(base: str | Path, expert: str | Path, out: str | Path, *,
             "base_path_hint": str(base),
             "expert_config": json.loads(expert_config),
             "quantization": {**asdict(settings), "calibration": calibration_info,
-                             "planner": None if plan is None else {
-                                 "bits": list(PLANNER_BITS), "salient_fractions": list(PLANNER_SALIENT_FRACTIONS)}},
+                             "planner": planner_info},
             "statistics": {"delta_parameters": totals["params"], "delta_storage_bits": totals["storage_bits"],
                            "avg_bits": totals["storage_bits"] / max(1, totals["params"])},
             "tensors": entries,
@@ -655,8 +667,13 @@ def _store_other(writer, tensor: str, base_ckpt: Checkpoint, expert_ckpt: Checkp
 
 
 def _plan(base: Path, expert: Path, base_ckpt: Checkpoint, expert_ckpt: Checkpoint, delta_names: Sequence[str],
-          statistics, settings: CompressionSettings, progress) -> dict[str, PlanChoice]:
-    """Measure every (bits, salient) candidate of every delta matrix, then solve the budget."""
+          statistics, settings: CompressionSettings, progress, sensitivity=None) -> dict[str, PlanChoice]:
+    """Measure every (bits, salient) candidate of every delta matrix, then solve the budget.
+
+    With ``sensitivity`` (``meswitch.sensitivity.output_sensitivity``) a candidate's error is
+    its estimated effect on the calibration loss; without, its error relative to the delta's
+    own weighted energy, times the matrix's size.
+    """
     candidates: dict[str, list[PlanChoice]] = {}
     parameters: dict[str, int] = {}
     bar = _Progress(progress, len(delta_names), f"plan {expert.name}")
@@ -677,10 +694,15 @@ def _plan(base: Path, expert: Path, base_ckpt: Checkpoint, expert_ckpt: Checkpoi
                                                  clip_grid=settings.clip_grid, min_clip=settings.min_clip, name=tensor,
                                                  ragged_groups=settings.ragged_groups, hessian=hessian,
                                                  damping=settings.damping, act_order=settings.act_order)
-                        # Errors are compared across matrices relative to each delta's own weighted
-                        # energy, times its size: the units of activation statistics differ per layer.
-                        relative = result.error / result.reference if result.reference > 0 else 0.0
-                        options.append(PlanChoice(bits, k, relative * rows * cols, result.storage_bits, group_size))
+                        if sensitivity is not None:
+                            approx = dequantize_pieces(result.pieces, rows, cols, bits, result.group_size)
+                            error = sensitivity[tensor].score(delta - approx)
+                        else:
+                            # Relative to each delta's own weighted energy, times its size: the units
+                            # of activation statistics differ per layer.
+                            relative = result.error / result.reference if result.reference > 0 else 0.0
+                            error = relative * rows * cols
+                        options.append(PlanChoice(bits, k, error, result.storage_bits, group_size))
             candidates[tensor] = options
             parameters[tensor] = rows * cols
             bar(index + 1, tensor)
