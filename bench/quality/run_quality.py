@@ -144,9 +144,10 @@ def main() -> None:
                     params += shape[0] * shape[1]
                     bits += bitdelta_storage_bits(shape[0], shape[1])
             for label, make in (
-                    ("BitDelta 1-bit", lambda: dict(bitdelta_weights(base, expert))),
+                    ("BitDelta 1-bit", lambda expert=expert: dict(bitdelta_weights(base, expert))),
                     ("BitDelta 1-bit, distilled scales",
-                     lambda: bitdelta_distilled_weights(base, expert, read_calibration_texts(calibration)))):
+                     lambda expert=expert, calibration=calibration: bitdelta_distilled_weights(
+                         base, expert, read_calibration_texts(calibration)))):
                 log(f"{domain}: {label}")
                 started = time.perf_counter()
                 weights = make()

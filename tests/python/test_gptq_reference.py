@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_quantize_reference import F32, ref_dequantize, ref_pack, ref_quantize
-
 from meswitch import _core
+from test_quantize_reference import F32, ref_dequantize, ref_pack, ref_quantize
 
 QUANT_PIECES = [piece for piece, _ in _core.DELTA_PIECES]
 
@@ -26,7 +25,7 @@ def ref_gptq(delta: np.ndarray, hessian: np.ndarray, salient_idx: np.ndarray, bi
     group = min(group_size or cols, cols)
     rtn = ref_quantize(delta, None, salient_idx, bits, group_size, clip_grid=1)  # static groups: RTN's
     scales, zeros = rtn["scales"].astype(F32), rtn["zeros"].astype(F32)
-    salient = set(int(i) for i in salient_idx)
+    salient = {int(i) for i in salient_idx}
     kept = [c for c in range(cols) if c not in salient]
     if act_order:
         kept.sort(key=lambda c: -hessian[c, c])  # stable: ties keep the natural order
@@ -126,11 +125,10 @@ def test_gptq_beats_rtn_on_random_layers(bits):
 def family_layers():
     """Deltas and calibration Hessians of a few real matrices of the bundled chat expert."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from meswitch.calibration import collect_input_hessians, read_calibration_texts
     from meswitch.checkpoint import open_checkpoint
     from meswitch.family import family_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     family = family_dir()
     texts = read_calibration_texts(family.parent / "calib" / "chat.jsonl", limit=16)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from meswitch.calibration import read_calibration_texts
 from meswitch.family import family_dir
 from meswitch.sensitivity import MatrixSensitivity, output_sensitivity
