@@ -76,6 +76,16 @@ def test_cuda_memory_on_a_build_without_cuda_is_a_clear_error():
     assert not cuda.is_available() and "MESWITCH_CUDA=OFF" in cuda.unavailable_reason()
 
 
+@pytest.mark.skipif(_core.CUDA, reason="this build has CUDA: the error is for builds without it")
+def test_the_multi_expert_model_on_cuda_without_a_cuda_build_is_a_clear_error():
+    from meswitch.family import family_dir
+    from meswitch.serve import MultiExpertModel
+
+    with pytest.raises(RuntimeError, match=r"the device tier is on a CUDA device, but this meswitch was built "
+                                           r"without CUDA"):
+        MultiExpertModel(family_dir() / "base", {}, device="cuda")
+
+
 # ---- on a GPU ------------------------------------------------------------------------------
 
 def gpu_reference(x: torch.Tensor, d: dict) -> tuple[np.ndarray, np.ndarray]:
