@@ -105,8 +105,22 @@ class ExpertWeights:
 
     @classmethod
     def prepare(cls, artifact: ExpertArtifact, base_dir: str | os.PathLike[str], *,
-                check_base: bool = True) -> ExpertWeights:
-        """Check ``artifact`` against the base and gather its tensors (raises ``meswitch.FormatError``)."""
+                check_base: bool = True, device: str | torch.device = "cpu") -> ExpertWeights:
+        """Check ``artifact`` against the base and gather its tensors (raises ``meswitch.FormatError``).
+
+        The whole tensors, extra rows and embedding go to ``device``; the deltas stay references
+        into the artifact (on a GPU, the device tier uploads them).
+        """
+        prepared = cls._gather(artifact, base_dir, check_base)
+        if torch.device(device).type != "cpu":
+            prepared.whole = {name: t.to(device) for name, t in prepared.whole.items()}
+            prepared.extra_rows = {name: t.to(device) for name, t in prepared.extra_rows.items()}
+            if prepared.embedding is not None:
+                prepared.embedding = prepared.embedding.to(device)
+        return prepared
+
+    @classmethod
+    def _gather(cls, artifact: ExpertArtifact, base_dir: str | os.PathLike[str], check_base: bool) -> ExpertWeights:
         if check_base:
             artifact.check_base(base_dir)
         prepared = cls(artifact)
