@@ -108,15 +108,13 @@ class ExpertWeights:
                 check_base: bool = True, device: str | torch.device = "cpu") -> ExpertWeights:
         """Check ``artifact`` against the base and gather its tensors (raises ``meswitch.FormatError``).
 
-        The whole tensors, extra rows and embedding go to ``device``; the deltas stay references
-        into the artifact (on a GPU, the device tier uploads them).
+        The whole tensors and extra rows go to ``device``; the deltas stay references into the
+        artifact (on a GPU, the device tier uploads them).
         """
         prepared = cls._gather(artifact, base_dir, check_base)
         if torch.device(device).type != "cpu":
             prepared.whole = {name: t.to(device) for name, t in prepared.whole.items()}
             prepared.extra_rows = {name: t.to(device) for name, t in prepared.extra_rows.items()}
-            if prepared.embedding is not None:
-                prepared.embedding = prepared.embedding.to(device)
         return prepared
 
     @classmethod
@@ -155,13 +153,14 @@ class ExpertWeights:
             raise ValueError(f"token id {bad} is outside the vocabulary of {self.artifact.name} ({count} tokens)")
         if name in self.whole:
             return self.whole[name][ids]
-        out = torch.empty((ids.shape[0], base_table.shape[1]), dtype=torch.float32)
+        out = torch.empty((ids.shape[0], base_table.shape[1]), dtype=torch.float32, device=base_table.device)
         own = ids < base_table.shape[0]
         shared = ids[own]
         out[own] = base_table[shared]
         if name in self.deltas and shared.numel():
             # base + delta in float32, not rounded back to the stored dtype (as the linears do)
-            out[own] += torch.from_numpy(delta_rows(self.artifact, name, shared.numpy()))
+            rows = delta_rows(self.artifact, name, shared.cpu().numpy())
+            out[own] += torch.from_numpy(rows).to(base_table.device)
         if not bool(own.all()):
             out[~own] = self.extra_rows[name][ids[~own] - base_table.shape[0]]
         return out

@@ -195,8 +195,10 @@ class MultiExpertModel:
         if self.on_gpu:  # hold each expert's deltas in the device tier for this forward
             for group in groups:
                 if group.weights is not None and group.weights.deltas:
-                    group.device_deltas = self.device_tier.acquire(group.expert, group.weights.artifact,
-                                                                   list(group.weights.deltas))
+                    # an untied embedding's delta is only looked up (host rows), never multiplied
+                    names = [n for n in group.weights.deltas
+                             if n != "model.embed_tokens.weight" or n == self._head_name]
+                    group.device_deltas = self.device_tier.acquire(group.expert, group.weights.artifact, names)
                     on_device.append(group.expert)
         tokens = torch.tensor([t for i in order for t in inputs[i].tokens], dtype=torch.int64, device=self.device)
         starts = [self.cache.length(inputs[i].sequence) for i in order]
