@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from meswitch.serve.model import MultiExpertModel, SequenceInput
-
-
-@lru_cache(maxsize=32)
-def _tokenizer(directory: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(directory)
+from meswitch.serve.tokenizer import load_tokenizer
 
 
 def expert_tokenizer(model: MultiExpertModel, expert: str | None) -> Any:
     """The tokenizer of ``expert`` (its artifact's ``expert/`` directory) or of the base (``None``)."""
     if expert is None:
-        return _tokenizer(str(model.base_dir))
+        return load_tokenizer(str(model.base_dir))
     directory = Path(model.expert_weights(expert).artifact.path) / "expert"
-    return _tokenizer(str(directory))
+    return load_tokenizer(str(directory))
 
 
 def generate(model: MultiExpertModel, expert: str | None, prompt: str, max_tokens: int = 64, *,

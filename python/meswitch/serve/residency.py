@@ -1,0 +1,226 @@
+"""Which experts the engine can run now: held while in use, loaded off the loop thread.
+
+A sequence's forward needs its expert resident in the store. The engine *holds* an expert
+(``store.acquire``: a :class:`~meswitch.serve.store.HeldExpert`) from the admission of its
+first running request until its last running request ends. A store evicts only experts
+nobody holds, so an expert never leaves memory between the steps of a request that still
+uses it, while an expert no running request uses is free to make room for another.
+
+A waiting request whose expert is not held is passed over while a loader thread asks the
+store to prefetch it (the store's background load), waits for that load, takes the hold
+and prepares the model's tensors of the expert; the loop thread keeps stepping the running
+requests meanwhile. A load ends one of three ways:
+
+- ready: the hold goes to the loop, which admits the expert's waiting requests;
+- failed (an altered artifact, an expert larger than the budget, one removed from the
+  store): the engine ends that expert's waiting requests with the error;
+- no room (everything resident is held or pinned, by this engine or others): tried
+  again after a hold is released or a short while, and meanwhile no request of another
+  expert is admitted past it, so the holds drain and the expert gets its turn.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from meswitch.artifact import ExpertArtifact
+from meswitch.serve.model import MultiExpertModel
+from meswitch.serve.scheduler import Admission
+
+LOGGER = logging.getLogger(__name__)
+#: Seconds before an expert that found no room tries again, when no hold was released meanwhile.
+RETRY_SECONDS = 0.25
+
+
+class ExpertResidency:
+    """The experts the engine holds, and a loader thread for those it does not.
+
+    Parameters
+    ----------
+    model
+        The multi-expert model (its tensors of each expert are prepared on loading).
+    store
+        The model's expert store, or ``None`` when the model's experts are a mapping
+        (always available; only their first preparation runs on the loader thread).
+    wake
+        Called (from the loader thread) when a load ended, to wake the engine loop.
+
+    Only the engine loop calls the methods that change holds (:meth:`gate`,
+    :meth:`admitted`, :meth:`left`, :meth:`poll`, :meth:`release_unclaimed`).
+    """
+
+    def __init__(self, model: MultiExpertModel, store: Any | None, wake: Callable[[], None]) -> None:
+        self.model = model
+        self.store = store
+        self._wake = wake
+        self._held: dict[str, Any] = {}  # expert -> HeldExpert (None for a mapping): may run now
+        self._running: dict[str, int] = {}  # expert -> running requests
+        self._vocab: dict[str, int] = {}  # expert -> logits rows, from its first load
+        self._pending: set[str] = set()  # handed to the loader, not back yet
+        self._no_room: dict[str, tuple[int, float]] = {}  # expert -> (releases then, retry time)
+        self._releases = 0  # holds released so far: a chance of room for those without
+        self._results: deque[tuple[str, str, Any]] = deque()
+        self._jobs: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._loader: threading.Thread | None = None
+        self._closed = False
+
+    # -- any thread ------------------------------------------------------------------------
+
+    def known(self, expert: str) -> bool:
+        """Whether the model's expert source has ``expert``."""
+        return expert in self.names()
+
+    def names(self) -> list[str]:
+        if self.store is not None:
+            return self.store.names()
+        return sorted(self.model.experts.source)
+
+    def directory(self, expert: str) -> Path:
+        """The artifact directory of ``expert`` (its tokenizer is under ``expert/``), read without loading it."""
+        if self.store is not None:
+            for entry in self.store.memory_report()["experts"]:
+                if entry["name"] == expert:
+                    return Path(entry["directory"])
+            raise KeyError(expert)
+        value = self.model.experts.source[expert]
+        return value.path if isinstance(value, ExpertArtifact) else Path(os.fspath(value))
+
+    def vocab_size(self, expert: str) -> int | None:
+        """Rows of ``expert``'s logits once it has been loaded, else ``None``."""
+        return self._vocab.get(expert)
+
+    # -- the engine loop ---------------------------------------------------------------------
+
+    def gate(self, expert: str | None) -> Admission:
+        """Whether a request of ``expert`` may be admitted now; starts its load when needed."""
+        if expert is None or expert in self._held:
+            return Admission.READY
+        if self.store is None and expert in self._vocab:  # a mapping's expert, prepared before
+            self._held[expert] = None
+            return Admission.READY
+        no_room = self._no_room.get(expert)
+        if expert in self._pending:
+            return Admission.WAIT if no_room is None else Admission.BLOCKED
+        if no_room is not None and no_room[0] == self._releases and time.monotonic() < no_room[1]:
+            return Admission.BLOCKED
+        self._pending.add(expert)
+        self._jobs.put(expert)
+        if self._loader is None:
+            self._loader = threading.Thread(target=self._load_forever, name="meswitch-expert-loader", daemon=True)
+            self._loader.start()
+        return Admission.WAIT if no_room is None else Admission.BLOCKED
+
+    def admitted(self, expert: str | None) -> None:
+        """A request of ``expert`` (held: :meth:`gate` said ready) starts running."""
+        if expert is not None:
+            self._running[expert] = self._running.get(expert, 0) + 1
+
+    def left(self, expert: str | None) -> None:
+        """A running request of ``expert`` ended or was preempted; the last one releases the hold."""
+        if expert is None:
+            return
+        count = self._running[expert] - 1
+        if count:
+            self._running[expert] = count
+            return
+        del self._running[expert]
+        self._release(expert)
+
+    def _release(self, expert: str) -> None:
+        held = self._held.pop(expert, None)
+        if held is not None:
+            held.release()
+            self._releases += 1
+
+    def release_unclaimed(self, wanted: Iterable[str | None]) -> None:
+        """Release the holds that no running request uses and no request in ``wanted`` waits for."""
+        wanted = set(wanted)
+        for expert in [name for name in self._held if name not in self._running and name not in wanted]:
+            self._release(expert)
+
+    @property
+    def has_unclaimed(self) -> bool:
+        return any(name not in self._running for name in self._held)
+
+    def poll(self) -> list[tuple[str, str]]:
+        """Take the loads that ended; return ``(expert, message)`` for each that failed."""
+        failures = []
+        while self._results:
+            outcome, expert, value = self._results.popleft()
+            self._pending.discard(expert)
+            if outcome == "ready":
+                held, vocab = value
+                self._no_room.pop(expert, None)
+                self._vocab[expert] = vocab
+                if self._closed or expert in self._held:
+                    if held is not None:
+                        held.release()
+                else:
+                    self._held[expert] = held
+            elif outcome == "no room":
+                self._no_room[expert] = (self._releases, time.monotonic() + RETRY_SECONDS)
+            else:
+                self._no_room.pop(expert, None)
+                failures.append((expert, value))
+        return failures
+
+    def close(self, timeout: float) -> None:
+        """Stop the loader (waiting at most ``timeout`` s for a load in flight) and release every hold."""
+        self._closed = True
+        self._jobs.put(None)
+        if self._loader is not None:
+            self._loader.join(timeout)
+        self.poll()
+        for expert in list(self._held):
+            self._release(expert)
+        self._running.clear()
+
+    # -- the loader thread -----------------------------------------------------------------
+
+    def _load_forever(self) -> None:
+        while (expert := self._jobs.get()) is not None:
+            if self._closed:
+                continue
+            try:
+                self._results.append(self._load(expert))
+            except BaseException as error:
+                LOGGER.exception("loading expert %r", expert)
+                self._results.append(("failed", expert, f"expert {expert!r} failed to load: {error}"))
+            self._wake()
+
+    def _load(self, expert: str) -> tuple[str, str, Any]:
+        held = None
+        try:
+            if self.store is not None:
+                self.store.prefetch(expert)  # raises at once when the expert can never fit
+                self.store.wait(expert)  # raises the load's error
+                held = self.store.acquire(expert)  # resident now (or loads itself if the prefetch found no room)
+            self.model.expert_weights(expert)
+            return "ready", expert, (held, self.model.vocab_size(expert))
+        except Exception as error:  # noqa: BLE001 - a load's outcome, sorted below
+            if held is not None:
+                held.release()
+            if self._lacks_room(expert):
+                return "no room", expert, str(error)
+            return "failed", expert, f"expert {expert!r} failed to load: {error}"
+
+    def _lacks_room(self, expert: str) -> bool:
+        """Whether ``expert`` fits the host budget but not beside what is held, pinned or loading now."""
+        if self.store is None:
+            return False
+        report = self.store.memory_report()
+        entry = next((item for item in report["experts"] if item["name"] == expert), None)
+        host = report["tiers"]["host"]
+        if entry is None or entry["bytes"] > host["budget_bytes"]:
+            return False
+        evictable = sum(item["bytes"] for item in report["experts"]
+                        if item["tier"] == "host" and item["holders"] == 0 and not item["pinned"])
+        return host["used_bytes"] - evictable + entry["bytes"] > host["budget_bytes"]
