@@ -8,6 +8,10 @@
 #   ./dev.sh bench-io   the 1 GiB checkpoint read benchmark
 #   ./dev.sh develop    build the C++ tests and meswitch._core in build/dev, linked into
 #                       python/meswitch, for `PYTHONPATH=python python -m pytest` without installing
+#   ./dev.sh cuda-compile  the CUDA kernels for sm_80, sm_89 and sm_90, their tests and the CUDA
+#                       bindings in build/cuda; runs the CUDA tests (GPU cases skip without a device)
+#   ./dev.sh cuda-develop  on a GPU machine: meswitch._core with CUDA in build/cuda-dev, linked into
+#                       python/meswitch (CUDA_ARCHS, default 90), for the GPU tests and bench/cuda_gemm
 set -euo pipefail
 cd "$(dirname "$0")"
 JOBS=${JOBS:-$(nproc)}
@@ -33,7 +37,8 @@ case "${1:-help}" in
     ;;
   test)
     deps
-    build_cpp build/cpp
+    # The CUDA sources are compiled (for every architecture) by cuda-compile, not again here.
+    build_cpp build/cpp -DMESWITCH_CUDA=OFF
     install_python
     status=0
     ctest --test-dir build/cpp --output-on-failure -j "$JOBS" || status=1
@@ -62,13 +67,27 @@ case "${1:-help}" in
     build_cpp build/dev -DMESWITCH_PYTHON=ON -DMESWITCH_CUDA=OFF -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)"
     for module in build/dev/_core*.so; do ln -sf "../../$module" python/meswitch/; done
     ;;
+  cuda-compile)
+    deps
+    # CUDA targets only: the kernels library, its tests, and the one binding file that uses
+    # CUDA (the rest of meswitch._core is built and tested without CUDA by `test`).
+    cmake -S . -B build/cuda -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMESWITCH_CUDA=ON -DMESWITCH_PYTHON=ON \
+      -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" -DCMAKE_CUDA_ARCHITECTURES="80;89;90" >/dev/null
+    cmake --build build/cuda -j "$JOBS" --target meswitch_cuda meswitch_cuda_tests CMakeFiles/_core.dir/src/bindings_cuda.cpp.o
+    ctest --test-dir build/cuda --output-on-failure -R '^cuda[.]'
+    ;;
+  cuda-develop)
+    build_cpp build/cuda-dev -DMESWITCH_CUDA=ON -DMESWITCH_PYTHON=ON -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" \
+      -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90}"
+    for module in build/cuda-dev/_core*.so; do ln -sf "../../$module" python/meswitch/; done
+    ;;
   bench-io)
     deps
     install_python
     python3 bench/io/bench_read.py "${@:2}"
     ;;
   *)
-    sed -n '2,11p' "$0"
+    sed -n '2,15p' "$0"
     exit 2
     ;;
 esac

@@ -19,6 +19,10 @@ void bind_quantize(py::module_& m);
 void bind_ops(py::module_& m);
 void bind_router(py::module_& m);
 void bind_store(py::module_& m);
+void bind_tiles(py::module_& m);
+#if MESWITCH_WITH_CUDA
+void bind_cuda(py::module_& m);
+#endif
 
 namespace {
 
@@ -140,6 +144,13 @@ PYBIND11_MODULE(_core, m) {
   bind_ops(m);
   bind_router(m);
   bind_store(m);
+  bind_tiles(m);
+#if MESWITCH_WITH_CUDA
+  bind_cuda(m);
+  m.attr("CUDA") = true;
+#else
+  m.attr("CUDA") = false;  // built with MESWITCH_CUDA=OFF
+#endif
 
   m.def("write_safetensors", &write_file, py::arg("path"), py::arg("tensors"), py::arg("metadata"));
   m.def("f32_to_f16_bits", [](py::array_t<float, py::array::c_style | py::array::forcecast> x) { return narrow(x, float_to_f16); });

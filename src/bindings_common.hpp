@@ -49,6 +49,12 @@ inline bool dtype_of_numpy(const py::dtype& dtype, DType& out, bool u16_as_f16 =
   return true;
 }
 
+// Whether a tensor of `found` holds `wanted` bit for bit: u32 words may come as int32
+// (torch has no general uint32 type).
+inline bool same_storage(DType found, DType wanted) {
+  return found == wanted || (wanted == DType::U32 && found == DType::I32);
+}
+
 // A safetensors dtype name ("F16", "U32" ...) from Python; ValueError for the rest.
 inline DType dtype_named(const std::string& name) {
   DType dtype;
@@ -73,7 +79,8 @@ inline py::array kept_array(const std::shared_ptr<const void>& owner, const Tens
   return array;
 }
 
-// A borrowed host tensor: a view plus whatever keeps its memory alive. A consumed
+// A borrowed tensor: a view plus whatever keeps its memory alive (host memory, or
+// device memory for the CUDA bindings). A consumed
 // DLPack tensor is released through its deleter when this goes away (with the GIL
 // held: producers' deleters may touch Python objects).
 class HostTensor {
@@ -112,14 +119,19 @@ inline std::string type_name(py::handle object) { return py::str(py::type::handl
 
 namespace detail {
 
-inline HostTensor from_dlpack(py::handle object, bool u16_as_f16, const char* name) {
-  py::capsule capsule = object.attr("__dlpack__")();
+// Takes ownership of the DLManagedTensor in an unconsumed "dltensor" capsule.
+inline DLManagedTensor* adopt_capsule(const py::object& capsule, const char* name) {
   if (!PyCapsule_IsValid(capsule.ptr(), "dltensor"))
     throw py::value_error(std::string(name) + ": __dlpack__ did not return an unconsumed 'dltensor' capsule");
   auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
   // From here on we own the tensor: rename so the capsule's destructor leaves it alone.
   PyCapsule_SetName(capsule.ptr(), "used_dltensor");
+  return managed;
+}
+
+inline HostTensor from_dlpack(py::handle object, bool u16_as_f16, const char* name) {
   HostTensor tensor;
+  DLManagedTensor* managed = adopt_capsule(object.attr("__dlpack__")(), name);
   tensor.adopt(managed);
   try {
     tensor.view = host_tensor_view(managed->dl_tensor, name, u16_as_f16);

@@ -22,6 +22,7 @@
 
 #include "bindings_common.hpp"
 #include "meswitch/delta.hpp"
+#include "meswitch/gptq.hpp"
 #include "meswitch/pack.hpp"
 #include "meswitch/quantize.hpp"
 #include "meswitch/salient.hpp"
@@ -90,6 +91,8 @@ QuantSpec make_spec(int bits, std::int64_t group_size, int clip_grid, float min_
   return spec;
 }
 
+py::dict quantized_dict(const CompressedDelta& q, const FloatArray& delta, const float* weight);
+
 py::dict py_quantize_delta(const FloatArray& delta, const std::optional<FloatArray>& channel_weight,
                            const IndexArray& salient_idx, int bits, std::int64_t group_size, int clip_grid,
                            float min_clip, const std::string& name, bool ragged_groups) {
@@ -101,6 +104,12 @@ py::dict py_quantize_delta(const FloatArray& delta, const std::optional<FloatArr
   const QuantSpec spec = make_spec(bits, group_size, clip_grid, min_clip, ragged_groups);
   const CompressedDelta q =
       without_gil([&] { return quantize_delta(delta.data(), rows, cols, weight, indices, spec, name); });
+  return quantized_dict(q, delta, weight);
+}
+
+// The stored pieces of q (read-only views of the arrays it owns, no copy), its shape and
+// its activation-weighted error against delta.
+py::dict quantized_dict(const CompressedDelta& q, const FloatArray& delta, const float* weight) {
   py::dict result;
   for (const DeltaPiece piece : kDeltaPieces)  // read-only views of the arrays q owns, no copy
     result[delta_piece_name(piece)] = bindings::kept_array(q.owner, q.view(piece));
@@ -114,6 +123,35 @@ py::dict py_quantize_delta(const FloatArray& delta, const std::optional<FloatArr
   result["error"] = error.error;
   result["reference"] = error.reference;
   return result;
+}
+
+const float* hessian_pointer(const FloatArray& hessian, py::ssize_t cols, const std::string& name) {
+  if (hessian.ndim() != 2 || hessian.shape(0) != cols || hessian.shape(1) != cols)
+    throw py::value_error(named(name) + "hessian must have shape (" + std::to_string(cols) + ", " +
+                          std::to_string(cols) + ")");
+  return hessian.data();
+}
+
+py::dict py_quantize_delta_gptq(const FloatArray& delta, const FloatArray& hessian, const IndexArray& salient_idx,
+                                int bits, std::int64_t group_size, int clip_grid, float min_clip,
+                                const std::string& name, bool ragged_groups, double damping, bool act_order,
+                                bool static_groups, int num_threads) {
+  require_matrix(delta, "delta", name);
+  if (salient_idx.ndim() != 1) throw py::value_error(named(name) + "salient_idx must be 1-D");
+  const std::int64_t rows = delta.shape(0), cols = delta.shape(1);
+  const float* h = hessian_pointer(hessian, cols, name);
+  const std::vector<std::int32_t> indices(salient_idx.data(), salient_idx.data() + salient_idx.size());
+  const QuantSpec spec = make_spec(bits, group_size, clip_grid, min_clip, ragged_groups);
+  GptqSpec gptq;
+  gptq.damping = damping;
+  gptq.act_order = act_order;
+  gptq.static_groups = static_groups;
+  gptq.num_threads = num_threads;
+  const CompressedDelta q =
+      without_gil([&] { return quantize_delta_gptq(delta.data(), rows, cols, h, indices, spec, gptq, name); });
+  std::vector<float> diagonal(static_cast<std::size_t>(cols));
+  for (std::int64_t c = 0; c < cols; ++c) diagonal[std::size_t(c)] = h[c * cols + c];
+  return quantized_dict(q, delta, diagonal.data());
 }
 
 bindings::BorrowedDelta stored_delta(py::handle qweight, py::handle scales, py::handle zeros, py::handle salient_idx,
@@ -150,6 +188,21 @@ py::dict py_scale_free_parts(py::handle qweight, py::handle scales, py::handle z
   result["salient"] = salient_dense;
   result["column_group"] = column_group;
   return result;
+}
+
+py::tuple py_hessian_weighted_error(py::handle qweight, py::handle scales, py::handle zeros, py::handle salient_idx,
+                                    py::handle salient, std::int64_t rows, std::int64_t cols, int bits,
+                                    std::int64_t group_size, const FloatArray& delta, const FloatArray& hessian,
+                                    const std::string& name) {
+  const bindings::BorrowedDelta q =
+      stored_delta(qweight, scales, zeros, salient_idx, salient, rows, cols, bits, group_size, name);
+  require_matrix(delta, "delta", name);
+  if (delta.shape(0) != rows || delta.shape(1) != cols)
+    throw py::value_error(named(name) + "delta must have shape (" + std::to_string(rows) + ", " + std::to_string(cols) +
+                          ")");
+  const float* h = hessian_pointer(hessian, cols, name);
+  const DeltaError error = without_gil([&] { return hessian_weighted_error(q.delta, delta.data(), h); });
+  return py::make_tuple(error.error, error.reference);
 }
 
 py::array_t<double> py_channel_error_scores(const FloatArray& delta, const std::optional<FloatArray>& channel_weight,
@@ -248,6 +301,25 @@ void bind_quantize(py::module_& m) {
         "Quantize a float32 delta [rows, cols]: dict of qweight (uint32 [rows, words]), scales (float16 "
         "[rows, groups]), zeros (uint8 [rows, groups]), salient_idx (int32 [k], ascending), salient (float16 "
         "[rows, k]) and rows, cols, bits, group_size (actual; = cols for group_size 0).");
+  const GptqSpec gptq_defaults;
+  py::dict gptq_dict;
+  gptq_dict["damping"] = gptq_defaults.damping;
+  gptq_dict["act_order"] = gptq_defaults.act_order;
+  gptq_dict["static_groups"] = gptq_defaults.static_groups;
+  m.attr("GPTQ_DEFAULTS") = gptq_dict;  // GptqSpec's defaults, read by CompressionSettings
+  m.def("quantize_delta_gptq", &py_quantize_delta_gptq, py::arg("delta"), py::arg("hessian"), py::arg("salient_idx"),
+        py::arg("bits"), py::arg("group_size"), py::arg("clip_grid") = defaults.clip_grid,
+        py::arg("min_clip") = defaults.min_clip, py::arg("name") = "", py::arg("ragged_groups") = defaults.ragged_groups,
+        py::arg("damping") = gptq_defaults.damping, py::arg("act_order") = gptq_defaults.act_order,
+        py::arg("static_groups") = gptq_defaults.static_groups, py::arg("num_threads") = 0,
+        "Error-compensating (GPTQ) quantization of a float32 delta [rows, cols] given the calibration Hessian "
+        "E[x x^T] (float32 [cols, cols]) of the layer's input: the same dict as quantize_delta, its error weighted "
+        "by diag(H).");
+  m.def("hessian_weighted_error", &py_hessian_weighted_error, py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
+        py::arg("salient_idx"), py::arg("salient"), py::arg("rows"), py::arg("cols"), py::arg("bits"),
+        py::arg("group_size"), py::arg("delta"), py::arg("hessian"), py::arg("name") = "",
+        "(sum_r e_r^T H e_r, sum_r d_r^T H d_r) in float64: the layer output error of the stored delta against "
+        "delta (e = delta - dequantized) and the delta's own, for H = E[x x^T].");
   m.def("dequantize_delta", &py_dequantize_delta, py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
         py::arg("salient_idx"), py::arg("salient"), py::arg("rows"), py::arg("cols"), py::arg("bits"),
         py::arg("group_size"), py::arg("name") = "",

@@ -1,16 +1,19 @@
 """Quality of compressed experts on the bundled tiny family: the table and ablations of docs/results.md.
 
-Run: ``python bench/quality/run_quality.py`` (about 20-40 minutes on 2 cores; with
+Run: ``python bench/quality/run_quality.py`` (about 15 minutes on 2 cores; with
 ``--no-ablation`` about 12).
 
 For each expert (chat, math, code) it evaluates on the expert's own held-out
 domain: the FP16 expert, the base alone, meswitch 2-bit + 1 % salient channels
-(activation-aware, calibration from the training split) alone, with the clipping search,
-with learned step sizes (300 steps) and with 4-bit vocabulary matrices, meswitch at
-``--avg-bits 2.3`` (budget planner), RTN 2-bit (no salient channels, no step-size
-search) and BitDelta 1-bit (sign x one scale per matrix); then the ablations
-(salient fraction 0-5 % at 2 bits, bits 1-4 at 1 % salient) and the size table
-(base + 3 compressed experts vs 4 separate FP16 models). Writes
+(activation-aware, calibration from the training split; GPTQ codes, the default) alone,
+with round-to-nearest codes instead, with the clipping search, with learned step sizes
+(300 steps) and with 4-bit vocabulary matrices, meswitch at ``--avg-bits 2.3`` (the
+output-aware budget planner), meswitch 1-bit + 1 % salient, and the baselines: RTN
+2-bit (no salient channels, no step-size search, same groups), GPTQ 2-bit without
+salient channels (the DeltaZip-style choice) and BitDelta 1-bit (sign x one scale per
+matrix), plain and with its scales distilled on the calibration text as its paper does.
+Then the ablations (salient fraction 0-5 % at 2 bits, bits 1-4 at 1 % salient), the size
+table (base + 3 compressed experts vs 4 separate FP16 models) and the targets. Writes
 ``docs/data/quality.json``, the ``<!-- quality -->`` section of docs/results.md
 and ``docs/img/ablation_*.png``.
 """
@@ -31,7 +34,8 @@ REPO = Path(__file__).resolve().parents[2]
 from meswitch.artifact import load_compressed_model, model_from_weights
 from meswitch.checkpoint import open_checkpoint
 from meswitch.naming import is_delta_role, tensor_role
-from meswitch.baselines import bitdelta_storage_bits, bitdelta_weights
+from meswitch.baselines import bitdelta_distilled_weights, bitdelta_storage_bits, bitdelta_weights
+from meswitch.calibration import read_calibration_texts
 from meswitch.compress import CompressionSettings, compress
 from meswitch.evaluation import evaluate, load_model
 from meswitch.family import EXPERTS, family_dir
@@ -115,6 +119,8 @@ def main() -> None:
                          **score(model, tokenizer, domain, args.max_examples)})
             methods = [
                 ("meswitch 2-bit + 1% salient", tiny_family_settings(bits=2, salient=0.01), calibration),
+                ("meswitch 2-bit + 1% salient, RTN codes", tiny_family_settings(bits=2, salient=0.01, method="rtn"),
+                 calibration),
                 ("meswitch 2-bit + 1% salient + clip search", tiny_family_settings(bits=2, salient=0.01, clip_grid=20),
                  calibration),
                 ("meswitch 2-bit + 1% salient + learned step sizes",
@@ -122,23 +128,33 @@ def main() -> None:
                 ("meswitch 2-bit + 1% salient, 4-bit vocabulary",
                  tiny_family_settings(bits=2, salient=0.01, vocab_bits=4), calibration),
                 ("meswitch --avg-bits 2.3", tiny_family_settings(avg_bits=2.3), calibration),
-                ("RTN 2-bit", tiny_family_settings(bits=2, salient=0, clip_grid=1), None),
+                ("meswitch 1-bit + 1% salient, whole-row groups",
+                 tiny_family_settings(bits=1, group_size=0, salient=0.01), calibration),
+                ("RTN 2-bit", tiny_family_settings(bits=2, salient=0, clip_grid=1, method="rtn"), None),
+                ("GPTQ 2-bit, no salient", tiny_family_settings(bits=2, salient=0), calibration),
             ]
             for label, settings, calib in methods:
                 log(f"{domain}: {label}")
                 rows.append(run_method(label, base, expert, domain, workdir, settings, calib, args.max_examples))
-            log(f"{domain}: BitDelta 1-bit")
-            weights = dict(bitdelta_weights(base, expert))
-            model, tokenizer = model_from_weights(expert, weights)
-            base_ckpt = open_checkpoint(base)
             params = bits = 0
+            base_ckpt = open_checkpoint(base)
             for name in base_ckpt:
                 shape = base_ckpt.info(name)["shape"]
                 if is_delta_role(tensor_role(name)) and len(shape) == 2:
                     params += shape[0] * shape[1]
                     bits += bitdelta_storage_bits(shape[0], shape[1])
-            rows.append({"method": "BitDelta 1-bit", "avg_bits": bits / params, "bytes": bits // 8,
-                         **score(model, tokenizer, domain, args.max_examples)})
+            for label, make in (
+                    ("BitDelta 1-bit", lambda expert=expert: dict(bitdelta_weights(base, expert))),
+                    ("BitDelta 1-bit, distilled scales",
+                     lambda expert=expert, calibration=calibration: bitdelta_distilled_weights(
+                         base, expert, read_calibration_texts(calibration)))):
+                log(f"{domain}: {label}")
+                started = time.perf_counter()
+                weights = make()
+                seconds = time.perf_counter() - started
+                model, tokenizer = model_from_weights(expert, weights)
+                rows.append({"method": label, "avg_bits": bits / params, "bytes": bits // 8,
+                             "compress_seconds": seconds, **score(model, tokenizer, domain, args.max_examples)})
             results["experts"][domain] = rows
 
             if not args.no_ablation:
@@ -234,12 +250,52 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                   f"{sizes['ratio']:.2f}x smaller |", ""]
     if results["ablation"]:
         lines += ["### Ablations", "", "![salient](img/ablation_salient.png) ![bits](img/ablation_bits.png)", ""]
+    lines += target_lines(results["experts"])
     lines.append("<!-- quality:end -->")
     block = "\n".join(lines)
     text = path.read_text() if path.exists() else "# Results\n"
     pattern = re.compile(r"<!-- quality:begin.*?<!-- quality:end -->", re.S)
     text = pattern.sub(block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+#: The targets: (label, meswitch row, comparison row or None, how the two are judged).
+TARGETS = (
+    ("2 bits + 1 % salient within 1 % of FP16", "meswitch 2-bit + 1% salient", None, "gap"),
+    ("--avg-bits 2.3 within 1 % of FP16", "meswitch --avg-bits 2.3", None, "gap"),
+    ("gap at most half of RTN's at equal or fewer bits (--avg-bits 2.3 vs RTN 2-bit)", "meswitch --avg-bits 2.3",
+     "RTN 2-bit", "half"),
+    ("1 bit ahead of distilled BitDelta", "meswitch 1-bit + 1% salient, whole-row groups",
+     "BitDelta 1-bit, distilled scales", "ahead"),
+)
+
+
+def target_lines(experts: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The targets per expert, met or missed by how much, from the table's own numbers."""
+    lines = ["### Targets", "", "| target | " + " | ".join(experts) + " |", "|---|" + "---|" * len(experts)]
+    for label, ours, other, rule in TARGETS:
+        cells = []
+        for domain, rows in experts.items():
+            metric, _ = PRIMARY[domain]
+            by_method = {row["method"]: row for row in rows}
+            reference = rows[0][metric]
+            if ours not in by_method or (other and other not in by_method):
+                cells.append("-")
+                continue
+            gap = (by_method[ours][metric] - reference) / reference
+            if rule == "gap":
+                cells.append(f"{'met' if gap <= 0.01 else 'missed'}: {gap:+.2%}")
+            elif rule == "half":
+                other_gap = (by_method[other][metric] - reference) / reference
+                met = gap <= 0.5 * other_gap
+                cells.append(f"{'met' if met else 'missed'}: {gap:+.2%} vs {other_gap:+.2%} "
+                             f"({by_method[ours]['avg_bits']:.2f} vs {by_method[other]['avg_bits']:.2f} bits)")
+            else:
+                other_gap = (by_method[other][metric] - reference) / reference
+                cells.append(f"{'met' if gap < other_gap else 'missed'}: {gap:+.2%} vs {other_gap:+.2%} "
+                             f"({by_method[ours]['avg_bits']:.2f} vs {by_method[other]['avg_bits']:.2f} bits)")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def plot_ablations(ablation: dict[str, Any], directory: Path) -> None:

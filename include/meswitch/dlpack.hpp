@@ -3,7 +3,8 @@
 //
 // Only the C structs of the open DLPack specification are declared here; they are
 // a fixed ABI shared by every framework. `to_dlpack_dtype` / `from_dlpack_dtype`
-// map them to meswitch's DType; `host_tensor_view` turns a DLTensor into a TensorView.
+// map them to meswitch's DType; `host_tensor_view` and `device_tensor_view` turn a DLTensor
+// into a TensorView.
 #pragma once
 
 #include <cstdint>
@@ -97,6 +98,20 @@ inline TensorView host_tensor_view(const DLTensor& tensor, const std::string& wh
   Shape strides = tensor.strides != nullptr ? Shape(tensor.strides, tensor.strides + tensor.ndim) : contiguous_strides(shape);
   void* data = static_cast<char*>(tensor.data) + tensor.byte_offset;
   return TensorView(data, dtype, std::move(shape), std::move(strides));
+}
+
+// A view of a DLPack tensor in CUDA device memory (the CUDA bindings), with its device
+// index in `device`. The view's pointer is a device address: never dereference it on the host.
+inline TensorView device_tensor_view(const DLTensor& tensor, const std::string& what, int& device,
+                                     bool u16_as_f16 = false) {
+  if (tensor.device.device_type != kDLCUDA)
+    throw Error(what + ": tensor is on device type " + std::to_string(int(tensor.device.device_type)) +
+                "; the CUDA kernels need CUDA device memory (type " + std::to_string(int(kDLCUDA)) + ")");
+  DLTensor host_like = tensor;
+  host_like.device.device_type = kDLCPU;  // the layout rules are the same; only the memory differs
+  TensorView view = host_tensor_view(host_like, what, u16_as_f16);
+  device = tensor.device.device_id;
+  return view;
 }
 
 namespace detail {

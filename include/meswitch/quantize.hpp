@@ -161,16 +161,45 @@ inline double group_error(const float* values, const float* weights, std::size_t
   return error;
 }
 
-// Quantizes a float32 delta [rows, cols]. `channel_weight` [cols] (E[x^2] per input
-// channel, finite and >= 0) may be null for weight-only error. `salient_idx` lists
-// the columns stored in f16 instead (in range, unique; any order, stored ascending).
-inline CompressedDelta quantize_delta(const float* delta, std::int64_t rows, std::int64_t cols,
-                                     const float* channel_weight, const std::vector<std::int32_t>& salient_idx,
-                                     const QuantSpec& spec, const std::string& tensor) {
-  validate_spec(spec, cols, tensor);
+// The group's parameters with the least weighted error over the clip ratios (the first,
+// least clipped, minimum wins ties). `lo0 <= 0 <= hi0` is the range of the `count` values.
+inline GroupParams best_group_params(const float* values, const float* weights, std::size_t count, float lo0,
+                                     float hi0, const std::vector<float>& ratios, int levels,
+                                     const std::string& tensor, std::int64_t row, std::int64_t group) {
+  GroupParams best, candidate;
+  double best_error = std::numeric_limits<double>::infinity();
+  for (const float alpha : ratios) {
+    if (!group_params(lo0, hi0, alpha, levels, candidate))
+      throw FormatError("", tensor,
+                        "row " + std::to_string(row) + " group " + std::to_string(group) + " spans [" +
+                            std::to_string(lo0) + ", " + std::to_string(hi0) + "], too wide for an f16 scale at " +
+                            std::to_string(int(std::log2(levels + 1))) + " bits");
+    const double error = ratios.size() == 1 ? 0.0 : group_error(values, weights, count, candidate, levels);
+    if (error < best_error) {
+      best_error = error;
+      best = candidate;
+    }
+  }
+  return best;
+}
+
+// Channel weights (E[x^2] per input channel) must be finite and >= 0; null is allowed.
+inline void check_channel_weight(const float* channel_weight, std::int64_t cols, const std::string& tensor) {
+  if (channel_weight == nullptr) return;
+  for (std::int64_t i = 0; i < cols; ++i)
+    if (!(std::isfinite(channel_weight[i]) && channel_weight[i] >= 0.0f))
+      throw FormatError("", tensor,
+                        "channel weight " + std::to_string(channel_weight[i]) + " of input channel " +
+                            std::to_string(i) + " is not finite and >= 0");
+}
+
+// Checks the salient indices (in range, unique) and that every delta value is finite;
+// returns the salient mask [cols].
+inline std::vector<std::uint8_t> checked_salient_mask(const float* delta, std::int64_t rows, std::int64_t cols,
+                                                      const std::vector<std::int32_t>& salient_idx,
+                                                      const std::string& tensor) {
   const std::string where = detail::tensor_prefix(tensor);
   if (rows < 0) throw Error(where + "cannot quantize a matrix with " + std::to_string(rows) + " rows");
-
   std::vector<std::uint8_t> is_salient(std::size_t(cols), 0);
   for (const std::int32_t index : salient_idx) {
     if (index < 0 || index >= cols)
@@ -179,20 +208,20 @@ inline CompressedDelta quantize_delta(const float* delta, std::int64_t rows, std
     if (is_salient[std::size_t(index)]) throw Error(where + "salient index " + std::to_string(index) + " is repeated");
     is_salient[std::size_t(index)] = 1;
   }
-  if (channel_weight != nullptr) {
-    for (std::int64_t i = 0; i < cols; ++i)
-      if (!(std::isfinite(channel_weight[i]) && channel_weight[i] >= 0.0f))
-        throw FormatError("", tensor,
-                          "channel weight " + std::to_string(channel_weight[i]) + " of input channel " +
-                              std::to_string(i) + " is not finite and >= 0");
-  }
   for (std::int64_t r = 0; r < rows; ++r)
     for (std::int64_t c = 0; c < cols; ++c)
       if (!std::isfinite(delta[r * cols + c]))
         throw FormatError(
             "", tensor,
             "delta value " + std::to_string(delta[r * cols + c]) + " at " + detail::position(r, c) + " is not finite");
+  return is_salient;
+}
 
+// The layout of a quantized delta with its arrays allocated (codes 0, scales and zeros 0),
+// salient indices stored ascending.
+inline CompressedDelta allocate_quantized(std::int64_t rows, std::int64_t cols, const QuantSpec& spec,
+                                          const std::vector<std::int32_t>& salient_idx, const std::string& tensor,
+                                          QuantizedArrays*& arrays_out) {
   CompressedDelta layout;
   layout.name = tensor;
   layout.rows = rows;
@@ -204,14 +233,46 @@ inline CompressedDelta quantize_delta(const float* delta, std::int64_t rows, std
   QuantizedArrays& result = *arrays;
   result.salient_idx = salient_idx;
   std::sort(result.salient_idx.begin(), result.salient_idx.end());
+  result.qweight.assign(std::size_t(rows * layout.words_per_row()), 0u);
+  result.scales.assign(std::size_t(rows * layout.groups()), 0);
+  result.zeros.assign(std::size_t(rows * layout.groups()), 0);
+  result.salient.assign(std::size_t(rows) * result.salient_idx.size(), 0);
+  layout.qweight = result.qweight.data();
+  layout.scales = result.scales.data();
+  layout.zeros = result.zeros.data();
+  layout.salient_idx = result.salient_idx.data();
+  layout.salient = result.salient.data();
+  arrays_out = arrays.get();
+  layout.owner = std::move(arrays);
+  return layout;
+}
+
+// f16 bits of a salient value; overflow is a FormatError naming the position.
+inline std::uint16_t salient_f16(float value, std::int64_t row, std::int64_t col, const std::string& tensor) {
+  const std::uint16_t bits = float_to_f16(value);
+  if ((bits & 0x7fffu) == 0x7c00u)
+    throw FormatError("", tensor,
+                      "salient value " + std::to_string(value) + " at " + detail::position(row, col) +
+                          " overflows f16");
+  return bits;
+}
+
+// Quantizes a float32 delta [rows, cols]. `channel_weight` [cols] (E[x^2] per input
+// channel, finite and >= 0) may be null for weight-only error. `salient_idx` lists
+// the columns stored in f16 instead (in range, unique; any order, stored ascending).
+inline CompressedDelta quantize_delta(const float* delta, std::int64_t rows, std::int64_t cols,
+                                     const float* channel_weight, const std::vector<std::int32_t>& salient_idx,
+                                     const QuantSpec& spec, const std::string& tensor) {
+  validate_spec(spec, cols, tensor);
+  check_channel_weight(channel_weight, cols, tensor);
+  const std::vector<std::uint8_t> is_salient = checked_salient_mask(delta, rows, cols, salient_idx, tensor);
+  QuantizedArrays* arrays = nullptr;
+  CompressedDelta layout = allocate_quantized(rows, cols, spec, salient_idx, tensor, arrays);
+  QuantizedArrays& result = *arrays;
   const std::int64_t groups = layout.groups();
   const std::int64_t group_size = layout.group_size;
   const std::int64_t words_per_row = layout.words_per_row();
   const std::size_t k = result.salient_idx.size();
-  result.qweight.assign(std::size_t(rows * words_per_row), 0u);
-  result.scales.assign(std::size_t(rows * groups), 0);
-  result.zeros.assign(std::size_t(rows * groups), 0);
-  result.salient.assign(std::size_t(rows) * k, 0);
 
   const int levels = (1 << spec.bits) - 1;
   const std::vector<float> ratios = clip_ratios(spec);
@@ -232,20 +293,8 @@ inline CompressedDelta quantize_delta(const float* delta, std::int64_t rows, std
         hi0 = std::max(hi0, row[c]);
         ++count;
       }
-      GroupParams best, candidate;
-      double best_error = std::numeric_limits<double>::infinity();
-      for (const float alpha : ratios) {
-        if (!group_params(lo0, hi0, alpha, levels, candidate))
-          throw FormatError("", tensor,
-                            "row " + std::to_string(r) + " group " + std::to_string(g) + " spans [" +
-                                std::to_string(lo0) + ", " + std::to_string(hi0) + "], too wide for an f16 scale at " +
-                                std::to_string(spec.bits) + " bits");
-        const double error = group_error(values.data(), weights.data(), count, candidate, levels);
-        if (error < best_error) {  // strict: the first (least clipped) minimum wins ties
-          best_error = error;
-          best = candidate;
-        }
-      }
+      const GroupParams best =
+          best_group_params(values.data(), weights.data(), count, lo0, hi0, ratios, levels, tensor, r, g);
       result.scales[std::size_t(r * groups + g)] = best.scale_bits;
       result.zeros[std::size_t(r * groups + g)] = best.zero;
       for (std::int64_t c = g * group_size; c < group_end; ++c)
@@ -253,22 +302,9 @@ inline CompressedDelta quantize_delta(const float* delta, std::int64_t rows, std
     }
     MESWITCH_DISPATCH_BITS(spec.bits, BITS,
                            { pack_row<BITS>(codes.data(), cols, result.qweight.data() + r * words_per_row); });
-    for (std::size_t i = 0; i < k; ++i) {
-      const float value = row[result.salient_idx[i]];
-      const std::uint16_t bits = float_to_f16(value);
-      if ((bits & 0x7fffu) == 0x7c00u)
-        throw FormatError("", tensor,
-                          "salient value " + std::to_string(value) + " at " +
-                              detail::position(r, result.salient_idx[i]) + " overflows f16");
-      result.salient[std::size_t(r) * k + i] = bits;
-    }
+    for (std::size_t i = 0; i < k; ++i)
+      result.salient[std::size_t(r) * k + i] = salient_f16(row[result.salient_idx[i]], r, result.salient_idx[i], tensor);
   }
-  layout.qweight = result.qweight.data();
-  layout.scales = result.scales.data();
-  layout.zeros = result.zeros.data();
-  layout.salient_idx = result.salient_idx.data();
-  layout.salient = result.salient.data();
-  layout.owner = std::move(arrays);
   return layout;
 }
 

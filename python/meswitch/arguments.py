@@ -173,6 +173,11 @@ def size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def size_or_zero(text: str) -> int:
+    """An argparse type: ``"0"`` or a size (:func:`parse_size`)."""
+    return 0 if text.strip() == "0" else size(text)
+
+
 def salient(text: str) -> tuple[float, int | None]:
     """An argparse type: ``"1%"`` -> ``(0.01, None)``, ``"8"`` -> ``(0.0, 8)``; see ``parse_salient``."""
     try:

@@ -1,9 +1,11 @@
-"""Activation statistics for activation-aware salient channels and step sizes.
+"""Activation statistics for activation-aware salient channels, step sizes and GPTQ.
 
-A forward pre-hook on every ``nn.Linear`` of the expert accumulates the second
-moment ``E[x_i^2]`` of each input channel over the calibration tokens. That is
-the weight the paper's error ``sum_tokens ||x_i * (D - Q(D))[:, i]||^2`` puts on
-column ``i``, so it is all the C++ quantizer needs (one float per column).
+A forward pre-hook on every ``nn.Linear`` of the expert accumulates, over the
+calibration tokens, either the second moment ``E[x_i^2]`` of each input channel (the
+weight the paper's error ``sum_tokens ||x_i * (D - Q(D))[:, i]||^2`` puts on column
+``i``: all the round-to-nearest quantizer needs) or the whole second-moment matrix
+``H = E[x x^T]`` of the input, which the error-compensating quantizer
+(``include/meswitch/gptq.hpp``) needs; its diagonal is ``E[x_i^2]``.
 """
 
 from __future__ import annotations
@@ -38,35 +40,27 @@ def read_calibration_texts(path: str | Path, limit: int | None = None) -> list[s
     return texts[:limit] if limit else texts
 
 
-def collect_channel_second_moments(model, tokenizer, texts: Sequence[str], max_length: int = 256,
-                                   max_tokens: int = 16384) -> dict[str, np.ndarray]:
-    """``{weight name: E[x^2] per input channel (float32)}`` for every ``nn.Linear`` of ``model``.
+def token_sequences(tokenizer, texts: Sequence[str], max_length: int, what: str) -> list:
+    """Each text as a 1-D ``torch`` id tensor: BOS (else EOS) then at most ``max_length - 1`` tokens.
 
-    Parameters
-    ----------
-    model
-        A transformers causal LM (evaluated in float32 on CPU).
-    tokenizer
-        Its tokenizer.
-    texts
-        Calibration texts; tokenised one by one, truncated to ``max_length``.
-    max_tokens
-        Stop after this many tokens.
+    Texts shorter than two tokens are dropped; none left is a ValueError naming ``what``.
     """
     import torch
 
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    sequences = [torch.tensor([start] + tokenizer(t, add_special_tokens=False)["input_ids"][: max_length - 1])
+                 for t in texts]
+    sequences = [s for s in sequences if len(s) >= 2]
+    if not sequences:
+        raise ValueError(f"{what}: every calibration text is empty after tokenization")
+    return sequences
+
+
+def _run_calibration(model, tokenizer, texts: Sequence[str], max_length: int, max_tokens: int, hook_for) -> None:
+    """Run ``model`` on ``texts`` with ``hook_for(weight name)`` as a pre-hook on every ``nn.Linear``."""
+    import torch
+
     handles = []
-
-    def hook_for(name: str):
-        def hook(_module, inputs):
-            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
-            squared = (x * x).sum(dim=0, dtype=torch.float64)
-            sums[name] = squared if name not in sums else sums[name] + squared
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return hook
-
     for module_name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             handles.append(module.register_forward_pre_hook(hook_for(module_name + ".weight")))
@@ -85,4 +79,72 @@ def collect_channel_second_moments(model, tokenizer, texts: Sequence[str], max_l
     finally:
         for handle in handles:
             handle.remove()
+
+
+def collect_input_hessians(model, tokenizer, texts: Sequence[str], max_length: int = 256,
+                           max_tokens: int = 16384) -> dict[str, np.ndarray]:
+    """``{weight name: E[x x^T] of its input (float32 [cols, cols])}`` for every ``nn.Linear`` of ``model``.
+
+    Linears that read the same input tensor (the attention projections, the gate and up
+    projections) share one accumulator and one returned array, so a layer holds one
+    matrix per distinct input. Accumulation is in float64.
+
+    Parameters
+    ----------
+    model
+        A transformers causal LM (evaluated in float32 on CPU).
+    tokenizer
+        Its tokenizer.
+    texts
+        Calibration texts; tokenised one by one, truncated to ``max_length``.
+    max_tokens
+        Stop after this many tokens.
+    """
+    import torch
+
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    owner: dict[str, str] = {}  # weight -> the weight whose accumulator it shares
+    last: dict[str, object] = {"input": None, "name": None}
+
+    def hook_for(name: str):
+        def hook(_module, inputs):
+            if last["input"] is inputs[0]:  # the same tensor as the linear just before: share
+                owner.setdefault(name, owner[last["name"]])
+                return
+            owner.setdefault(name, name)
+            last["input"], last["name"] = inputs[0], name
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            product = x.T @ x
+            key = owner[name]
+            sums[key] = product if key not in sums else sums[key] + product
+            counts[key] = counts.get(key, 0) + x.shape[0]
+        return hook
+
+    _run_calibration(model, tokenizer, texts, max_length, max_tokens, hook_for)
+    arrays = {key: (sums[key] / counts[key]).numpy().astype(np.float32) for key in sums}
+    return {name: arrays[key] for name, key in owner.items()}
+
+
+def collect_channel_second_moments(model, tokenizer, texts: Sequence[str], max_length: int = 256,
+                                   max_tokens: int = 16384) -> dict[str, np.ndarray]:
+    """``{weight name: E[x^2] per input channel (float32)}`` for every ``nn.Linear`` of ``model``.
+
+    The parameters are those of :func:`collect_input_hessians`; this keeps one float per
+    input channel instead of a ``[cols, cols]`` matrix.
+    """
+    import torch
+
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook_for(name: str):
+        def hook(_module, inputs):
+            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
+            squared = (x * x).sum(dim=0, dtype=torch.float64)
+            sums[name] = squared if name not in sums else sums[name] + squared
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return hook
+
+    _run_calibration(model, tokenizer, texts, max_length, max_tokens, hook_for)
     return {name: (sums[name] / counts[name]).numpy().astype(np.float32) for name in sums}

@@ -31,6 +31,7 @@ from meswitch.arguments import (
     report_error,
     salient,
     size,
+    size_or_zero,
 )
 
 
@@ -115,6 +116,7 @@ def _run_compress(args: argparse.Namespace) -> int:
                                    salient_channels=channels, clip_grid=args.clip_grid, min_clip=args.min_clip,
                                    avg_bits=args.avg_bits, vocab_bits=args.vocab_bits,
                                    refine_steps=args.refine_steps, refine_lr=args.refine_lr,
+                                   method=args.method, damping=args.damping, act_order=args.act_order,
                                    ragged_groups=args.ragged_groups, max_shard_bytes=args.max_shard_bytes)
     report = compress(args.base, args.expert, args.out, settings=settings, calibration=args.calib,
                       name=args.name, domain=args.domain or "", progress=not args.quiet, force=args.force)
@@ -214,6 +216,18 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_plan(args: argparse.Namespace) -> int:
+    from meswitch.serve.capacity import ExpertFormat, describe, plan_capacity
+
+    fraction, count = args.salient
+    expert_format = ExpertFormat(bits=args.bits, group_size=args.group_size, salient=fraction, salient_channels=count,
+                                 vocab_bits=args.vocab_bits)
+    plan = plan_capacity(args.gpu_mem, expert_format, base=args.base, base_parameters=args.base_params,
+                         kv_cache_bytes=args.kv_budget, reserve_bytes=args.reserve, base_dtype=args.base_dtype)
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else describe(plan, expert_format))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog="meswitch", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -250,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="step-size search points; 1 (default) keeps the full range")
     compress.add_argument("--min-clip", type=float_in(0, 1, low_open=True), default=0.5,
                           help="smallest clip ratio searched, in (0, 1]")
+    compress.add_argument("--method", choices=("gptq", "rtn"), default="gptq",
+                          help="gptq (default): error-compensating quantization with the calibration Hessians of "
+                               "--calib (round to nearest without --calib); rtn: round every value to nearest")
+    compress.add_argument("--damping", type=float_in(0, low_open=True), default=0.01,
+                          help="GPTQ: damping added to the Hessian's diagonal, times its mean (default 0.01)")
+    compress.add_argument("--act-order", action="store_true",
+                          help="GPTQ: quantize the most active input channels first")
     compress.add_argument("--refine-steps", type=int_in(0), default=0,
                           help="learnable step sizes: Adam steps training the scales end to end on --calib (default 0)")
     compress.add_argument("--refine-lr", type=float_in(0, low_open=True), default=1e-2,
@@ -276,6 +297,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-examples", type=positive_int, default=40,
                       help="held-out examples per domain, a positive whole number (default 40)")
     demo.set_defaults(func=_run_demo)
+
+    plan = commands.add_parser("plan", help="how many compressed experts fit in an accelerator's memory",
+                               description="Count the experts that fit beside the base, the KV cache and a reserve, "
+                                           "from the artifact format's byte counts.")
+    base = plan.add_mutually_exclusive_group(required=True)
+    base.add_argument("--base", type=existing_path, help="base model directory or config.json (exact shapes)")
+    base.add_argument("--base-params", type=float_in(1), metavar="N",
+                      help="the base's parameter count, e.g. 7e9 (per-parameter estimate)")
+    plan.add_argument("--gpu-mem", type=size, required=True, metavar="SIZE", help="accelerator memory, e.g. 80GB")
+    plan.add_argument("--kv-budget", type=size_or_zero, default=0, metavar="SIZE", help="KV cache bytes (default 0)")
+    plan.add_argument("--reserve", type=size_or_zero, default=0, metavar="SIZE",
+                      help="bytes kept for activations and the runtime (default 0)")
+    plan.add_argument("--base-dtype", choices=("f16", "bf16", "f32"), default="f16", help="how the base is held")
+    plan.add_argument("--bits", type=int_in(1, 4), default=2, help="bits per low-bit code, 1-4 (default 2)")
+    plan.add_argument("--group-size", type=int_in(0), default=64, help="group size, 0 = whole row (default 64)")
+    plan.add_argument("--salient", type=salient, default="1%", help="salient channels per matrix ('1%%' or '8')")
+    plan.add_argument("--vocab-bits", type=int_in(1, 4), help="bits of the embedding and lm_head deltas")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(func=_run_plan)
 
     try:
         from meswitch.evaluation import register_cli as register_eval

@@ -45,6 +45,17 @@ def _quant_default(key: str) -> Any:
     return _core.QUANT_DEFAULTS[key]
 
 
+def _gptq_default(key: str) -> Any:
+    """A default of the C++ ``GptqSpec``."""
+    from meswitch import _core
+
+    return _core.GPTQ_DEFAULTS[key]
+
+
+#: Quantizers: round-to-nearest, and error-compensating GPTQ (include/meswitch/gptq.hpp).
+METHODS = ("rtn", "gptq")
+
+
 @dataclass
 class CompressionSettings:
     """How every delta matrix is quantized (unless the budget planner chooses per matrix).
@@ -78,6 +89,16 @@ class CompressionSettings:
         Learnable step sizes: after quantizing, train one multiplier per scale group
         end to end against the FP16 expert on the calibration text for this many
         Adam steps (0 = off; needs calibration text). See ``meswitch.refine``.
+    method
+        ``"gptq"`` (the default): quantize each linear's delta column by column, pushing
+        every column's error onto the columns not yet quantized, weighted by the
+        calibration inputs' second moments ``H = E[x x^T]`` (``include/meswitch/gptq.hpp``).
+        Matrices without a Hessian (the embedding; everything without calibration text)
+        are rounded to nearest, which is what GPTQ reduces to for ``H = I``.
+        ``"rtn"``: round every value to nearest on its own.
+    damping, act_order
+        GPTQ settings: ``damping * mean(diag H)`` is added to the Hessian's diagonal;
+        ``act_order`` quantizes the most active input channels first.
     ragged_groups
         Allow a shorter last group in matrices whose width ``group_size`` does not
         divide (the default, so every width works); ``False`` makes that an error
@@ -100,12 +121,19 @@ class CompressionSettings:
     vocab_bits: int | None = None
     refine_steps: int = 0
     refine_lr: float = 1e-2
+    method: str = "gptq"
+    damping: float = field(default_factory=lambda: _gptq_default("damping"))
+    act_order: bool = field(default_factory=lambda: _gptq_default("act_order"))
     ragged_groups: bool = field(default_factory=lambda: _quant_default("ragged_groups"))
     max_shard_bytes: int = 128 << 20
 
     def validate(self) -> None:
         if self.bits not in (1, 2, 3, 4):
             raise ValueError(f"bits must be 1, 2, 3 or 4, got {self.bits}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not (np.isfinite(self.damping) and self.damping > 0):
+            raise ValueError(f"damping must be a finite number > 0, got {self.damping}")
         if self.vocab_bits is not None and self.vocab_bits not in (1, 2, 3, 4):
             raise ValueError(f"vocab_bits must be 1, 2, 3 or 4, got {self.vocab_bits}")
         if self.group_size < 0:
@@ -162,8 +190,16 @@ class MatrixResult:
 
 
 def compress_matrix(delta: np.ndarray, channel_weight: np.ndarray | None, *, bits: int, group_size: int,
-                    k: int, clip_grid: int, min_clip: float, name: str, ragged_groups: bool = True) -> MatrixResult:
-    """Salient selection + quantization of one float32 delta ``[rows, cols]`` (C++)."""
+                    k: int, clip_grid: int, min_clip: float, name: str, ragged_groups: bool = True,
+                    hessian: np.ndarray | None = None, damping: float = 0.01,
+                    act_order: bool = False) -> MatrixResult:
+    """Salient selection + quantization of one float32 delta ``[rows, cols]`` (C++).
+
+    With ``hessian`` (``E[x x^T]`` of the layer's input, float32 ``[cols, cols]``) the
+    codes come from the error-compensating quantizer (GPTQ), else from round-to-nearest.
+    Salient channels are chosen the same way for both: by ``channel_weight`` (``E[x^2]``,
+    the Hessian's diagonal) times the column's round-to-nearest error.
+    """
     from meswitch import _core
 
     rows, cols = delta.shape
@@ -173,8 +209,12 @@ def compress_matrix(delta: np.ndarray, channel_weight: np.ndarray | None, *, bit
         salient_idx = np.asarray(_core.select_salient_channels(scores, k), dtype=np.int32)
     else:
         salient_idx = np.zeros(0, dtype=np.int32)
-    pieces = _core.quantize_delta(delta, channel_weight, salient_idx, bits, group_size, clip_grid, min_clip, name,
-                                  ragged_groups)
+    if hessian is not None:
+        pieces = _core.quantize_delta_gptq(delta, hessian, salient_idx, bits, group_size, clip_grid, min_clip, name,
+                                           ragged_groups, damping, act_order)
+    else:
+        pieces = _core.quantize_delta(delta, channel_weight, salient_idx, bits, group_size, clip_grid, min_clip,
+                                      name, ragged_groups)
     error, reference = float(pieces["error"]), float(pieces["reference"])  # weighted, computed in C++
     stored = {piece: pieces[piece] for piece, _ in _core.DELTA_PIECES}
     return MatrixResult(stored, bits, int(pieces["group_size"]), int(salient_idx.size), error, reference,
@@ -310,26 +350,45 @@ def _floating(checkpoint: Checkpoint, name: str, directory: Path) -> np.ndarray:
 
 def _channel_weights(statistics: Mapping[str, np.ndarray] | None, name: str, role: str,
                      cols: int) -> np.ndarray | None:
+    """``E[x^2]`` per input channel of ``name`` (the diagonal of a Hessian), floored; ``None`` without."""
     if statistics is None or role == "embedding" or name not in statistics:
         return None
-    weight = np.ascontiguousarray(statistics[name], dtype=np.float32)
+    statistic = np.asarray(statistics[name])
+    weight = np.ascontiguousarray(np.diagonal(statistic) if statistic.ndim == 2 else statistic, dtype=np.float32)
     if weight.shape != (cols,):
-        raise ValueError(f"calibration statistics for '{name}' have shape {weight.shape}, expected ({cols},)")
+        raise ValueError(f"calibration statistics for '{name}' have shape {statistic.shape}, expected ({cols},) "
+                         f"or ({cols}, {cols})")
     # A channel never active in calibration still matters on other text: floor at a small share.
     floor = max(float(weight.mean()) * 1e-3, 1e-12)
     return np.maximum(weight, floor).astype(np.float32)
 
 
-def calibration_statistics(expert: str | Path, texts: Sequence[str], max_tokens: int = 16384) -> dict[str, np.ndarray]:
-    """E[x^2] per input channel of every linear of the expert on ``texts``."""
+def _hessian(statistics: Mapping[str, np.ndarray] | None, name: str, role: str, cols: int,
+             settings: CompressionSettings) -> np.ndarray | None:
+    """The calibration Hessian ``[cols, cols]`` of ``name`` when GPTQ has one to use, else ``None``."""
+    if settings.method != "gptq" or statistics is None or role == "embedding" or name not in statistics:
+        return None
+    statistic = statistics[name]
+    if np.ndim(statistic) != 2:
+        return None  # per-channel statistics only: round to nearest (GPTQ with a diagonal H is RTN)
+    if np.shape(statistic) != (cols, cols):
+        raise ValueError(f"calibration Hessian for '{name}' has shape {np.shape(statistic)}, "
+                         f"expected ({cols}, {cols})")
+    return np.ascontiguousarray(statistic, dtype=np.float32)
+
+
+def calibration_statistics(expert: str | Path, texts: Sequence[str], max_tokens: int = 16384, *,
+                           hessians: bool = False) -> dict[str, np.ndarray]:
+    """Per linear of the expert on ``texts``: ``E[x^2]`` per input channel, or with ``hessians`` ``E[x x^T]``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from meswitch.calibration import collect_channel_second_moments
+    from meswitch.calibration import collect_channel_second_moments, collect_input_hessians
 
     tokenizer = AutoTokenizer.from_pretrained(expert)
     model = AutoModelForCausalLM.from_pretrained(expert, dtype=torch.float32)
-    return collect_channel_second_moments(model, tokenizer, texts, max_tokens=max_tokens)
+    collect = collect_input_hessians if hessians else collect_channel_second_moments
+    return collect(model, tokenizer, texts, max_tokens=max_tokens)
 
 
 def compress(base: str | Path, expert: str | Path, out: str | Path, *,
@@ -352,8 +411,9 @@ def compress(base: str | Path, expert: str | Path, out: str | Path, *,
     settings
         Quantization settings (:class:`CompressionSettings`).
     calibration
-        Calibration text file, list of texts, or precomputed ``{weight: E[x^2]}``;
-        ``None`` scores channels weight-only.
+        Calibration text file, list of texts, or precomputed statistics per weight:
+        ``E[x^2]`` ``[cols]`` or the Hessian ``E[x x^T]`` ``[cols, cols]`` (a mapping may
+        compute them lazily). ``None`` scores channels weight-only and rounds to nearest.
     name, domain
         Expert name (default: the expert directory's name) and a domain description.
     progress
@@ -394,7 +454,7 @@ def compress(base: str | Path, expert: str | Path, out: str | Path, *,
         from meswitch.calibration import read_calibration_texts
 
         texts = read_calibration_texts(calibration) if isinstance(calibration, (str, Path)) else list(calibration)
-        statistics = calibration_statistics(expert, texts)
+        statistics = calibration_statistics(expert, texts, hessians=settings.method == "gptq")
         calibration_info = {"kind": "activation-aware", "texts": len(texts),
                             "source": str(calibration) if isinstance(calibration, (str, Path)) else "texts"}
 
@@ -402,8 +462,21 @@ def compress(base: str | Path, expert: str | Path, out: str | Path, *,
     delta_names = [n for n in names if n in base_ckpt and is_delta_role(tensor_role(n))
                    and len(expert_ckpt.info(n)["shape"]) == 2]
     plan: dict[str, PlanChoice] | None = None
+    planner_info: dict[str, Any] | None = None
     if settings.avg_bits is not None:
-        plan = _plan(base, expert, base_ckpt, expert_ckpt, delta_names, statistics, settings, progress)
+        plan_start = time.perf_counter()
+        sensitivity = None
+        if texts:  # the output-aware score needs the model on calibration text
+            from meswitch.sensitivity import output_sensitivity
+
+            hessians = statistics if settings.method == "gptq" else None
+            sensitivity = output_sensitivity(expert, texts, hessians=hessians)
+            if any(name not in sensitivity for name in delta_names):
+                sensitivity = None  # scores must share one unit across matrices
+        plan = _plan(base, expert, base_ckpt, expert_ckpt, delta_names, statistics, settings, progress, sensitivity)
+        planner_info = {"bits": list(PLANNER_BITS), "salient_fractions": list(PLANNER_SALIENT_FRACTIONS),
+                        "score": "output" if sensitivity is not None else "relative weight error",
+                        "seconds": time.perf_counter() - plan_start}
 
     # With refinement the quantized artifact is an intermediate in a private scratch
     # directory beside ``out``: ``out`` appears only refined.
@@ -430,8 +503,7 @@ def compress(base: str | Path, expert: str | Path, out: str | Path, *,
             "base_path_hint": str(base),
             "expert_config": json.loads(expert_config),
             "quantization": {**asdict(settings), "calibration": calibration_info,
-                             "planner": None if plan is None else {
-                                 "bits": list(PLANNER_BITS), "salient_fractions": list(PLANNER_SALIENT_FRACTIONS)}},
+                             "planner": planner_info},
             "statistics": {"delta_parameters": totals["params"], "delta_storage_bits": totals["storage_bits"],
                            "avg_bits": totals["storage_bits"] / max(1, totals["params"])},
             "tensors": entries,
@@ -546,6 +618,7 @@ def _compress_delta(writer, tensor: str, role: str, base: Path, expert: Path, ba
     base_ckpt.release(tensor)
     rows, cols = delta.shape
     weight = _channel_weights(statistics, tensor, role, cols)
+    hessian = _hessian(statistics, tensor, role, cols, settings)
     bits, k, group_size = settings.bits, salient_count(settings.salient, settings.salient_channels, cols), settings.group_size
     if role in ("embedding", "lm_head") and settings.vocab_bits is not None:
         bits = settings.vocab_bits
@@ -556,7 +629,8 @@ def _compress_delta(writer, tensor: str, role: str, base: Path, expert: Path, ba
     try:
         result = compress_matrix(delta, weight, bits=bits, group_size=group_size, k=k,
                                  clip_grid=settings.clip_grid, min_clip=settings.min_clip, name=tensor,
-                                 ragged_groups=settings.ragged_groups)
+                                 ragged_groups=settings.ragged_groups, hessian=hessian,
+                                 damping=settings.damping, act_order=settings.act_order)
     except (ValueError, RuntimeError) as error:
         raise type(error)(f"{expert}: {error}") from None
     for piece, dtype in _core.DELTA_PIECES:
@@ -570,7 +644,7 @@ def _compress_delta(writer, tensor: str, role: str, base: Path, expert: Path, ba
     totals["storage_bits"] += result.storage_bits
     return {"kind": "delta", "role": role, "dtype": info["dtype"], "shape": info["shape"],
             "rows": rows, "cols": cols, "bits": result.bits, "group_size": result.group_size,
-            "salient": result.salient, "extra_rows": int(extra.shape[0]),
+            "salient": result.salient, "method": "gptq" if hessian is not None else "rtn", "extra_rows": int(extra.shape[0]),
             "error": result.error, "relative_error": result.error / result.reference if result.reference > 0 else 0.0,
             "storage_bits": result.storage_bits}
 
@@ -593,8 +667,13 @@ def _store_other(writer, tensor: str, base_ckpt: Checkpoint, expert_ckpt: Checkp
 
 
 def _plan(base: Path, expert: Path, base_ckpt: Checkpoint, expert_ckpt: Checkpoint, delta_names: Sequence[str],
-          statistics, settings: CompressionSettings, progress) -> dict[str, PlanChoice]:
-    """Measure every (bits, salient) candidate of every delta matrix, then solve the budget."""
+          statistics, settings: CompressionSettings, progress, sensitivity=None) -> dict[str, PlanChoice]:
+    """Measure every (bits, salient) candidate of every delta matrix, then solve the budget.
+
+    With ``sensitivity`` (``meswitch.sensitivity.output_sensitivity``) a candidate's error is
+    its estimated effect on the calibration loss; without, its error relative to the delta's
+    own weighted energy, times the matrix's size.
+    """
     candidates: dict[str, list[PlanChoice]] = {}
     parameters: dict[str, int] = {}
     bar = _Progress(progress, len(delta_names), f"plan {expert.name}")
@@ -603,6 +682,7 @@ def _plan(base: Path, expert: Path, base_ckpt: Checkpoint, expert_ckpt: Checkpoi
             delta, _ = _delta_of(tensor, base, expert, base_ckpt, expert_ckpt)
             rows, cols = delta.shape
             weight = _channel_weights(statistics, tensor, tensor_role(tensor), cols)
+            hessian = _hessian(statistics, tensor, tensor_role(tensor), cols, settings)
             options = []
             # Whole-row groups are candidates too: they drop the scale/zero overhead (0.375 bits
             # per parameter at groups of 64), which is what lets a tight budget stay at 2 bits.
@@ -612,11 +692,17 @@ def _plan(base: Path, expert: Path, base_ckpt: Checkpoint, expert_ckpt: Checkpoi
                         k = salient_count(fraction, None, cols)
                         result = compress_matrix(delta, weight, bits=bits, group_size=group_size, k=k,
                                                  clip_grid=settings.clip_grid, min_clip=settings.min_clip, name=tensor,
-                                                 ragged_groups=settings.ragged_groups)
-                        # Errors are compared across matrices relative to each delta's own weighted
-                        # energy, times its size: the units of activation statistics differ per layer.
-                        relative = result.error / result.reference if result.reference > 0 else 0.0
-                        options.append(PlanChoice(bits, k, relative * rows * cols, result.storage_bits, group_size))
+                                                 ragged_groups=settings.ragged_groups, hessian=hessian,
+                                                 damping=settings.damping, act_order=settings.act_order)
+                        if sensitivity is not None:
+                            approx = dequantize_pieces(result.pieces, rows, cols, bits, result.group_size)
+                            error = sensitivity[tensor].score(delta - approx)
+                        else:
+                            # Relative to each delta's own weighted energy, times its size: the units
+                            # of activation statistics differ per layer.
+                            relative = result.error / result.reference if result.reference > 0 else 0.0
+                            error = relative * rows * cols
+                        options.append(PlanChoice(bits, k, error, result.storage_bits, group_size))
             candidates[tensor] = options
             parameters[tensor] = rows * cols
             bar(index + 1, tensor)

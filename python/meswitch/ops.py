@@ -1,9 +1,13 @@
-"""Fused CPU delta GEMM: ``out += x @ delta^T`` straight from the compressed pieces.
+"""Fused delta GEMM: ``out += x @ delta^T`` straight from the compressed pieces.
 
 Thin wrappers over ``meswitch._core``; the work is in ``include/meswitch/cpu/delta_gemm.hpp``.
 Inputs may be NumPy arrays or PyTorch CPU tensors (anything with ``__dlpack__``); nothing
 is copied except the activations, which the kernel widens to float32 once per call.
 ``out`` is float32 and is accumulated into, in place.
+
+Dispatch by device: activations in CUDA memory (torch CUDA tensors) run the CUDA kernels of
+:mod:`meswitch.cuda`, with the deltas already on the device (:func:`meswitch.cuda.to_device`);
+a build without CUDA says so instead.
 
 The kernel path is chosen at run time: AVX-512 VNNI (integer dot products of the codes
 with x held as two int8 digits, each x within max|x| / 32512 of its block; 3-bit deltas run
@@ -69,6 +73,32 @@ def _pieces(delta: Any, bits: int | None, group_size: int | None) -> tuple[list[
     return arrays, int(bits), int(group_size)
 
 
+def _delta_info(delta: Any, arrays: list[Any], bits: int) -> tuple[int, int, str]:
+    """``(rows, cols, name)`` of a delta given as :func:`_pieces` takes it."""
+    rows = int(arrays[0].shape[0])
+    if isinstance(delta, tuple) and len(delta) == 2 and hasattr(delta[0], "stored"):
+        entry, name = delta[0].tensors[delta[1]], str(delta[1])
+    else:
+        entry, name = delta, ""
+    cols = entry.get("cols")
+    # words per row hold whole codes for every width the GPU takes (cols a multiple of 64)
+    return rows, int(cols) if cols is not None else int(arrays[0].shape[1]) * 32 // bits, name
+
+
+def _cuda_dispatch(x: Any, deltas: Sequence[Any]) -> Any:
+    """:mod:`meswitch.cuda` when ``x`` lives on a CUDA device (``None`` otherwise)."""
+    from meswitch import cuda
+
+    if not cuda.is_cuda_tensor(x):
+        return None
+    cuda.require_cuda_build(f"x ({getattr(x, 'device', 'CUDA memory')})")
+    for index, delta in enumerate(deltas):
+        if delta is not None and not isinstance(delta, cuda.DeviceDelta):
+            raise TypeError(f"x is on {getattr(x, 'device', 'a CUDA device')}: delta {index} must be a "
+                            f"meswitch.cuda.DeviceDelta (meswitch.cuda.to_device(pieces)), got {type(delta).__name__}")
+    return cuda
+
+
 def _new_out(x: Any, rows: int) -> Any:
     if _is_torch(x):
         import torch
@@ -85,7 +115,9 @@ def delta_matmul(x: Any, delta_pieces: Any, out: Any = None, *, bits: int | None
     ----------
     x
         Activations ``[tokens, cols]``: float32, bfloat16 or float16, NumPy array or
-        torch CPU tensor. Any strides (non-negative).
+        torch CPU tensor. Any strides (non-negative). A torch CUDA tensor (float16 or
+        bfloat16) runs :func:`meswitch.cuda.delta_matmul` instead, with ``delta_pieces`` a
+        :class:`meswitch.cuda.DeviceDelta`.
     delta_pieces
         The compressed delta of one weight ``[rows, cols]``: a mapping with the pieces
         ``qweight`` (uint32), ``scales`` (float16), ``zeros`` (uint8), ``salient_idx``
@@ -108,9 +140,16 @@ def delta_matmul(x: Any, delta_pieces: Any, out: Any = None, *, bits: int | None
     ------
     ValueError
         Wrong dtype, shape or device of any argument (the message names it).
+    RuntimeError
+        ``x`` is on a CUDA device but this meswitch was built without CUDA.
+    TypeError
+        ``x`` is on a CUDA device but the delta is not a :class:`meswitch.cuda.DeviceDelta`.
     """
     from meswitch import _core
 
+    cuda = _cuda_dispatch(x, [delta_pieces])
+    if cuda is not None:
+        return cuda.delta_matmul(x, delta_pieces, out)
     arrays, bits, group_size = _pieces(delta_pieces, bits, group_size)
     if out is None:
         out = _new_out(x, int(arrays[0].shape[0]))
@@ -134,7 +173,8 @@ def multi_delta_matmul(x: Any, experts: Sequence[Any], segment_starts: Sequence[
         and ``rows``.
     segment_starts
         ``E + 1`` non-decreasing token offsets: expert ``e`` owns rows
-        ``[segment_starts[e], segment_starts[e + 1])`` of ``x``.
+        ``[segment_starts[e], segment_starts[e + 1])`` of ``x``. On CUDA also a
+        :class:`meswitch.cuda.SegmentTable` (tokens in any order, ids on the device).
     out
         float32 ``[tokens, rows]``, accumulated in place; ``None`` allocates zeros.
     bits, group_size
@@ -146,6 +186,9 @@ def multi_delta_matmul(x: Any, experts: Sequence[Any], segment_starts: Sequence[
     """
     from meswitch import _core
 
+    cuda = _cuda_dispatch(x, experts)
+    if cuda is not None:
+        return cuda.multi_delta_matmul(x, experts, segment_starts, out)
     tuples = []
     for expert in experts:
         arrays, expert_bits, expert_group = _pieces(expert, bits, group_size)

@@ -100,6 +100,7 @@ def refine_step_sizes(base: str | os.PathLike[str], expert: str | os.PathLike[st
 
     from meswitch import _core
     from meswitch.artifact import load_artifact, model_from_weights
+    from meswitch.calibration import token_sequences
     from meswitch.evaluation import load_model
 
     if steps < 1 or lr <= 0:
@@ -114,12 +115,7 @@ def refine_step_sizes(base: str | os.PathLike[str], expert: str | os.PathLike[st
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     groups = _scale_groups(source, base, dict(model.named_parameters()))
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    sequences = [torch.tensor([start] + tokenizer(t, add_special_tokens=False)["input_ids"][: max_length - 1])
-                 for t in texts]
-    sequences = [s for s in sequences if len(s) >= 2]
-    if not sequences:
-        raise ValueError("refinement: every calibration text is empty after tokenization")
+    sequences = token_sequences(tokenizer, texts, max_length, "refinement")
 
     def kl_of(batch: Sequence[torch.Tensor], weights) -> torch.Tensor:
         total, count = 0.0, 0

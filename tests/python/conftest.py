@@ -65,3 +65,27 @@ def run_cli() -> Callable[..., subprocess.CompletedProcess]:
         return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
 
     return run
+
+
+def cuda_unavailable_reason() -> str:
+    """Why the CUDA tests cannot run here ("" when they can): no CUDA build, no driver or device,
+    or a torch without CUDA."""
+    from meswitch import cuda
+
+    reason = cuda.unavailable_reason()
+    if reason:
+        return reason
+    import torch
+
+    return "" if torch.cuda.is_available() else f"torch {torch.__version__} sees no CUDA device"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip with the reason where no GPU can run them."""
+    marked = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not marked:
+        return
+    reason = cuda_unavailable_reason()
+    if reason:
+        for item in marked:
+            item.add_marker(pytest.mark.skip(reason=f"no CUDA device: {reason}"))

@@ -494,8 +494,9 @@ def test_learned_step_sizes_lower_the_kl_and_change_only_scales(tmp_path, capsys
     teacher, tokenizer = load_model(expert)
     kl_plain = _calibration_kl(load_compressed_model(base, plain)[0], teacher, tokenizer, texts)
     kl_refined = _calibration_kl(load_compressed_model(base, refined)[0], teacher, tokenizer, texts)
-    assert kl_plain == pytest.approx(summary["kl_before"], rel=1e-3)
-    assert kl_refined == pytest.approx(summary["kl_after"], rel=1e-3)
+    # Up to float32 noise between the torch and C++ paths (the KLs are ~1e-4 nats per token).
+    assert kl_plain == pytest.approx(summary["kl_before"], rel=1e-3, abs=1e-6)
+    assert kl_refined == pytest.approx(summary["kl_after"], rel=1e-3, abs=1e-6)
     assert kl_refined < kl_plain
     from meswitch.cli import main
 
@@ -508,3 +509,41 @@ def test_learned_step_sizes_need_calibration_text(pair, tmp_path):
     with pytest.raises(ValueError, match="refine_steps needs calibration text"):
         compress(base, expert, tmp_path / "r.meswitch", settings=CompressionSettings(refine_steps=5), progress=False)
     assert not list(tmp_path.iterdir())
+
+
+def test_gptq_method_uses_the_calibration_hessians(pair, tmp_path):
+    from meswitch import _core
+    from meswitch.calibration import collect_channel_second_moments, collect_input_hessians
+
+    base, expert = pair
+    model = transformers.AutoModelForCausalLM.from_pretrained(expert, dtype=torch.float32)
+
+    class ByteTokenizer:  # the random pair ships no tokenizer
+        def __call__(self, text, return_tensors, truncation, max_length):
+            return {"input_ids": torch.tensor([[b % 96 for b in text.encode()[:max_length]]])}
+
+    texts = ["hello world " * 10, "a quick test of calibration", "the error lands on the next columns"]
+    hessians = collect_input_hessians(model, ByteTokenizer(), texts)
+    moments = collect_channel_second_moments(model, ByteTokenizer(), texts)
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert set(hessians) == set(moments)
+    for weight, h in hessians.items():  # the Hessian's diagonal is E[x^2]
+        np.testing.assert_allclose(np.diagonal(h), moments[weight], rtol=1e-5, atol=1e-8)
+    reports = {method: compress(base, expert, tmp_path / f"{method}.meswitch", calibration=hessians,
+                                settings=CompressionSettings(method=method), progress=False)
+               for method in ("gptq", "rtn")}
+    assert reports["gptq"].tensors[name]["method"] == "gptq" and reports["rtn"].tensors[name]["method"] == "rtn"
+    assert reports["gptq"].tensors["model.embed_tokens.weight"]["method"] == "rtn"  # no Hessian: a lookup
+    stored = {method: _stored_tensors(tmp_path / f"{method}.meswitch") for method in reports}
+    delta = _checkpoint_tensors(expert)[name].astype(np.float32) - _checkpoint_tensors(base)[name].astype(np.float32)
+    entry = reports["gptq"].tensors[name]
+    errors = {method: _core.hessian_weighted_error(*[stored[method][f"{name}.{p}"] for p, _ in _core.DELTA_PIECES],
+                                                   entry["rows"], entry["cols"], entry["bits"], entry["group_size"],
+                                                   delta, hessians[name])[0] for method in reports}
+    assert errors["gptq"] < errors["rtn"]
+    # Per-channel statistics only: GPTQ has no Hessian and rounds to nearest, bit for bit.
+    compress(base, expert, tmp_path / "moments.meswitch", calibration=moments, progress=False)
+    compress(base, expert, tmp_path / "moments-rtn.meswitch", calibration=moments,
+             settings=CompressionSettings(method="rtn"), progress=False)
+    a, b = _stored_tensors(tmp_path / "moments.meswitch"), _stored_tensors(tmp_path / "moments-rtn.meswitch")
+    assert a.keys() == b.keys() and all(np.array_equal(a[key], b[key]) for key in a)

@@ -221,3 +221,56 @@ def test_a_store_holds_each_expert_for_the_whole_forward(family):
     rows = model.forward([SequenceInput("a", "math", [5, 6, 7]), SequenceInput("b", None, [8])])
     assert rows[0].shape == (3, 4096) and rows[1].shape == (1, 4096)
     assert store.held == {"math": 0} and store.peak["math"] >= 2  # held by the forward while prepared
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_embedding_rows_are_the_dequantized_delta_rows(tmp_path, bits):
+    """An embedding lookup dequantizes only the rows it reads: bit for bit the rows of the whole
+    delta (3 bits: codes straddle words; a ragged last group; salient channels)."""
+    from meswitch.serve.experts import delta_rows
+
+    source = family_dir()
+    artifact_dir = tmp_path / "math.meswitch"
+    compress(source / "base", source / "math", artifact_dir, progress=False,
+             settings=CompressionSettings(bits=bits, group_size=96, salient_channels=5))
+    from meswitch.artifact import load_artifact
+
+    artifact = load_artifact(artifact_dir)
+    rows = np.array([0, 7, 7, 4095, 1234, 3])
+    for name in ("model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight"):
+        whole = artifact.delta(name)
+        picked = rows[rows < whole.shape[0]]
+        np.testing.assert_array_equal(delta_rows(artifact, name, picked), whole[picked])
+
+
+def _tied(directory, out):
+    """A copy of a family model with its output layer tied to the embedding (no lm_head)."""
+    out.mkdir()
+    for path in directory.iterdir():
+        if path.suffix != ".safetensors" and path.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(path, out / path.name)
+    config = json.loads((directory / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (out / "config.json").write_text(json.dumps(config))
+    checkpoint = open_checkpoint(directory)
+    save_file({name: np.array(checkpoint.get_array(name)) for name in checkpoint if name != "lm_head.weight"},
+              out / "model.safetensors")
+    return out
+
+
+def test_tied_embeddings_with_an_expanded_vocabulary_match_transformers(tmp_path):
+    """Tied output layer: the logits are the base's by one GEMM plus the embedding delta by the fused
+    kernel plus the added tokens' rows; the chat expert's added tokens exercise both lookups."""
+    source = family_dir()
+    base, chat = _tied(source / "base", tmp_path / "base"), _tied(source / "chat", tmp_path / "chat")
+    artifact = tmp_path / "chat.meswitch"
+    compress(base, chat, artifact, progress=False, settings=CompressionSettings(bits=2))
+    dense = decompress(base, artifact, tmp_path / "chat-dense")
+    model = MultiExpertModel(base, {"chat": artifact}, kv_cache_bytes=1 << 20)
+    assert model.vocab_size("chat") > model.vocab_size(None)
+    tokens = [*range(3, 15), model.vocab_size("chat") - 1, model.vocab_size(None)]  # two added tokens
+    ours = model.forward([SequenceInput("c", "chat", tokens), SequenceInput("b", None, tokens[:12])])
+    for logits, directory, used in ((ours[0], dense, tokens), (ours[1], base, tokens[:12])):
+        reference = _reference_logits(directory, used)
+        assert logits.shape == reference.shape
+        assert ((logits - reference).abs().max() / reference.abs().max()).item() < TOLERANCE

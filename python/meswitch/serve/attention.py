@@ -37,8 +37,8 @@ def paged_attention(queries: torch.Tensor, cache: PagedKVCache, layer: int, slot
         values = values.repeat_interleave(groups, dim=1)
         q = queries[row:row + count]
         scores = torch.einsum("qhd,khd->hqk", q, keys) * scale
-        query_positions = torch.arange(start, start + count)[:, None]
-        key_positions = torch.arange(keys.shape[0])[None, :]
+        query_positions = torch.arange(start, start + count, device=queries.device)[:, None]
+        key_positions = torch.arange(keys.shape[0], device=queries.device)[None, :]
         allowed = key_positions <= query_positions  # causal within the new tokens
         if window is not None:
             allowed &= key_positions > query_positions - window

@@ -17,8 +17,6 @@ import numpy as np
 import torch
 
 from meswitch.artifact import ExpertArtifact, load_artifact
-from meswitch.checkpoint import open_checkpoint
-from meswitch.naming import tensor_role
 
 
 class ExpertSourceAdapter:
@@ -65,47 +63,104 @@ def _float32(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(array, dtype=np.float32))
 
 
+def delta_rows(artifact: ExpertArtifact, name: str, rows: np.ndarray) -> np.ndarray:
+    """Rows ``rows`` of the dequantized delta of ``name``, float32 ``[len(rows), cols]``.
+
+    The rule of docs/format.md applied to those rows alone, so an embedding lookup reads
+    a few rows of codes instead of holding the whole table dequantized; equal bit for bit
+    to the same rows of :meth:`ExpertArtifact.delta`.
+    """
+    entry = artifact.tensors[name]
+    bits, cols, group_size = entry["bits"], entry["cols"], entry["group_size"]
+    words = np.ascontiguousarray(artifact.stored(f"{name}.qweight")[rows])
+    # Stream bit i is bit i % 32 of word i / 32: the words' little-endian bytes, bits in little order.
+    stream = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :cols * bits]
+    codes = stream.reshape(len(rows), cols, bits).astype(np.uint8) @ (1 << np.arange(bits, dtype=np.uint8))
+    group = np.arange(cols) // group_size
+    scales = artifact.stored(f"{name}.scales")[rows].astype(np.float32)[:, group]
+    zeros = artifact.stored(f"{name}.zeros")[rows].astype(np.float32)[:, group]
+    values = (codes.astype(np.float32) - zeros) * scales
+    if entry["salient"]:  # salient channels carry code = zero, so they hold exactly their value
+        values[:, artifact.stored(f"{name}.salient_idx")] += artifact.stored(f"{name}.salient")[rows].astype(np.float32)
+    return values
+
+
 @dataclass
 class ExpertWeights:
     """What one expert changes in the base, in the forms the model applies them.
 
-    ``deltas`` are the compressed linears, applied by the fused kernel from the artifact's
-    mapped shards; ``whole`` the tensors stored whole (norms, biases, or a linear the
-    compressor kept dense); ``embedding`` the expert's table with its extra rows, dequantized
-    once (a lookup is no GEMM to fuse); ``extra_rows`` the output rows past the base's,
-    keyed by weight name (the expanded vocabulary of ``lm_head``).
+    ``deltas`` are the compressed matrices (linears, ``lm_head`` and the embedding), applied
+    from the artifact's mapped shards: by the fused kernel as products, and for an embedding
+    lookup by dequantizing only the rows looked up; ``whole`` the tensors stored whole
+    (norms, biases, or a matrix the compressor kept dense); ``extra_rows`` the rows past the
+    base's (an expanded vocabulary of the embedding and ``lm_head``), keyed by weight name.
+    Nothing here holds a dense copy of a compressed matrix, so an expert's host memory is
+    its store entry plus these small tensors.
     """
 
     artifact: ExpertArtifact
     deltas: dict[str, tuple[ExpertArtifact, str]] = field(default_factory=dict)
     whole: dict[str, torch.Tensor] = field(default_factory=dict)
     extra_rows: dict[str, torch.Tensor] = field(default_factory=dict)
-    embedding: torch.Tensor | None = None
 
     @classmethod
     def prepare(cls, artifact: ExpertArtifact, base_dir: str | os.PathLike[str], *,
-                check_base: bool = True) -> ExpertWeights:
-        """Check ``artifact`` against the base and gather its tensors (raises ``meswitch.FormatError``)."""
+                check_base: bool = True, device: str | torch.device = "cpu") -> ExpertWeights:
+        """Check ``artifact`` against the base and gather its tensors (raises ``meswitch.FormatError``).
+
+        The whole tensors and extra rows go to ``device``; the deltas stay references into the
+        artifact (on a GPU, the device tier uploads them).
+        """
+        prepared = cls._gather(artifact, base_dir, check_base)
+        if torch.device(device).type != "cpu":
+            prepared.whole = {name: t.to(device) for name, t in prepared.whole.items()}
+            prepared.extra_rows = {name: t.to(device) for name, t in prepared.extra_rows.items()}
+        return prepared
+
+    @classmethod
+    def _gather(cls, artifact: ExpertArtifact, base_dir: str | os.PathLike[str], check_base: bool) -> ExpertWeights:
         if check_base:
             artifact.check_base(base_dir)
         prepared = cls(artifact)
         for name, entry in artifact.tensors.items():
-            kind, role = entry["kind"], tensor_role(name)
-            if kind == "same":
-                continue
-            if role == "embedding":
-                if kind == "full":
-                    prepared.embedding = _float32(artifact.stored(f"{name}.full")).reshape(entry["shape"])
-                else:
-                    # base + delta in float32 (not rounded back to the stored dtype), then the extra rows
-                    rows = [open_checkpoint(base_dir).get_array(name, widen=True) + artifact.delta(name)]
-                    if entry["extra_rows"]:
-                        rows.append(artifact.stored(f"{name}.extra_rows").astype(np.float32))
-                    prepared.embedding = _float32(np.concatenate(rows, axis=0))
-            elif kind == "full":
+            kind = entry["kind"]
+            if kind == "full":
                 prepared.whole[name] = _float32(artifact.stored(f"{name}.full")).reshape(entry["shape"])
-            else:
+            elif kind == "delta":
                 prepared.deltas[name] = (artifact, name)
-                if entry["extra_rows"]:
+                if entry.get("extra_rows"):
                     prepared.extra_rows[name] = _float32(artifact.stored(f"{name}.extra_rows"))
         return prepared
+
+    def rows(self, name: str, base_rows: int) -> int:
+        """Rows of matrix ``name`` in this expert (the base's ``base_rows``, or its own whole tensor's, plus extra)."""
+        if name in self.whole:
+            return self.whole[name].shape[0]
+        extra = self.extra_rows.get(name)
+        return base_rows + (0 if extra is None else extra.shape[0])
+
+    def lookup(self, name: str, base_table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of this expert's matrix ``name`` (an embedding), float32 ``[len(ids), cols]``.
+
+        Raises
+        ------
+        ValueError
+            An id outside this expert's rows.
+        """
+        count = self.rows(name, base_table.shape[0])
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= count):
+            bad = int(ids[(ids < 0) | (ids >= count)][0])
+            raise ValueError(f"token id {bad} is outside the vocabulary of {self.artifact.name} ({count} tokens)")
+        if name in self.whole:
+            return self.whole[name][ids]
+        out = torch.empty((ids.shape[0], base_table.shape[1]), dtype=torch.float32, device=base_table.device)
+        own = ids < base_table.shape[0]
+        shared = ids[own]
+        out[own] = base_table[shared]
+        if name in self.deltas and shared.numel():
+            # base + delta in float32, not rounded back to the stored dtype (as the linears do)
+            rows = delta_rows(self.artifact, name, shared.cpu().numpy())
+            out[own] += torch.from_numpy(rows).to(base_table.device)
+        if not bool(own.all()):
+            out[~own] = self.extra_rows[name][ids[~own] - base_table.shape[0]]
+        return out

@@ -60,7 +60,7 @@ def generate(model: MultiExpertModel, expert: str | None, prompt: str, max_token
                 token = int(torch.argmax(logits))
             else:
                 probabilities = torch.softmax(logits / temperature, dim=-1)
-                token = int(torch.multinomial(probabilities, 1, generator=generator))
+                token = int(torch.multinomial(probabilities.cpu(), 1, generator=generator))  # the host RNG on any device
             if stop_at_eos and token == tokenizer.eos_token_id:
                 break
             new.append(token)

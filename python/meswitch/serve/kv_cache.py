@@ -33,6 +33,8 @@ class PagedKVCache:
         Bytes for keys and values of all layers; the pool holds as many whole blocks as fit.
     block_size
         Tokens per block.
+    device
+        Where the blocks live (``"cpu"``, ``"cuda"``); block tables stay on the host.
 
     Raises
     ------
@@ -41,7 +43,7 @@ class PagedKVCache:
     """
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, *, budget_bytes: int,
-                 block_size: int = 16) -> None:
+                 block_size: int = 16, device: str | torch.device = "cpu") -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
@@ -51,8 +53,9 @@ class PagedKVCache:
             raise ValueError(f"KV cache budget of {budget_bytes} bytes holds no block: one block of "
                              f"{block_size} tokens takes {self.block_bytes} bytes over {num_layers} layers")
         shape = (self.num_blocks, block_size, kv_heads, head_dim)
-        self.keys = [torch.zeros(shape, dtype=torch.float32) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=torch.float32) for _ in range(num_layers)]
+        self.device = torch.device(device)
+        self.keys = [torch.zeros(shape, dtype=torch.float32, device=self.device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=torch.float32, device=self.device) for _ in range(num_layers)]
         self._free: deque[int] = deque(range(self.num_blocks))
         self._tables: dict[Hashable, list[int]] = {}
         self._lengths: dict[Hashable, int] = {}
@@ -96,10 +99,11 @@ class PagedKVCache:
             self._lengths[sequence] = self.length(sequence) + tokens
 
     def slots(self, sequence: Hashable, start: int, stop: int) -> torch.Tensor:
-        """int64 flat slot ids (``block * block_size + offset``) of tokens ``[start, stop)``."""
+        """int64 flat slot ids (``block * block_size + offset``) of tokens ``[start, stop)``, on the cache's device."""
         positions = torch.arange(start, stop, dtype=torch.int64)
         table = torch.tensor(self._tables[sequence], dtype=torch.int64)
-        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+        slots = table[positions // self.block_size] * self.block_size + positions % self.block_size
+        return slots.to(self.device)
 
     def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store ``keys``/``values`` ``[tokens, kv_heads, head_dim]`` at ``slots``."""

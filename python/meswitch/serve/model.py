@@ -12,6 +12,12 @@ decoder is written out here (Llama, Mistral, Qwen2 share it), and every linear i
 with the tokens ordered by expert: sequences are sorted once per forward (a sequence has
 one expert, so its tokens stay contiguous) and the same order serves every linear.
 Attention is per sequence over the paged KV cache.
+
+On a CUDA device (``device="cuda"``) the base weights, the KV cache and the activations live
+on the GPU; each linear's deltas of the whole mixed batch are one launch of the CUDA kernel
+(``meswitch.cuda``) over a segment table built once per forward from the sequences' experts,
+and the experts' deltas come from a device tier (``serve/device_tier.py``) that uploads them
+from the host tier through pinned buffers and keeps them within a device byte budget.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from meswitch.checkpoint import open_checkpoint
 from meswitch.ops import multi_delta_matmul
 from meswitch.serve.attention import paged_attention
 from meswitch.serve.config import read_decoder_config
+from meswitch.serve.device_tier import DeviceTier
 from meswitch.serve.experts import ExpertSourceAdapter, ExpertWeights
 from meswitch.serve.kv_cache import PagedKVCache
 from meswitch.serve.rope import inverse_frequencies, rotate
@@ -55,6 +62,7 @@ class _Group:
     weights: ExpertWeights | None
     start: int
     stop: int
+    device_deltas: dict[str, Any] | None = None  # on a GPU: the expert's deltas in the device tier
 
 
 class MultiExpertModel:
@@ -73,6 +81,14 @@ class MultiExpertModel:
         Byte budget of the paged KV cache (keys and values of all layers, float32).
     block_size
         Tokens per KV cache block.
+    device
+        ``"cpu"`` (the fused CPU kernels) or a CUDA device (the CUDA kernels; needs a build with
+        ``MESWITCH_CUDA=ON``). Computation is float32 on either.
+    device_budget
+        On a CUDA device: bytes of GPU memory for the experts' tiled deltas (the device tier).
+    delta_activations
+        On a CUDA device: the 16-bit type the activations are rounded to for the delta kernel
+        (``torch.float16`` or ``torch.bfloat16``); the base GEMM stays float32.
 
     Raises
     ------
@@ -83,16 +99,25 @@ class MultiExpertModel:
     """
 
     def __init__(self, base_dir: str | os.PathLike[str], experts: Any, *, kv_cache_bytes: int = 64 << 20,
-                 block_size: int = 16) -> None:
+                 block_size: int = 16, device: str | torch.device = "cpu", device_budget: int = 8 << 30,
+                 delta_activations: torch.dtype = torch.float16) -> None:
         self.base_dir = Path(base_dir)
+        self.device = torch.device(device)
+        self.on_gpu = self.device.type == "cuda"
+        # A device tier only on a GPU (and it refuses a build without CUDA before anything loads).
+        self.device_tier = DeviceTier(self.device, device_budget) if self.on_gpu else None
+        if delta_activations not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"delta_activations must be torch.float16 or torch.bfloat16, got {delta_activations}")
+        self.delta_activations = delta_activations
         self.config = config = read_decoder_config(base_dir)
-        self.inverse_frequencies = inverse_frequencies(config.rope, config.head_dim)
+        self.inverse_frequencies = inverse_frequencies(config.rope, config.head_dim).to(self.device)
         checkpoint = open_checkpoint(base_dir)
         self.base = {name: torch.from_numpy(np.array(checkpoint.get_array(name, widen=True), dtype=np.float32))
-                     for name in checkpoint}
+                     .to(self.device) for name in checkpoint}
         self.experts = ExpertSourceAdapter(experts)
         self.cache = PagedKVCache(config.num_layers, config.num_kv_heads, config.head_dim,
-                                  budget_bytes=kv_cache_bytes, block_size=block_size)
+                                  budget_bytes=kv_cache_bytes, block_size=block_size, device=self.device)
+        self._segment_tables: dict[tuple, Any] = {}  # this forward's, by token ranges
         self._prepared: dict[str, ExpertWeights] = {}
         self._sequence_experts: dict[Hashable, str | None] = {}
 
@@ -106,7 +131,7 @@ class MultiExpertModel:
             # The same loaded artifact keeps its prepared tensors; a store's reload is a new one.
             if prepared is None or prepared.artifact._core is not artifact._core:
                 prepared = self._prepared[name] = ExpertWeights.prepare(
-                    artifact, self.base_dir, check_base=not self.experts.is_store)
+                    artifact, self.base_dir, check_base=not self.experts.is_store, device=self.device)
             return prepared
         finally:
             self.experts.release(name)
@@ -116,13 +141,7 @@ class MultiExpertModel:
         if expert is None:
             return self.config.vocab_size
         weights = self.expert_weights(expert)
-        if self.config.tie_word_embeddings:
-            return self.config.vocab_size if weights.embedding is None else weights.embedding.shape[0]
-        head = weights.whole.get("lm_head.weight")
-        if head is not None:
-            return head.shape[0]
-        extra = weights.extra_rows.get("lm_head.weight")
-        return self.config.vocab_size + (0 if extra is None else extra.shape[0])
+        return weights.rows(self._head_name, self.config.vocab_size)
 
     # -- the forward ---------------------------------------------------------------------
 
@@ -161,22 +180,34 @@ class MultiExpertModel:
         held = sorted({item.expert for item in inputs if item.expert is not None})
         for name in held:
             self.experts.acquire(name)
+        on_device: list[str] = []
         try:
-            return self._forward(inputs, last_only)
+            return self._forward(inputs, last_only, on_device)
         finally:
+            self._segment_tables.clear()
+            for name in on_device:
+                self.device_tier.release(name)
             for name in held:
                 self.experts.release(name)
 
-    def _forward(self, inputs: Sequence[SequenceInput], last_only: bool) -> list[torch.Tensor]:
+    def _forward(self, inputs: Sequence[SequenceInput], last_only: bool, on_device: list[str]) -> list[torch.Tensor]:
         order, groups = self._arrange(inputs)
-        tokens = torch.tensor([t for i in order for t in inputs[i].tokens], dtype=torch.int64)
+        if self.on_gpu:  # hold each expert's deltas in the device tier for this forward
+            for group in groups:
+                if group.weights is not None and group.weights.deltas:
+                    # an untied embedding's delta is only looked up (host rows), never multiplied
+                    names = [n for n in group.weights.deltas
+                             if n != "model.embed_tokens.weight" or n == self._head_name]
+                    group.device_deltas = self.device_tier.acquire(group.expert, group.weights.artifact, names)
+                    on_device.append(group.expert)
+        tokens = torch.tensor([t for i in order for t in inputs[i].tokens], dtype=torch.int64, device=self.device)
         starts = [self.cache.length(inputs[i].sequence) for i in order]
         counts = [len(inputs[i].tokens) for i in order]
         self._check_positions([inputs[i] for i in order], starts, counts)
         self.cache.reserve({inputs[i].sequence: n for i, n in zip(order, counts)})
         for i in order:
             self._sequence_experts[inputs[i].sequence] = inputs[i].expert
-        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts)])
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts)]).to(self.device)
         new_slots = torch.cat([self.cache.slots(inputs[i].sequence, s, s + n)
                                for i, s, n in zip(order, starts, counts)])
         all_slots = [self.cache.slots(inputs[i].sequence, 0, s + n) for i, s, n in zip(order, starts, counts)]
@@ -187,7 +218,7 @@ class MultiExpertModel:
         hidden = self._rms_norm(hidden, "model.norm.weight", groups)
         offsets = np.cumsum([0, *counts])
         if last_only:
-            keep = torch.tensor(offsets[1:] - 1, dtype=torch.int64)
+            keep = torch.tensor(offsets[1:] - 1, dtype=torch.int64, device=self.device)
             hidden = hidden[keep]
             groups = self._regroup(groups, [1] * len(counts), counts)
             offsets = np.arange(len(counts) + 1)
@@ -235,7 +266,7 @@ class MultiExpertModel:
                 old += counts[s]
                 size += new_counts[s]
                 s += 1
-            result.append(_Group(group.expert, group.weights, new, new + size))
+            result.append(_Group(group.expert, group.weights, new, new + size, group.device_deltas))
             new += size
         return result
 
@@ -250,15 +281,16 @@ class MultiExpertModel:
 
     def _embed(self, tokens: torch.Tensor, groups: list[_Group]) -> torch.Tensor:
         table = self.base["model.embed_tokens.weight"]
-        hidden = torch.empty((tokens.shape[0], table.shape[1]), dtype=torch.float32)
+        hidden = torch.empty((tokens.shape[0], table.shape[1]), dtype=torch.float32, device=self.device)
         for group in groups:
-            own = table if group.weights is None or group.weights.embedding is None else group.weights.embedding
             ids = tokens[group.start:group.stop]
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= own.shape[0]):
-                bad = int(ids[(ids < 0) | (ids >= own.shape[0])][0])
-                raise ValueError(f"token id {bad} is outside the vocabulary of {group.expert or 'the base'} "
-                                 f"({own.shape[0]} tokens)")
-            hidden[group.start:group.stop] = own[ids]
+            if group.weights is not None:
+                hidden[group.start:group.stop] = group.weights.lookup("model.embed_tokens.weight", table, ids)
+                continue
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= table.shape[0]):
+                bad = int(ids[(ids < 0) | (ids >= table.shape[0])][0])
+                raise ValueError(f"token id {bad} is outside the vocabulary of the base ({table.shape[0]} tokens)")
+            hidden[group.start:group.stop] = table[ids]
         return hidden
 
     def _per_token(self, name: str, groups: list[_Group]) -> torch.Tensor | None:
@@ -270,16 +302,30 @@ class MultiExpertModel:
             return base
         if any(t is None for t in own):
             dim = next(t for t in own if t is not None).shape[0]
-            own = [torch.zeros(dim) if t is None else t for t in own]
-        sizes = torch.tensor([g.stop - g.start for g in groups])
+            own = [torch.zeros(dim, device=self.device) if t is None else t for t in own]
+        sizes = torch.tensor([g.stop - g.start for g in groups], device=self.device)
         return torch.repeat_interleave(torch.stack(own), sizes, dim=0)
 
     def _rms_norm(self, x: torch.Tensor, name: str, groups: list[_Group]) -> torch.Tensor:
         variance = x.pow(2).mean(-1, keepdim=True)
         return self._per_token(name, groups) * (x * torch.rsqrt(variance + self.config.rms_norm_eps))
 
+    def _segments(self, groups: list[_Group]) -> Any:
+        """The CUDA segment table of these token ranges (group i is expert i; the base has no delta)."""
+        from meswitch import cuda
+
+        key = tuple((g.start, g.stop, g.device_deltas is not None) for g in groups)
+        table = self._segment_tables.get(key)
+        if table is None:
+            ids = np.concatenate([np.full(g.stop - g.start, i if g.device_deltas is not None else -1, dtype=np.int64)
+                                  for i, g in enumerate(groups)])
+            table = self._segment_tables[key] = cuda.build_segments(ids, len(groups), device=self.device)
+        return table
+
     def _linear(self, x: torch.Tensor, name: str, groups: list[_Group]) -> torch.Tensor:
         """Base GEMM for all tokens, each expert's own rows (dense or fused delta) by segment, bias."""
+        if self.on_gpu:
+            return self._linear_on_gpu(x, name, groups)
         out = x @ self.base[name].T
         run: list[_Group] = []
         for group in [*groups, None]:
@@ -295,6 +341,21 @@ class MultiExpertModel:
             if group is not None and group.weights is not None and name in group.weights.whole:
                 dense = group.weights.whole[name]
                 out[group.start:group.stop] = x[group.start:group.stop] @ dense[:out.shape[1]].T
+        bias = self._per_token(name.removesuffix(".weight") + ".bias", groups)
+        return out if bias is None else out + bias
+
+    def _linear_on_gpu(self, x: torch.Tensor, name: str, groups: list[_Group]) -> torch.Tensor:
+        """As :meth:`_linear`, with every expert's delta of the batch in one CUDA launch."""
+        out = x @ self.base[name].T
+        deltas = [None if g.device_deltas is None else g.device_deltas.get(name) for g in groups]
+        tiled = [None if isinstance(delta, torch.Tensor) else delta for delta in deltas]
+        if any(delta is not None for delta in tiled):
+            multi_delta_matmul(x.to(self.delta_activations), tiled, self._segments(groups), out=out)
+        for group, delta in zip(groups, deltas):
+            if isinstance(delta, torch.Tensor):  # a shape the kernel does not take: the dense delta
+                out[group.start:group.stop, :delta.shape[0]] += x[group.start:group.stop] @ delta.T
+            if group.weights is not None and name in group.weights.whole:
+                out[group.start:group.stop] = x[group.start:group.stop] @ group.weights.whole[name][:out.shape[1]].T
         bias = self._per_token(name.removesuffix(".weight") + ".bias", groups)
         return out if bias is None else out + bias
 
@@ -318,24 +379,25 @@ class MultiExpertModel:
         up = self._linear(x, prefix + "mlp.up_proj.weight", groups)
         return hidden + self._linear(torch.nn.functional.silu(gate) * up, prefix + "mlp.down_proj.weight", groups)
 
+    @property
+    def _head_name(self) -> str:
+        """The output matrix: ``lm_head.weight``, or the embedding when the two are tied."""
+        tied = self.config.tie_word_embeddings and "lm_head.weight" not in self.base
+        return "model.embed_tokens.weight" if tied else "lm_head.weight"
+
     def _logits(self, hidden: torch.Tensor, groups: list[_Group]) -> list[torch.Tensor]:
-        """Per expert group, its tokens' logits over that expert's own vocabulary."""
-        if self.config.tie_word_embeddings and "lm_head.weight" not in self.base:
-            parts = []
-            for group in groups:
-                own = group.weights.embedding if group.weights is not None else None
-                table = self.base["model.embed_tokens.weight"] if own is None else own
-                parts.append(hidden[group.start:group.stop] @ table.T)
-        else:
-            base_logits = self._linear(hidden, "lm_head.weight", groups)
-            parts = []
-            for group in groups:
-                part = base_logits[group.start:group.stop]
-                weights = group.weights
-                extra = None if weights is None else weights.extra_rows.get("lm_head.weight")
-                if weights is not None and "lm_head.weight" in weights.whole:
-                    extra = weights.whole["lm_head.weight"][base_logits.shape[1]:]
-                if extra is not None and extra.shape[0]:
-                    part = torch.cat([part, hidden[group.start:group.stop] @ extra.T], dim=1)
-                parts.append(part)
+        """Per expert group, its tokens' logits over that expert's own vocabulary: the base's rows
+        by the fused linear, then the rows an expanded vocabulary adds."""
+        name = self._head_name
+        base_logits = self._linear(hidden, name, groups)
+        parts = []
+        for group in groups:
+            part = base_logits[group.start:group.stop]
+            weights = group.weights
+            extra = None if weights is None else weights.extra_rows.get(name)
+            if weights is not None and name in weights.whole:
+                extra = weights.whole[name][base_logits.shape[1]:]
+            if extra is not None and extra.shape[0]:
+                part = torch.cat([part, hidden[group.start:group.stop] @ extra.T], dim=1)
+            parts.append(part)
         return parts
