@@ -5,9 +5,10 @@ With no arguments it serves the bundled tiny family (compressed once into a cach
 serves your own. It prints its progress and the URL, then serves until interrupted
 (Ctrl-C or SIGTERM stop it cleanly: requests in flight get a few seconds to finish).
 
-There is no device (GPU) tier in this build: experts live on disk and in host memory.
-``--device-budget`` is accepted for the command line of builds that have one; any value
-but 0 is refused with a one-line error saying so.
+The server runs its engine on the CPU: experts live on disk and in host memory. The
+multi-expert model has a CUDA device tier, but the engine is not verified on a CUDA device,
+so ``--device-budget`` takes only 0; any other value is refused with a one-line error that
+says why (no CUDA build or device, or the engine's CPU-only state).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ while serving), /health and /metrics (Prometheus). Model names: each expert's, '
 
 With no arguments it serves the bundled tiny family with the bundled router; its
 experts are compressed once (2-bit) into the cache directory and reused later.
-There is no GPU tier in this build: only --device-budget 0 is accepted.
+The server runs on the CPU: only --device-budget 0 is accepted.
 """
 
 
@@ -43,17 +44,17 @@ def _port(text: str) -> int:
 
 
 def _check_device_budget(budget: int) -> None:
+    """Refuse a device budget: the model has a CUDA device tier, but the server runs the engine on the CPU."""
     if not budget:
         return
-    try:
-        import torch
+    from meswitch import cuda
 
-        has_device = torch.cuda.is_available()
-    except ImportError:
-        has_device = False
-    found = "a CUDA device is present, but" if has_device else "no CUDA device was found and"
-    raise UsageError(f"--device-budget: the device tier needs a CUDA build and a CUDA device; {found} this build "
-                     "serves from host memory only (give --device-budget 0, or leave it out)")
+    if not cuda.is_available():
+        raise UsageError(f"--device-budget: the device tier needs a CUDA build and a CUDA device "
+                         f"({cuda.unavailable_reason()}); give --device-budget 0, or leave it out, to serve "
+                         "from host memory")
+    raise UsageError("--device-budget: meswitch serve runs its engine on the CPU only in this version (the "
+                     "engine is not verified on a CUDA device); give --device-budget 0, or leave it out")
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -113,8 +114,8 @@ def register_cli(commands: Any) -> None:
     serve.add_argument("--host-budget", type=size, default=parse_size("8GB"), metavar="SIZE",
                        help="host memory for resident experts: bytes, or 512MB, 8GB, 1GiB ... (default 8GB)")
     serve.add_argument("--device-budget", type=_device_budget, default=0, metavar="SIZE",
-                       help="GPU memory for experts: needs a CUDA build with a device tier, which this "
-                            "build lacks; only 0 is accepted")
+                       help="GPU memory for experts' deltas: the server runs on the CPU, so only 0 is "
+                            "accepted (a CUDA build and device are needed, and the engine is CPU-only)")
     serve.add_argument("--kv-cache", type=size, default=256 << 20, metavar="SIZE",
                        help="KV cache budget (default 256MiB)")
     serve.add_argument("--max-running", type=positive_int, default=32,

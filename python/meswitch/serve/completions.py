@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,17 +92,37 @@ def _sampling_params(request: ChatCompletionRequest | CompletionRequest, max_tok
 
 
 def _submit(context: ServingContext, choice: Choice, prompt: str | list[int], params: Any, field: str) -> Any:
-    from meswitch.serve.engine import ExpertUnavailable, PromptTooLong
+    from meswitch.serve.engine import PromptTooLong
+
+    with _engine_errors(choice):
+        try:
+            return context.engine.submit(choice.expert, prompt, params)
+        except PromptTooLong as error:
+            raise APIError(400, f"{field}: {_about_prompt(error)}", param=field,
+                           code="context_length_exceeded") from None
+        except ValueError as error:
+            raise APIError(400, f"{field}: {_about_prompt(error)}", param=field, code="invalid_value") from None
+
+
+def _tokenizer(context: ServingContext, choice: Choice) -> Any:
+    with _engine_errors(choice):
+        return context.engine.tokenizer(choice.expert)
+
+
+@contextmanager
+def _engine_errors(choice: Choice) -> Iterator[None]:
+    """The engine's refusals as API errors: an expert it does not know is a 404; the others (an
+    expert whose tokenizer cannot be read, an engine that is closing) a 503 naming the cause."""
+    from meswitch.serve.engine import EngineError, ExpertUnavailable
 
     try:
-        return context.engine.submit(choice.expert, prompt, params)
-    except PromptTooLong as error:
-        raise APIError(400, f"{field}: {_about_prompt(error)}", param=field, code="context_length_exceeded") from None
+        yield
     except ExpertUnavailable as error:
         raise APIError(404, f"the model '{choice.model}' is not available: {error}", param="model",
                        code="model_not_found") from None
-    except ValueError as error:
-        raise APIError(400, f"{field}: {_about_prompt(error)}", param=field, code="invalid_value") from None
+    except EngineError as error:
+        raise APIError(503, f"the model '{choice.model}' cannot serve requests: {error}",
+                       code="model_unavailable") from None
 
 
 def _about_prompt(error: Exception) -> str:
@@ -248,7 +268,7 @@ class Completions:
         try:
             # off the event loop: a tokenizer's first use reads it from disk, and templates run Jinja
             prompt = await run_in_threadpool(
-                lambda: chat_prompt_tokens(context.engine.tokenizer(choice.expert), body.messages))
+                lambda: chat_prompt_tokens(_tokenizer(context, choice), body.messages))
             limit = body.token_limit()
             max_tokens = limit if limit is not None else max(1, context.context_length - len(prompt))
             params = _sampling_params(body, max_tokens)
@@ -335,7 +355,7 @@ class Completions:
         return JSONResponse(response.model_dump(), headers=headers)
 
     def _check_token_ids(self, choice: Choice, prompts: Sequence[str | list[int]]) -> None:
-        vocabulary = len(self.context.engine.tokenizer(choice.expert))
+        vocabulary = len(_tokenizer(self.context, choice))
         for index, prompt in enumerate(prompts):
             bad = [t for t in prompt if not 0 <= t < vocabulary] if isinstance(prompt, list) else []
             if bad:
