@@ -213,3 +213,30 @@ def test_the_multi_expert_model_takes_its_experts_from_the_store(artifacts):
     report = store.memory_report()
     assert all(expert["holders"] == 0 for expert in report["experts"])
     assert report["misses"] == 2 and report["hits"] >= 2  # loaded once each, held again for the forward
+
+
+def test_the_model_lets_go_of_evicted_experts(artifacts):
+    """The model's prepared tensors reference the loaded artifact: once the store evicts or removes an
+    expert, the model drops them, so no evicted expert's bytes stay alive outside the budget."""
+    import gc
+    import weakref
+
+    from meswitch.serve import MultiExpertModel, SequenceInput
+
+    probe = ExpertStore(BASE, host_budget=1 << 30)
+    probe.add(artifacts["math"])
+    one = probe.memory_report()["experts"][0]["bytes"]
+    store = ExpertStore(BASE, host_budget=one + one // 2)  # one expert at a time
+    for name in ("math", "code"):
+        store.add(artifacts[name])
+    model = MultiExpertModel(BASE, store, kv_cache_bytes=4 << 20)
+    model.forward([SequenceInput("a", "math", [1, 17, 300])])
+    math_artifact = weakref.ref(model._prepared["math"].artifact)
+    model.forward([SequenceInput("b", "code", [1, 5, 9])])  # evicts math
+    assert {e["name"]: e["tier"] for e in store.memory_report()["experts"]}["math"] == "disk"
+    assert set(model._prepared) == {"code"}
+    gc.collect()
+    assert math_artifact() is None
+    store.remove("code")
+    model.forward([SequenceInput("c", None, [1, 2])])
+    assert model._prepared == {}

@@ -189,6 +189,22 @@ class MultiExpertModel:
                 self.device_tier.release(name)
             for name in held:
                 self.experts.release(name)
+            self._forget_evicted(set(held))
+
+    def _forget_evicted(self, used: set[str]) -> None:
+        """Drop the prepared tensors of experts the store no longer holds in memory.
+
+        They reference the loaded artifact, so keeping them would keep an evicted (or
+        removed) expert's bytes alive outside the store's budget.
+        """
+        source = self.experts.source
+        stale = [name for name in self._prepared if name not in used]
+        if not stale or not self.experts.is_store or not hasattr(source, "memory_report"):
+            return
+        tiers = {entry["name"]: entry["tier"] for entry in source.memory_report()["experts"]}
+        for name in stale:
+            if tiers.get(name) != "host":
+                self._prepared.pop(name, None)
 
     def _forward(self, inputs: Sequence[SequenceInput], last_only: bool, on_device: list[str]) -> list[torch.Tensor]:
         order, groups = self._arrange(inputs)
