@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -70,17 +70,24 @@ class ExpertWeights:
     """What one expert changes in the base, in the forms the model applies them.
 
     ``deltas`` are the compressed linears, applied by the fused kernel from the artifact's
-    mapped shards; ``whole`` the tensors stored whole (norms, biases, or a linear the
+    shards (``artifact`` ``None``: prepared tensors kept without a loaded artifact, see
+    :meth:`bound_to`); ``whole`` the tensors stored whole (norms, biases, or a linear the
     compressor kept dense); ``embedding`` the expert's table with its extra rows, dequantized
     once (a lookup is no GEMM to fuse); ``extra_rows`` the output rows past the base's,
     keyed by weight name (the expanded vocabulary of ``lm_head``).
     """
 
-    artifact: ExpertArtifact
-    deltas: dict[str, tuple[ExpertArtifact, str]] = field(default_factory=dict)
+    artifact: ExpertArtifact | None
+    deltas: dict[str, tuple[ExpertArtifact | None, str]] = field(default_factory=dict)
     whole: dict[str, torch.Tensor] = field(default_factory=dict)
     extra_rows: dict[str, torch.Tensor] = field(default_factory=dict)
     embedding: torch.Tensor | None = None
+    record_serial: int = 0  # of the artifact these were prepared from (ExpertArtifact.record_serial)
+
+    def bound_to(self, artifact: ExpertArtifact | None) -> ExpertWeights:
+        """The same tensors with the deltas read from ``artifact``: the same files loaded again
+        (an expert store's reload), or ``None`` to hold no reference to any loaded artifact."""
+        return replace(self, artifact=artifact, deltas={name: (artifact, name) for name in self.deltas})
 
     @classmethod
     def prepare(cls, artifact: ExpertArtifact, base_dir: str | os.PathLike[str], *,
@@ -88,7 +95,7 @@ class ExpertWeights:
         """Check ``artifact`` against the base and gather its tensors (raises ``meswitch.FormatError``)."""
         if check_base:
             artifact.check_base(base_dir)
-        prepared = cls(artifact)
+        prepared = cls(artifact, record_serial=artifact.record_serial)
         for name, entry in artifact.tensors.items():
             kind, role = entry["kind"], tensor_role(name)
             if kind == "same":

@@ -99,15 +99,22 @@ class MultiExpertModel:
     # -- experts -------------------------------------------------------------------------
 
     def expert_weights(self, name: str) -> ExpertWeights:
-        """The prepared tensors of expert ``name`` (acquired from the source, prepared once)."""
+        """The prepared tensors of expert ``name``, over its artifact as acquired from the source now.
+
+        Prepared once per set of checked files: a store's reload of unchanged files shares the
+        record of its first load (``record_serial``), so the tensors prepared then still hold
+        and only the deltas are pointed at the new buffers.
+        """
         artifact = self.experts.acquire(name)
         try:
-            prepared = self._prepared.get(name)
-            # The same loaded artifact keeps its prepared tensors; a store's reload is a new one.
-            if prepared is None or prepared.artifact._core is not artifact._core:
-                prepared = self._prepared[name] = ExpertWeights.prepare(
-                    artifact, self.base_dir, check_base=not self.experts.is_store)
-            return prepared
+            kept = self._prepared.get(name)
+            if kept is None or kept.record_serial != artifact.record_serial:
+                kept = ExpertWeights.prepare(artifact, self.base_dir, check_base=not self.experts.is_store)
+            weights = kept.bound_to(artifact)
+            # Kept without the artifact when it comes from a store: a reference here would keep
+            # an evicted expert's buffers alive, outside the store's budget.
+            self._prepared[name] = weights.bound_to(None) if self.experts.is_store else weights
+            return weights
         finally:
             self.experts.release(name)
 
