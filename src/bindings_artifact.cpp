@@ -5,6 +5,7 @@
 
 #include <memory>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -38,6 +39,13 @@ std::vector<ProtectedPath> protected_paths(const std::vector<std::pair<std::stri
   std::vector<ProtectedPath> paths;
   for (const auto& [role, path] : inputs) paths.push_back({role, path});
   return paths;
+}
+
+Sha256Kernel sha256_kernel_named(const std::string& name) {
+  if (name == "auto") return Sha256Kernel::Auto;
+  if (name == "portable") return Sha256Kernel::Portable;
+  if (name == "sha-ni") return Sha256Kernel::ShaNi;
+  throw py::value_error("sha256 kernel must be 'auto', 'portable' or 'sha-ni', got '" + name + "'");
 }
 
 }  // namespace
@@ -74,6 +82,9 @@ void bind_artifact(py::module_& m) {
                   py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("directory", &ExpertArtifact::directory)
       .def("manifest_json", [](const ExpertArtifact& self) { return self.manifest().dump(); })
+      .def_property_readonly("record_serial", [](const ExpertArtifact& self) { return self.record()->serial; },
+                             "the same number for every artifact opened from the same checked files (an expert "
+                             "store's reloads), another after any of them changed")
       .def("side_files",
            [](const ExpertArtifact& self) {
              std::vector<std::string> paths;
@@ -135,4 +146,16 @@ void bind_artifact(py::module_& m) {
   m.def("output_marker_format", [](const std::string& kind) { return std::string(output_marker(kind).format); },
         py::arg("kind"));
   m.def("sha256_file", &sha256_file, py::arg("path"), py::call_guard<py::gil_scoped_release>());
+  m.def("sha256_hex",
+        [](const py::bytes& data, const std::string& kernel) {
+          const Sha256Kernel chosen = sha256_kernel_named(kernel);
+          const std::string_view bytes(data);
+          py::gil_scoped_release release;
+          return sha256_hex(bytes.data(), bytes.size(), chosen);
+        },
+        py::arg("data"), py::arg("kernel") = "auto", "hex sha256 with kernel 'auto', 'portable' or 'sha-ni'");
+  m.def("sha256_kernel_supported",
+        [](const std::string& kernel) { return sha256_kernel_supported(sha256_kernel_named(kernel)); },
+        py::arg("kernel"));
+  m.def("sha256_kernel", []() { return std::string(sha256_kernel_name()); }, "what sha256 runs on this CPU");
 }

@@ -44,6 +44,7 @@ py::dict report_dict(const StoreReport& report) {
   result["verified_loads"] = report.verified_loads;
   result["load_failures"] = report.load_failures;
   result["prefetches_skipped"] = report.prefetches_skipped;
+  result["recycled_buffers"] = report.recycled_buffers;
   result["load_seconds"] = report.load_seconds;
   return result;
 }
@@ -73,5 +74,7 @@ void bind_store(py::module_& m) {
       .def("pin", &ExpertStore::pin, py::arg("name"), py::call_guard<py::gil_scoped_release>())
       .def("unpin", &ExpertStore::unpin, py::arg("name"), py::call_guard<py::gil_scoped_release>())
       .def("names", &ExpertStore::names)
+      .def("tier", [](const ExpertStore& self, const std::string& name) { return store_tier_name(self.tier(name)); },
+           py::arg("name"))
       .def("memory_report", [](const ExpertStore& self) { return report_dict(self.memory_report()); });
 }

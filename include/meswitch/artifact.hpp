@@ -27,6 +27,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
@@ -35,6 +36,7 @@
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <string>
@@ -277,49 +279,173 @@ class ArtifactWriter {
 // (MappedFile::read: resident, and the checksum is taken over the very bytes used).
 enum class ShardMemory { Mapped, Resident };
 
+// What opening an artifact checked (the parsed manifest, where each stored tensor is,
+// each shard's parsed header) and the state of every file it checked then. Immutable
+// once the open succeeded, and shared by every ExpertArtifact opened from those files:
+// ExpertArtifact::reopen opens the same files again from it when none has changed,
+// checking nothing again, which is how the expert store reloads an evicted expert at the
+// cost of reading its bytes. The identities are taken before each file is read, so a
+// change during or after the open shows as a different identity later, never as the same.
+struct ArtifactRecord {
+  struct Shard {
+    std::string path;
+    FileIdentity identity;
+    std::shared_ptr<const SafetensorsLayout> layout;
+  };
+  std::string directory;
+  std::string manifest_path;
+  std::uint64_t serial = 0;          // unique to this record in the process (see next_serial)
+  // Every shard and side file hashed and matched, the shards over the very bytes kept
+  // (ShardMemory::Resident: a file mapping's pages may still change after hashing), so
+  // the identities stand for verified bytes. What reopen needs.
+  bool checksums_verified = false;
+  nlohmann::json manifest;
+  std::vector<ArtifactSideFile> files;
+  std::map<std::string, std::size_t> location;  // stored tensor -> shard
+  std::optional<FileIdentity> manifest_file;    // none when the text was handed in (from_manifest)
+  std::vector<Shard> shards;                    // in manifest order
+  std::vector<FileIdentity> side_files;         // in `files` order
+  std::optional<FileIdentity> side_directory;   // expert/, none when there is none
+
+  static std::uint64_t next_serial() {
+    static std::atomic<std::uint64_t> counter{0};
+    return ++counter;
+  }
+};
+
+namespace detail {
+
+// Which spare buffer each shard of these sizes is read into (null: fresh pages): for
+// each shard, largest first, the smallest spare that holds it, else the largest left
+// (grown). Spares left over are freed here, before anything is read, so a load never
+// holds more memory than the experts it replaces.
+inline std::vector<std::shared_ptr<MappedFile>> assign_spares(const std::vector<std::uint64_t>& sizes,
+                                                              std::vector<std::shared_ptr<MappedFile>>* spares) {
+  std::vector<std::shared_ptr<MappedFile>> assigned(sizes.size());
+  if (spares == nullptr) return assigned;
+  std::vector<std::size_t> order(sizes.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return sizes[a] > sizes[b]; });
+  for (const std::size_t shard : order) {
+    if (spares->empty()) break;
+    auto best = spares->end(), largest = spares->begin();
+    for (auto spare = spares->begin(); spare != spares->end(); ++spare) {
+      if ((*spare)->size() >= sizes[shard] && (best == spares->end() || (*spare)->size() < (*best)->size())) best = spare;
+      if ((*spare)->size() > (*largest)->size()) largest = spare;
+    }
+    const auto taken = best != spares->end() ? best : largest;
+    assigned[shard] = std::move(*taken);
+    spares->erase(taken);
+  }
+  spares->clear();
+  return assigned;
+}
+
+// Starts reading the first `limit` bytes of each file into the page cache, all at once
+// (POSIX_FADV_WILLNEED queues the reads and returns): files read one after the other
+// afterwards then wait for the disk once, not once each. Cheap when they are cached.
+inline void read_ahead(const std::vector<std::string>& paths, std::uint64_t limit) {
+  for (const std::string& path : paths) {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) continue;  // the read that follows reports it
+    ::posix_fadvise(fd, 0, off_t(limit), POSIX_FADV_WILLNEED);
+    ::close(fd);
+  }
+}
+
+}  // namespace detail
+
 class ExpertArtifact {
  public:
   // Opens NAME.meswitch/ and checks all of it (see the top of this file); shard and
-  // side-file checksums only when `verify_checksums` (the default).
+  // side-file checksums only when `verify_checksums` (the default). With
+  // ShardMemory::Resident, `spares` are buffers to recycle (take_buffers); a verified
+  // shard is hashed while it is read, in one pass.
   static ExpertArtifact open(const std::string& directory, bool verify_checksums = true,
-                             ShardMemory memory = ShardMemory::Mapped) {
+                             ShardMemory memory = ShardMemory::Mapped,
+                             std::vector<std::shared_ptr<MappedFile>>* spares = nullptr) {
     const std::string manifest_path = directory + "/manifest.json";
     detail::require_regular_file(manifest_path);
-    return from_manifest(directory, detail::read_regular_file(manifest_path), verify_checksums, memory);
+    const std::optional<FileIdentity> manifest_file = identity_at(manifest_path);  // before the read: see ArtifactRecord
+    return check_all(directory, detail::read_regular_file(manifest_path), manifest_file, verify_checksums, memory,
+                     spares);
   }
 
   // The same with the manifest's text given (the fuzzer's entry point).
   static ExpertArtifact from_manifest(const std::string& directory, const std::string& manifest_text,
                                       bool verify_checksums = true, ShardMemory memory = ShardMemory::Mapped) {
-    ExpertArtifact artifact;
-    artifact.directory_ = directory;
-    artifact.manifest_path_ = directory + "/manifest.json";
-    ArtifactManifest parsed = parse_artifact_manifest(manifest_text, artifact.manifest_path_);
-    artifact.manifest_ = std::move(parsed.json);
-    artifact.files_ = std::move(parsed.files);
-    for (const ArtifactShard& shard : parsed.shards) {
-      const std::string path = directory + "/" + shard.file;
-      detail::require_regular_file(path);
-      std::shared_ptr<MappedFile> bytes = memory == ShardMemory::Resident ? MappedFile::read(path) : nullptr;
-      if (verify_checksums) {
-        const std::string actual = bytes ? sha256_hex(bytes->data(), bytes->size()) : sha256_file(path);
-        if (actual != shard.sha256)
-          throw FormatError(path, "", "sha256 " + actual + " does not match the manifest's " + shard.sha256);
-      }
-      artifact.shards_.push_back(std::make_shared<SafetensorsFile>(bytes ? SafetensorsFile::over(std::move(bytes))
-                                                                         : SafetensorsFile::open(path)));
-      std::set<std::string> listed(shard.tensors.begin(), shard.tensors.end());
-      for (const auto& tensor : artifact.shards_.back()->tensors()) {
-        if (listed.erase(tensor.name) == 0)
-          throw FormatError(path, tensor.name, "stored in the shard but not listed for it in the manifest");
-        artifact.location_[tensor.name] = artifact.shards_.size() - 1;
-      }
-      if (!listed.empty()) throw FormatError(path, *listed.begin(), "listed in the manifest but missing from the shard");
+    return check_all(directory, manifest_text, std::nullopt, verify_checksums, memory, nullptr);
+  }
+
+  // The artifact `record` was made from, again, when every file it checked is still that
+  // file unchanged (FileIdentity: inode, size, mtime, ctime; also no side file added to or
+  // removed from expert/): its shards read into owned memory (ShardMemory::Resident,
+  // recycling `spares`) and nothing parsed, hashed or checked again, since the bytes are
+  // those checked before. Nothing (std::nullopt) when any file changed or is gone: the
+  // caller then opens the artifact anew, and that open reports what is wrong. `record`
+  // must come from a ShardMemory::Resident open that verified the checksums.
+  static std::optional<ExpertArtifact> reopen(const std::shared_ptr<const ArtifactRecord>& record,
+                                              std::vector<std::shared_ptr<MappedFile>>* spares = nullptr) {
+    if (!record || !record->checksums_verified)
+      throw Error("ExpertArtifact::reopen needs the record of a resident open that verified the checksums");
+    if (!record->manifest_file || identity_at(record->manifest_path) != record->manifest_file) return std::nullopt;
+    for (std::size_t i = 0; i < record->files.size(); ++i)
+      if (identity_at(record->directory + "/" + record->files[i].path) != record->side_files[i]) return std::nullopt;
+    if (identity_at(record->directory + "/expert") != record->side_directory) return std::nullopt;
+    std::vector<std::uint64_t> sizes;
+    for (const ArtifactRecord::Shard& shard : record->shards) {
+      // lstat first: the path replaced by a link to the very same file is a change too.
+      if (identity_at(shard.path) != shard.identity) return std::nullopt;
+      sizes.push_back(shard.identity.size);
     }
-    artifact.check_entries();
-    artifact.check_side_files(verify_checksums);
+    if (record->shards.size() > 1) {
+      std::vector<std::string> ahead;
+      for (const ArtifactRecord::Shard& shard : record->shards) ahead.push_back(shard.path);
+      detail::read_ahead(ahead, kReadAheadBytes);
+    }
+    std::vector<std::shared_ptr<MappedFile>> recycled = detail::assign_spares(sizes, spares);
+    ExpertArtifact artifact;
+    artifact.record_ = record;
+    for (std::size_t i = 0; i < record->shards.size(); ++i) {
+      const ArtifactRecord::Shard& shard = record->shards[i];
+      std::shared_ptr<MappedFile> bytes;
+      try {
+        bytes = MappedFile::read(shard.path, {}, std::move(recycled[i]));
+      } catch (const IoError&) {  // gone or changed meanwhile: the full open says how
+        return std::nullopt;
+      }
+      if (bytes->identity() != shard.identity) return std::nullopt;
+      artifact.shards_.push_back(std::make_shared<SafetensorsFile>(SafetensorsFile::over(std::move(bytes), shard.layout)));
+    }
     return artifact;
   }
+
+  // The shard buffers of `artifacts`, which the caller is dropping, for a read to recycle
+  // (open and reopen take them as `spares`): the owned buffers of each artifact only the
+  // caller holds, that nothing else holds either (a NumPy view, a delta taken from it).
+  // The artifacts are released when this returns.
+  static std::vector<std::shared_ptr<MappedFile>> take_buffers(
+      std::vector<std::shared_ptr<const ExpertArtifact>>&& artifacts) {
+    std::vector<std::shared_ptr<MappedFile>> buffers;
+    for (std::shared_ptr<const ExpertArtifact>& artifact : artifacts) {
+      if (artifact && artifact.use_count() == 1) {
+        const std::size_t first = buffers.size();
+        for (const auto& shard : artifact->shards_)
+          if (shard->mapping()->owns_memory()) buffers.push_back(shard->mapping());
+        artifact.reset();
+        // Keep only what nobody else held (MappedFile::read checks again when it takes one).
+        buffers.erase(std::remove_if(buffers.begin() + std::ptrdiff_t(first), buffers.end(),
+                                     [](const std::shared_ptr<MappedFile>& buffer) { return buffer.use_count() != 1; }),
+                      buffers.end());
+      }
+      artifact.reset();
+    }
+    artifacts.clear();
+    return buffers;
+  }
+
+  // What this artifact was opened from and checked; shared by its reopenings.
+  const std::shared_ptr<const ArtifactRecord>& record() const { return record_; }
 
   // The size of each shard in bytes, in manifest order.
   std::vector<std::uint64_t> shard_sizes() const {
@@ -328,60 +454,60 @@ class ExpertArtifact {
     return sizes;
   }
 
-  // Each shard file as it was when opened, in manifest order.
-  std::vector<FileIdentity> shard_identities() const {
-    std::vector<FileIdentity> identities;
-    for (const auto& shard : shards_) identities.push_back(shard->mapping()->identity());
-    return identities;
+  // How many shard buffers were read into recycled memory (MappedFile::recycled).
+  std::size_t recycled_buffers() const {
+    std::size_t count = 0;
+    for (const auto& shard : shards_) count += shard->mapping()->recycled() ? 1 : 0;
+    return count;
   }
 
   // The side files recorded in the manifest ("expert/config.json", ...).
-  const std::vector<ArtifactSideFile>& side_files() const { return files_; }
+  const std::vector<ArtifactSideFile>& side_files() const { return record_->files; }
 
   // One side file's bytes, read without following links and checked against its sha256.
   std::string read_side_file(const std::string& relative_path) const {
-    for (const ArtifactSideFile& file : files_) {
+    for (const ArtifactSideFile& file : record_->files) {
       if (file.path != relative_path) continue;
-      const std::string path = directory_ + "/" + file.path;
+      const std::string path = record_->directory + "/" + file.path;
       const std::string text = detail::read_regular_file(path);
       const std::string actual = sha256_hex(text.data(), text.size());
       if (actual != file.sha256)
         throw FormatError(path, "", "sha256 " + actual + " does not match the manifest's " + file.sha256);
       return text;
     }
-    throw FormatError(manifest_path_, "", "no side file '" + relative_path + "' in the manifest");
+    throw FormatError(record_->manifest_path, "", "no side file '" + relative_path + "' in the manifest");
   }
 
-  const nlohmann::json& manifest() const { return manifest_; }
-  const std::string& directory() const { return directory_; }
+  const nlohmann::json& manifest() const { return record_->manifest; }
+  const std::string& directory() const { return record_->directory; }
 
   std::vector<std::string> weight_names() const {
     std::vector<std::string> names;
-    for (const auto& item : manifest_["tensors"].items()) names.push_back(item.key());
+    for (const auto& item : record_->manifest["tensors"].items()) names.push_back(item.key());
     return names;
   }
 
   const nlohmann::json& entry(const std::string& weight) const {
-    const auto& tensors = manifest_["tensors"];
+    const auto& tensors = record_->manifest["tensors"];
     const auto found = tensors.find(weight);
-    if (found == tensors.end()) throw FormatError(directory_, weight, "not in the artifact manifest");
+    if (found == tensors.end()) throw FormatError(record_->directory, weight, "not in the artifact manifest");
     return *found;
   }
 
   std::string kind(const std::string& weight) const { return entry(weight).value("kind", ""); }
 
   TensorView stored(const std::string& tensor_name) const {
-    const auto found = location_.find(tensor_name);
-    if (found == location_.end()) throw FormatError(directory_, tensor_name, "missing from every shard");
+    const auto found = record_->location.find(tensor_name);
+    if (found == record_->location.end()) throw FormatError(record_->directory, tensor_name, "missing from every shard");
     return shards_[found->second]->view(tensor_name);
   }
 
-  bool has_stored(const std::string& tensor_name) const { return location_.count(tensor_name) != 0; }
+  bool has_stored(const std::string& tensor_name) const { return record_->location.count(tensor_name) != 0; }
 
   // The mapping holding a stored tensor, for callers that must keep it alive.
   const std::shared_ptr<MappedFile>& mapping_of(const std::string& tensor_name) const {
-    const auto found = location_.find(tensor_name);
-    if (found == location_.end()) throw FormatError(directory_, tensor_name, "missing from every shard");
+    const auto found = record_->location.find(tensor_name);
+    if (found == record_->location.end()) throw FormatError(record_->directory, tensor_name, "missing from every shard");
     return shards_[found->second]->mapping();
   }
 
@@ -390,7 +516,7 @@ class ExpertArtifact {
   // (CompressedDelta::validate: zero points, salient indices, finite values).
   CompressedDelta delta(const std::string& weight) const {
     const nlohmann::json& info = entry(weight);
-    if (info.value("kind", "") != "delta") throw FormatError(directory_, weight, "is not stored as a delta");
+    if (info.value("kind", "") != "delta") throw FormatError(record_->directory, weight, "is not stored as a delta");
     CompressedDelta names;
     names.name = weight;
     TensorView views[5];
@@ -408,8 +534,8 @@ class ExpertArtifact {
                                           views[3], views[4], DeltaChecks::Contents,
                                           "the manifest's cols = " + std::to_string(cols));
     } catch (const FormatError& error) {  // name the shard holding the offending piece
-      const auto found = location_.find(error.tensor());
-      throw FormatError(found != location_.end() ? shards_[found->second]->path() : directory_, error.tensor(),
+      const auto found = record_->location.find(error.tensor());
+      throw FormatError(found != record_->location.end() ? shards_[found->second]->path() : record_->directory, error.tensor(),
                         error.problem());
     }
     delta.owner = std::move(mappings);
@@ -435,7 +561,7 @@ class ExpertArtifact {
   // The same with the base's fingerprint computed once by the caller (base_fingerprint
   // reads every byte of the base), for checking many experts against one base.
   void check_base_fingerprint(const SafetensorsCheckpoint& base, const nlohmann::json& actual) const {
-    const nlohmann::json expected = manifest_.at("base");
+    const nlohmann::json expected = record_->manifest.at("base");
     if (expected.value("fingerprint", "") == actual["fingerprint"]) return check_entries_against(base);
     std::string detail = "fingerprint " + actual["fingerprint"].get<std::string>() + " != recorded " +
                          expected.value("fingerprint", std::string("<none>"));
@@ -451,31 +577,95 @@ class ExpertArtifact {
         break;
       }
     }
-    throw FormatError(directory_, "", "was compressed against a different base model: " + detail);
+    throw FormatError(record_->directory, "", "was compressed against a different base model: " + detail);
   }
 
  private:
   ExpertArtifact() = default;
 
+  // open() and from_manifest(): everything checked, and the record of it.
+  static ExpertArtifact check_all(const std::string& directory, const std::string& manifest_text,
+                                  const std::optional<FileIdentity>& manifest_file, bool verify_checksums,
+                                  ShardMemory memory, std::vector<std::shared_ptr<MappedFile>>* spares) {
+    ExpertArtifact artifact;
+    const auto record = std::make_shared<ArtifactRecord>();
+    artifact.record_ = record;
+    record->serial = ArtifactRecord::next_serial();
+    record->manifest_file = manifest_file;
+    record->directory = directory;
+    record->manifest_path = directory + "/manifest.json";
+    ArtifactManifest parsed = parse_artifact_manifest(manifest_text, record->manifest_path);
+    record->manifest = std::move(parsed.json);
+    record->files = std::move(parsed.files);
+    std::vector<std::string> paths;
+    std::vector<std::uint64_t> sizes;
+    for (const ArtifactShard& shard : parsed.shards) {
+      paths.push_back(directory + "/" + shard.file);
+      detail::require_regular_file(paths.back());
+      const std::optional<FileIdentity> identity = identity_at(paths.back());
+      sizes.push_back(identity ? identity->size : 0);
+    }
+    if (memory == ShardMemory::Resident && verify_checksums) {  // everything below is read now
+      std::vector<std::string> ahead = paths;
+      for (const ArtifactSideFile& file : record->files) ahead.push_back(directory + "/" + file.path);
+      detail::read_ahead(ahead, kReadAheadBytes);
+    }
+    std::vector<std::shared_ptr<MappedFile>> recycled =
+        detail::assign_spares(sizes, memory == ShardMemory::Resident ? spares : nullptr);
+    for (std::size_t i = 0; i < parsed.shards.size(); ++i) {
+      const ArtifactShard& shard = parsed.shards[i];
+      const std::string& path = paths[i];
+      std::string actual;
+      std::shared_ptr<MappedFile> bytes;
+      if (memory == ShardMemory::Resident) {
+        Sha256 hash;
+        ReadChunkSink sink;
+        if (verify_checksums) sink = [&hash](const std::uint8_t* data, std::size_t size) { hash.update(data, size); };
+        bytes = MappedFile::read(path, sink, std::move(recycled[i]));
+        if (verify_checksums) actual = hash.hex_digest();
+      } else if (verify_checksums) {
+        actual = sha256_file(path);
+      }
+      if (verify_checksums && actual != shard.sha256)
+        throw FormatError(path, "", "sha256 " + actual + " does not match the manifest's " + shard.sha256);
+      artifact.shards_.push_back(std::make_shared<SafetensorsFile>(bytes ? SafetensorsFile::over(std::move(bytes))
+                                                                         : SafetensorsFile::open(path)));
+      const SafetensorsFile& file = *artifact.shards_.back();
+      record->shards.push_back({path, file.mapping()->identity(), file.layout()});
+      std::set<std::string> listed(shard.tensors.begin(), shard.tensors.end());
+      for (const auto& tensor : file.tensors()) {
+        if (listed.erase(tensor.name) == 0)
+          throw FormatError(path, tensor.name, "stored in the shard but not listed for it in the manifest");
+        record->location[tensor.name] = artifact.shards_.size() - 1;
+      }
+      if (!listed.empty()) throw FormatError(path, *listed.begin(), "listed in the manifest but missing from the shard");
+    }
+    artifact.check_entries();
+    artifact.check_side_files(verify_checksums, *record);
+    record->checksums_verified = verify_checksums && memory == ShardMemory::Resident;
+    return artifact;
+  }
+
+
   // "same" entries must match the base tensor's dtype and shape; a delta needs a
   // floating base tensor of [rows, cols].
   void check_entries_against(const SafetensorsCheckpoint& base) const {
-    for (const auto& item : manifest_["tensors"].items()) {
+    for (const auto& item : record_->manifest["tensors"].items()) {
       const std::string kind = item.value()["kind"].get<std::string>();
       if (kind == "full") continue;
       if (!base.contains(item.key()))
-        throw FormatError(manifest_path_, item.key(), "entry of kind '" + kind + "' but the base has no such tensor");
+        throw FormatError(record_->manifest_path, item.key(), "entry of kind '" + kind + "' but the base has no such tensor");
       const TensorInfo& info = base.info(item.key());
       if (kind == "same") {
         const Shape shape = item.value()["shape"].get<Shape>();
         if (dtype_name(info.dtype) != item.value()["dtype"].get<std::string>() || info.shape != shape)
-          throw FormatError(manifest_path_, item.key(), "entry 'same' says " + item.value()["dtype"].get<std::string>() +
+          throw FormatError(record_->manifest_path, item.key(), "entry 'same' says " + item.value()["dtype"].get<std::string>() +
                                                             " " + shape_string(shape) + ", the base tensor is " +
                                                             dtype_name(info.dtype) + " " + shape_string(info.shape));
       } else {
         const Shape shape{item.value()["rows"].get<std::int64_t>(), item.value()["cols"].get<std::int64_t>()};
         if (!is_floating(info.dtype) || info.shape != shape)
-          throw FormatError(manifest_path_, item.key(), "delta of " + shape_string(shape) + " but the base tensor is " +
+          throw FormatError(record_->manifest_path, item.key(), "delta of " + shape_string(shape) + " but the base tensor is " +
                                                             dtype_name(info.dtype) + " " + shape_string(info.shape));
       }
     }
@@ -485,7 +675,7 @@ class ExpertArtifact {
   TensorView checked(const std::string& tensor_name, DType dtype, const Shape& shape) const {
     const TensorView view = stored(tensor_name);
     if (view.dtype != dtype || view.shape != shape)
-      throw FormatError(shards_[location_.at(tensor_name)]->path(), tensor_name,
+      throw FormatError(shards_[record_->location.at(tensor_name)]->path(), tensor_name,
                         std::string("expected ") + dtype_name(dtype) + " " + shape_string(shape) +
                             " from its manifest entry, found " + dtype_name(view.dtype) + " " + shape_string(view.shape));
     return view;
@@ -494,7 +684,7 @@ class ExpertArtifact {
   // Every stored tensor is the one its entry implies, and nothing else is stored.
   void check_entries() const {
     std::set<std::string> expected;
-    for (const auto& item : manifest_["tensors"].items()) {
+    for (const auto& item : record_->manifest["tensors"].items()) {
       const std::string& weight = item.key();
       const nlohmann::json& info = item.value();
       const std::string kind = info["kind"].get<std::string>();
@@ -509,18 +699,19 @@ class ExpertArtifact {
         if (delta_extra_rows(weight).data != nullptr) expected.insert(weight + ".extra_rows");
       }
     }
-    for (const auto& item : location_)
+    for (const auto& item : record_->location)
       if (expected.count(item.first) == 0)
         throw FormatError(shards_[item.second]->path(), item.first, "stored but described by no manifest entry");
   }
 
   // Side files: regular files directly in expert/, each listed with its size and sha256,
-  // and nothing else there.
-  void check_side_files(bool verify_checksums) const {
+  // and nothing else there. Their identities, and that of expert/, go into `record`.
+  void check_side_files(bool verify_checksums, ArtifactRecord& record) const {
     std::set<std::string> listed;
-    for (const ArtifactSideFile& file : files_) {
-      const std::string path = directory_ + "/" + file.path;
+    for (const ArtifactSideFile& file : record_->files) {
+      const std::string path = record_->directory + "/" + file.path;
       detail::require_regular_file(path);
+      record.side_files.push_back(identity_at(path).value_or(FileIdentity{}));
       struct stat info {};
       ::lstat(path.c_str(), &info);
       if (std::uint64_t(info.st_size) != file.bytes)
@@ -529,10 +720,11 @@ class ExpertArtifact {
       if (verify_checksums) read_side_file(file.path);
       listed.insert(file.path.substr(std::string("expert/").size()));
     }
-    const std::string side_directory = directory_ + "/expert";
+    const std::string side_directory = record_->directory + "/expert";
+    record.side_directory = identity_at(side_directory);
     struct stat info {};
     if (::lstat(side_directory.c_str(), &info) != 0) {
-      if (!files_.empty()) throw FormatError(side_directory, "", "is missing (the manifest lists side files)");
+      if (!record_->files.empty()) throw FormatError(side_directory, "", "is missing (the manifest lists side files)");
       return;
     }
     if (!S_ISDIR(info.st_mode)) throw FormatError(side_directory, "", "is not a directory");
@@ -548,12 +740,8 @@ class ExpertArtifact {
       throw FormatError(side_directory + "/" + unlisted, "", "is not listed in the manifest's 'files'");
   }
 
-  std::string directory_;
-  std::string manifest_path_;
-  nlohmann::json manifest_;
-  std::vector<ArtifactSideFile> files_;
+  std::shared_ptr<const ArtifactRecord> record_;
   std::vector<std::shared_ptr<SafetensorsFile>> shards_;
-  std::map<std::string, std::size_t> location_;
 };
 
 }  // namespace meswitch

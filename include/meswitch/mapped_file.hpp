@@ -9,7 +9,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 
 namespace meswitch {
@@ -29,6 +31,18 @@ struct FileIdentity {
   bool operator!=(const FileIdentity& other) const { return !(*this == other); }
 };
 
+// The identity of whatever is at `path` now, without following a final symbolic link
+// (a link has its own); nothing when there is nothing there.
+std::optional<FileIdentity> identity_at(const std::string& path);
+
+// Each piece of a file as MappedFile::read copies it in, in order, while it is still in
+// cache: hashing there costs no second pass over memory.
+using ReadChunkSink = std::function<void(const std::uint8_t* data, std::size_t size)>;
+
+// How far past the piece at hand MappedFile::read with a sink asks the kernel to read
+// ahead (POSIX_FADV_WILLNEED), so the disk works while the sink does.
+inline constexpr std::size_t kReadAheadBytes = std::size_t(8) << 20;
+
 class MappedFile {
  public:
   // Throws IoError naming the path when the file cannot be opened or mapped.
@@ -40,7 +54,14 @@ class MappedFile {
   // the file is replaced afterwards, and the buffer can be registered as pinned memory
   // for copies to a device. Throws IoError naming the path, also when the file changed
   // while it was read.
-  static std::shared_ptr<MappedFile> read(const std::string& path);
+  //
+  // `sink` sees every byte as it is read (see ReadChunkSink). `recycle`, when given, is a
+  // buffer of an earlier read() nobody holds any more (the expert store passes those of
+  // the experts it just evicted): its pages, already made, are resized to this file and
+  // filled instead of new pages being made and zeroed, which costs more than the copy
+  // itself. A recycled buffer still shared, or not from read(), is simply not used.
+  static std::shared_ptr<MappedFile> read(const std::string& path, const ReadChunkSink& sink = {},
+                                          std::shared_ptr<MappedFile> recycle = nullptr);
 
   ~MappedFile();
   MappedFile(const MappedFile&) = delete;
@@ -52,6 +73,10 @@ class MappedFile {
   const std::string& path() const { return path_; }
   // The file as it was when mapped or read.
   const FileIdentity& identity() const { return identity_; }
+  // Made by read(): memory this object owns rather than a mapping of the file.
+  bool owns_memory() const { return owned_; }
+  // Made by read() in the pages of a recycled buffer.
+  bool recycled() const { return recycled_; }
 
   // Drops the pages of [offset, offset + size) from this process's memory (they are
   // re-read from the file if touched again), so streaming through a checkpoint
@@ -59,13 +84,16 @@ class MappedFile {
   void release(std::size_t offset, std::size_t size) const;
 
  private:
-  MappedFile(std::string path, std::uint8_t* data, std::size_t size, FileIdentity identity)
-      : path_(std::move(path)), data_(data), size_(size), identity_(identity) {}
+  MappedFile(std::string path, std::uint8_t* data, std::size_t size, FileIdentity identity, bool owned,
+             bool recycled = false)
+      : path_(std::move(path)), data_(data), size_(size), identity_(identity), owned_(owned), recycled_(recycled) {}
 
   std::string path_;
   std::uint8_t* data_;
   std::size_t size_;
   FileIdentity identity_;
+  bool owned_;
+  bool recycled_;
 };
 
 // Writes a file under a temporary name in the destination's directory and renames

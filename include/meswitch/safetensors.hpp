@@ -170,38 +170,52 @@ inline SafetensorsHeader parse_safetensors_header(const std::uint8_t* bytes, std
 
 // A validated, memory-mapped safetensors file. Views stay valid while any copy of
 // the shared MappedFile is alive (the Python layer keeps it in each array's base).
+// A file's header parsed and indexed: shared by every SafetensorsFile over the same bytes.
+struct SafetensorsLayout {
+  SafetensorsHeader header;
+  std::unordered_map<std::string, std::size_t> index;  // tensor name -> header.tensors position
+};
+
 class SafetensorsFile {
  public:
   static SafetensorsFile open(const std::string& path) { return over(MappedFile::open(path)); }
 
   // The same over bytes already in memory (MappedFile::read), validated the same way.
   static SafetensorsFile over(std::shared_ptr<MappedFile> bytes) {
+    auto layout = std::make_shared<SafetensorsLayout>();
+    layout->header = parse_safetensors_header(bytes->data(), bytes->size(), bytes->size(), bytes->path());
+    for (std::size_t i = 0; i < layout->header.tensors.size(); ++i)
+      layout->index.emplace(layout->header.tensors[i].name, i);
+    return over(std::move(bytes), std::move(layout));
+  }
+
+  // Over bytes the caller knows to be those `layout` was parsed from (the same file,
+  // unchanged since: the expert store compares file identities); nothing is parsed again.
+  static SafetensorsFile over(std::shared_ptr<MappedFile> bytes, std::shared_ptr<const SafetensorsLayout> layout) {
     SafetensorsFile file;
     file.mapping_ = std::move(bytes);
-    file.header_ = parse_safetensors_header(file.mapping_->data(), file.mapping_->size(),
-                                            file.mapping_->size(), file.mapping_->path());
-    for (std::size_t i = 0; i < file.header_.tensors.size(); ++i)
-      file.index_.emplace(file.header_.tensors[i].name, i);
+    file.layout_ = std::move(layout);
     return file;
   }
 
+  const std::shared_ptr<const SafetensorsLayout>& layout() const { return layout_; }
   const std::string& path() const { return mapping_->path(); }
-  const std::vector<TensorInfo>& tensors() const { return header_.tensors; }
-  const std::map<std::string, std::string>& metadata() const { return header_.metadata; }
+  const std::vector<TensorInfo>& tensors() const { return layout_->header.tensors; }
+  const std::map<std::string, std::string>& metadata() const { return layout_->header.metadata; }
   const std::shared_ptr<MappedFile>& mapping() const { return mapping_; }
-  bool contains(const std::string& name) const { return index_.count(name) != 0; }
+  bool contains(const std::string& name) const { return layout_->index.count(name) != 0; }
 
   const TensorInfo& info(const std::string& name) const {
-    const auto found = index_.find(name);
-    if (found == index_.end()) throw FormatError(path(), name, "no such tensor in this file");
-    return header_.tensors[found->second];
+    const auto found = layout_->index.find(name);
+    if (found == layout_->index.end()) throw FormatError(path(), name, "no such tensor in this file");
+    return layout_->header.tensors[found->second];
   }
 
   // A view into the mapping. Files meswitch writes keep every tensor aligned to its
   // element size; for foreign files check `is_aligned` before dereferencing as T*.
   TensorView view(const std::string& name) const {
     const TensorInfo& tensor = info(name);
-    return TensorView(mapping_->mutable_data() + header_.data_start + tensor.begin, tensor.dtype, tensor.shape);
+    return TensorView(mapping_->mutable_data() + layout_->header.data_start + tensor.begin, tensor.dtype, tensor.shape);
   }
 
   static bool is_aligned(const TensorView& view) {
@@ -214,7 +228,7 @@ class SafetensorsFile {
     if (!is_floating(tensor.dtype))
       throw FormatError(path(), name, std::string("dtype ") + dtype_name(tensor.dtype) + " is not floating");
     const std::size_t count = std::size_t(element_count(tensor.shape));
-    const std::uint8_t* source = mapping_->data() + header_.data_start + tensor.begin;
+    const std::uint8_t* source = mapping_->data() + layout_->header.data_start + tensor.begin;
     std::vector<float> out(count);
     const std::size_t item = dtype_size(tensor.dtype);
     for (std::size_t i = 0; i < count; ++i) {
@@ -232,8 +246,7 @@ class SafetensorsFile {
  private:
   SafetensorsFile() = default;
   std::shared_ptr<MappedFile> mapping_;
-  SafetensorsHeader header_;
-  std::unordered_map<std::string, std::size_t> index_;
+  std::shared_ptr<const SafetensorsLayout> layout_;
 };
 
 // A tensor about to be written: name, dtype and shape are declared up front so

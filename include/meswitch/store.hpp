@@ -9,20 +9,26 @@
 //           the packed pieces straight from those buffers, in the stored layout; nothing
 //           is unpacked or copied again.
 //
-// Checksums are verified once per expert: its first load checks every shard and side file
-// against the manifest's sha256 and records each shard file's identity (FileIdentity:
-// inode, size, mtime, ctime). A reload after eviction skips the hashing, which would
-// otherwise cost more than the read, when every shard is still that file unchanged, and
-// verifies everything again when any is not. Side files are checked again whenever one is
-// read (ExpertArtifact::read_side_file).
+// Checks are made once per expert: its first load checks everything an open checks
+// (manifest, shard headers, every delta's contents) and every shard and side file against
+// the manifest's sha256, and keeps what it established with each file's identity
+// (ArtifactRecord; FileIdentity: inode, size, mtime, ctime). A reload after eviction, when
+// every file is still that file unchanged, reads the shards' bytes and nothing else
+// (ExpertArtifact::reopen): parsing, validating and hashing again would cost several
+// times the read. When any file changed, the reload opens and verifies everything again,
+// as a first load. Side files are checked again whenever one is read
+// (ExpertArtifact::read_side_file). A load hashes each shard while it reads it, and takes
+// over the buffers of the experts it evicts when nobody else holds them (their pages are
+// already made, which costs more than the copy).
 //   device  not built yet. A CUDA build would register the host buffers as pinned memory
 //           (cudaHostRegister) and copy the packed pieces into a device budget kept by the
 //           same rules; StoreTier and the per-tier report leave room for it.
 //
 // What a host byte is: an expert counts the sizes of its shard files, each rounded up to
-// whole pages, which is what its buffers take. The parsed manifest (kilobytes) is not
-// counted. Owned buffers rather than a mapping whose pages are faulted in: the kernel may
-// drop a clean file-backed page at any time and read it again from a file that may have
+// whole pages, which is what its buffers take. The parsed manifest and shard headers
+// (kilobytes), kept after eviction for the next reload, are not counted. Owned buffers
+// rather than a mapping whose pages are faulted in: the kernel may drop a clean
+// file-backed page at any time and read it again from a file that may have
 // been replaced since it was verified, so a mapping's "resident" bytes promise nothing;
 // owned buffers stay (at worst swapped), their checksum is over the very bytes the kernels
 // read, and they are what a CUDA build pins.
@@ -54,6 +60,9 @@
 // every acquire() or wait() waiting on it or, when none was, from the next one for that
 // expert (once: the acquire after that loads again).
 //
+// Queries: tier() says where one expert is (disk, loading, host) for a scheduler asking
+// every step; memory_report() snapshots everything.
+//
 // Thread safety: one mutex and one condition variable guard all state; reading, hashing
 // and freeing expert bytes happen outside the lock. Handles may outlive the store. Views
 // taken from a Handle's artifact must not outlive the Handle: after release the expert may
@@ -71,6 +80,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <utility>
@@ -81,6 +91,18 @@
 #include "meswitch/sharded_safetensors.hpp"
 
 namespace meswitch {
+
+// Where one expert's bytes are: only on disk, being read into host memory, or resident there.
+enum class StoreTier { Disk, Loading, Host };
+
+inline const char* store_tier_name(StoreTier tier) {
+  switch (tier) {
+    case StoreTier::Disk: return "disk";
+    case StoreTier::Loading: return "loading";
+    case StoreTier::Host: return "host";
+  }
+  return "?";
+}
 
 // Per tier: bytes in use (resident plus loads in flight), budget (0: none), experts resident.
 struct StoreTierReport {
@@ -111,6 +133,7 @@ struct StoreReport {
   std::uint64_t verified_loads = 0;  // of which hashed every shard (first loads, changed files)
   std::uint64_t load_failures = 0;
   std::uint64_t prefetches_skipped = 0;  // found no room when the background thread came to them
+  std::uint64_t recycled_buffers = 0;    // shard buffers loads took over from experts they evicted
   double load_seconds = 0;  // summed over completed loads
 };
 
@@ -128,7 +151,7 @@ class ExpertStore {
     std::shared_ptr<const ExpertArtifact> artifact;  // set while resident on the host tier
     std::shared_ptr<Load> loading;                   // set while a load is in flight
     std::exception_ptr failed;                       // a background failure nobody has seen yet
-    std::vector<FileIdentity> verified;              // the shard files as last verified
+    std::shared_ptr<const ArtifactRecord> verified;  // what its last verified load checked
     std::size_t holders = 0;
     bool pinned = false;
     bool queued = false;  // a prefetch waits in the queue
@@ -289,8 +312,7 @@ class ExpertStore {
       if (entry->queued) unqueue(entry);  // loaded here rather than behind other prefetches
       lock.unlock();
       state_->changed.notify_all();  // wait() of this expert: it left the queue
-      evicted.clear();
-      load(entry, /*background=*/false);
+      load(entry, std::move(evicted), /*background=*/false);
       return Handle(state_, entry);  // load() took the hold with the lock
     }
   }
@@ -340,6 +362,13 @@ class ExpertStore {
     return names;
   }
 
+  // Where the expert is now, without building a whole memory_report (a scheduler asks
+  // this for every expert of every step). Throws Error for an unknown name.
+  StoreTier tier(const std::string& name) const {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    return tier_of(*find(name));
+  }
+
   // A consistent snapshot of both tiers, every expert and the counters.
   StoreReport memory_report() const {
     std::lock_guard<std::mutex> lock(state_->mutex);
@@ -350,7 +379,7 @@ class ExpertStore {
       const Entry& entry = *item.second;
       disk.used_bytes += entry.bytes;
       ++disk.entries;
-      const char* tier = entry.artifact ? "host" : entry.loading ? "loading" : "disk";
+      const char* tier = store_tier_name(tier_of(entry));
       if (entry.artifact) ++host.entries;
       if (entry.loading) ++host.loading;
       report.experts.push_back({entry.name, entry.directory, tier, entry.bytes, entry.holders, entry.pinned});
@@ -426,6 +455,10 @@ class ExpertStore {
                   std::to_string(state_->budget) + " bytes");
   }
 
+  static StoreTier tier_of(const Entry& entry) {
+    return entry.artifact ? StoreTier::Host : entry.loading ? StoreTier::Loading : StoreTier::Disk;
+  }
+
   static bool evictable_now(const Entry& entry) { return entry.artifact && entry.holders == 0 && !entry.pinned; }
 
   // Under the lock: ends the entry's load in flight and wakes its waiters.
@@ -444,22 +477,28 @@ class ExpertStore {
     if (load->error) std::rethrow_exception(load->error);
   }
 
-  // Reads and verifies the reserved expert without the lock, then publishes it. A
-  // foreground load takes a hold in the same step (nothing can evict it in between) and
-  // throws its error; a background one leaves the error to the waiters or the next caller.
-  void load(const std::shared_ptr<Entry>& entry, bool background) {
+  // Reads (and on a first load or after a change verifies) the reserved expert without
+  // the lock, recycling the buffers of `evicted`, then publishes it. A foreground load
+  // takes a hold in the same step (nothing can evict it in between) and throws its error;
+  // a background one leaves the error to the waiters or the next caller.
+  void load(const std::shared_ptr<Entry>& entry, std::vector<std::shared_ptr<const ExpertArtifact>> evicted,
+            bool background) {
     const auto start = std::chrono::steady_clock::now();
     std::shared_ptr<const ExpertArtifact> artifact;
     std::exception_ptr error;
-    bool verified = entry->verified.empty();  // written only by this entry's one load at a time
+    // `verified` is written only by this entry's one load at a time.
+    const std::shared_ptr<const ArtifactRecord> previous = entry->verified;
+    bool verified = false;
     try {
-      artifact = std::make_shared<const ExpertArtifact>(
-          ExpertArtifact::open(entry->directory, verified, ShardMemory::Resident));
-      if (!verified && artifact->shard_identities() != entry->verified) {  // changed since: trust nothing
-        artifact.reset();
+      std::vector<std::shared_ptr<MappedFile>> spares = ExpertArtifact::take_buffers(std::move(evicted));
+      std::optional<ExpertArtifact> reopened;
+      if (previous) reopened = ExpertArtifact::reopen(previous, &spares);
+      if (reopened) {
+        artifact = std::make_shared<const ExpertArtifact>(std::move(*reopened));
+      } else {  // a first load, or a file changed since: trust nothing
         verified = true;
         artifact = std::make_shared<const ExpertArtifact>(
-            ExpertArtifact::open(entry->directory, /*verify_checksums=*/true, ShardMemory::Resident));
+            ExpertArtifact::open(entry->directory, /*verify_checksums=*/true, ShardMemory::Resident, &spares));
       }
       const std::uint64_t bytes = host_bytes(artifact->shard_sizes());
       if (bytes != entry->bytes)
@@ -484,9 +523,10 @@ class ExpertStore {
         if (background) error = nullptr;
       } else {
         if (verified) {
-          entry->verified = artifact->shard_identities();
+          entry->verified = artifact->record();
           ++state_->counters.verified_loads;
         }
+        state_->counters.recycled_buffers += artifact->recycled_buffers();
         entry->artifact = std::move(artifact);
         entry->last_used = ++state_->clock;
         ++state_->counters.loads;
@@ -521,8 +561,7 @@ class ExpertStore {
         }
       }
       state_->changed.notify_all();  // wait() of this expert: it left the queue
-      evicted.clear();
-      if (entry) load(entry, /*background=*/true);
+      if (entry) load(entry, std::move(evicted), /*background=*/true);
     }
   }
 

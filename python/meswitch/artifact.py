@@ -45,17 +45,27 @@ class ExpertArtifact:
         self.manifest: dict[str, Any] = json.loads(self._core.manifest_json())
 
     @classmethod
-    def from_core(cls, core: Any) -> ExpertArtifact:
-        """Wrap an already opened ``meswitch._core.ExpertArtifact`` (the expert store's resident ones)."""
+    def from_core(cls, core: Any, manifest: dict[str, Any] | None = None) -> ExpertArtifact:
+        """Wrap an already opened ``meswitch._core.ExpertArtifact`` (the expert store's resident ones).
+
+        ``manifest``, when given, is ``core``'s manifest already parsed (the store keeps it
+        per record, see ``record_serial``); it is shared, not copied, so treat it as read-only.
+        """
         artifact = cls.__new__(cls)
         artifact.path = Path(core.directory)
         artifact._core = core
-        artifact.manifest = json.loads(core.manifest_json())
+        artifact.manifest = json.loads(core.manifest_json()) if manifest is None else manifest
         return artifact
 
     @property
     def name(self) -> str:
         return self.manifest["name"]
+
+    @property
+    def record_serial(self) -> int:
+        """The same number for every opening of the same checked files (an expert store's reloads
+        of an unchanged expert), another after any changed; see ``include/meswitch/artifact.hpp``."""
+        return self._core.record_serial
 
     @property
     def tensors(self) -> dict[str, dict[str, Any]]:

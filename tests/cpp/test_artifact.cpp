@@ -1,5 +1,7 @@
 #include <catch2/catch.hpp>
+#include <algorithm>
 #include <fstream>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -128,4 +130,78 @@ TEST_CASE("a manifest from a newer format version is refused", "[artifact]") {
   REQUIRE_THROWS_WITH(ExpertArtifact::open(directory), Contains("unsupported format_version 99"));
   write_bytes(directory + "/manifest.json", R"({"format": "something-else"})");
   REQUIRE_THROWS_WITH(ExpertArtifact::open(directory), Contains("not a meswitch expert artifact"));
+}
+
+TEST_CASE("sha256 with the SHA extensions matches the portable kernel on every length", "[sha256]") {
+  if (!sha256_kernel_supported(Sha256Kernel::ShaNi)) {
+    WARN("SKIPPED: sha-ni: this CPU has no SHA extensions");
+    return;
+  }
+  std::mt19937 random(7);
+  std::string data(20000, '\0');
+  for (char& byte : data) byte = char(random());
+  std::vector<std::size_t> lengths;
+  for (std::size_t n = 0; n <= 260; ++n) lengths.push_back(n);
+  for (int i = 0; i < 40; ++i) lengths.push_back(random() % data.size());
+  for (const std::size_t n : lengths) {
+    INFO("length " << n);
+    REQUIRE(sha256_hex(data.data(), n, Sha256Kernel::ShaNi) == sha256_hex(data.data(), n, Sha256Kernel::Portable));
+  }
+  // Fed in random pieces, still the same digest.
+  Sha256 pieces(Sha256Kernel::ShaNi);
+  for (std::size_t at = 0; at < data.size();) {
+    const std::size_t take = std::min<std::size_t>(random() % 300, data.size() - at);
+    pieces.update(data.data() + at, take);
+    at += take;
+  }
+  REQUIRE(pieces.hex_digest() == sha256_hex(data.data(), data.size(), Sha256Kernel::Portable));
+  REQUIRE(std::string(sha256_kernel_name()) == "sha-ni");
+}
+
+TEST_CASE("MappedFile::read hashes in the same pass and recycles only a buffer nobody else holds", "[mapped_file]") {
+  std::mt19937 random(3);
+  const auto random_file = [&](const std::string& name, std::size_t size) {
+    std::string bytes(size, '\0');
+    for (char& byte : bytes) byte = char(random());
+    const std::string path = scratch_path(name);
+    write_bytes(path, bytes);
+    return std::make_pair(path, bytes);
+  };
+  const auto [large, large_bytes] = random_file("read_large.bin", (3u << 20) + 123);  // several pieces
+  const auto [small, small_bytes] = random_file("read_small.bin", 5000);
+
+  Sha256 hash;
+  std::size_t seen = 0, pieces = 0;
+  const std::uint8_t* first = nullptr;
+  const auto read = MappedFile::read(large, [&](const std::uint8_t* data, std::size_t size) {
+    if (first == nullptr) first = data;
+    REQUIRE(data == first + seen);  // in order, each piece where it lands in the buffer
+    hash.update(data, size);
+    seen += size;
+    ++pieces;
+  });
+  REQUIRE(first == read->data());
+  REQUIRE(seen == large_bytes.size());
+  REQUIRE(pieces > 1);
+  REQUIRE(hash.hex_digest() == sha256_file(large));
+  REQUIRE_FALSE(read->recycled());
+
+  // A buffer only this test holds: its pages take the next file, grown or shrunk to it.
+  std::shared_ptr<MappedFile> spare = MappedFile::read(small);
+  const auto grown = MappedFile::read(large, {}, std::move(spare));
+  REQUIRE(grown->recycled());
+  REQUIRE(std::string(reinterpret_cast<const char*>(grown->data()), grown->size()) == large_bytes);
+  std::shared_ptr<MappedFile> big_spare = MappedFile::read(large);
+  const auto shrunk = MappedFile::read(small, {}, std::move(big_spare));
+  REQUIRE(shrunk->recycled());
+  REQUIRE(std::string(reinterpret_cast<const char*>(shrunk->data()), shrunk->size()) == small_bytes);
+
+  // Still held elsewhere, or a mapping of a file rather than owned memory: not taken.
+  const std::shared_ptr<MappedFile> held = MappedFile::read(small);
+  const auto beside = MappedFile::read(large, {}, held);
+  REQUIRE_FALSE(beside->recycled());
+  REQUIRE(std::string(reinterpret_cast<const char*>(held->data()), held->size()) == small_bytes);
+  const auto from_mapping = MappedFile::read(small, {}, MappedFile::open(large));
+  REQUIRE_FALSE(from_mapping->recycled());
+  REQUIRE(std::string(reinterpret_cast<const char*>(from_mapping->data()), from_mapping->size()) == small_bytes);
 }

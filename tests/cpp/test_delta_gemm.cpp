@@ -262,6 +262,35 @@ void check_ragged_groups(const Kernel& kernel) {
   check_kernel(kernel, random_delta(5, 256, 4, 16, 4, 17), 3, 18);
 }
 
+void check_partial_blocks(const Kernel& kernel) {
+  // Widths that end inside a SIMD block (256 columns of 2-bit codes on AVX-512, 128 on
+  // AVX2, 512 of 1-bit ...): the last block runs vectorised with its words masked. 688 is
+  // the tiny family's MLP width; 64k + r with last groups and last words cut short.
+  unsigned seed = 300;
+  for (int bits = 1; bits <= 4; ++bits) {
+    for (const std::int64_t cols : {688, 320, 64 * 5 + 16, 64 * 7 + 24, 64 * 11 + 8, 96}) {
+      for (const std::int64_t group : {32, 64, 128, 0}) {
+        const std::int64_t g = group == 0 ? cols : std::min(group, cols);
+        for (const std::int64_t rows : {1, 5, 33}) {
+          const std::int64_t tokens = rows == 5 ? 9 : rows == 1 ? 4 : 1;
+          check_kernel(kernel, random_delta(rows, cols, bits, g, seed % 3 == 0 ? 0 : cols / 50 + 1, seed), tokens,
+                       seed + 1);
+          ++seed;
+        }
+      }
+    }
+  }
+  // Garbage in the padding bits after the last code of each row (the format leaves them
+  // unspecified): every path ignores them.
+  for (int bits = 1; bits <= 4; ++bits) {
+    TestDelta d = random_delta(17, 64 * 7 + 24, bits, 32, 4, 400 + unsigned(bits));
+    const std::int64_t words = (d.cols * bits + 31) / 32, used = d.cols * bits - (words - 1) * 32;
+    if (used < 32)
+      for (std::int64_t r = 0; r < d.rows; ++r) d.qweight[std::size_t(r * words + words - 1)] |= ~0u << used;
+    check_kernel(kernel, d, 5, 410 + unsigned(bits));
+  }
+}
+
 void check_activation_dtypes(const Kernel& kernel) {
   const TestDelta d = random_delta(33, 512, 2, 64, 6, 21);
   const std::int64_t tokens = 5, stride = 512 + 40;
@@ -387,6 +416,9 @@ void check_path(CpuPath path) {
     DYNAMIC_SECTION(kernel.name() << ": wide rows and every token block size") { check_wide_rows(kernel); }
     DYNAMIC_SECTION(kernel.name() << ": ragged last groups and groups that split SIMD lanes") {
       check_ragged_groups(kernel);
+    }
+    DYNAMIC_SECTION(kernel.name() << ": widths ending inside a SIMD block, and padding bits") {
+      check_partial_blocks(kernel);
     }
     DYNAMIC_SECTION(kernel.name() << ": BF16 and F16 activations and strided rows") { check_activation_dtypes(kernel); }
     DYNAMIC_SECTION(kernel.name() << ": multi_delta_matmul segments, empty ones skipped") { check_segments(kernel); }

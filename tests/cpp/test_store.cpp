@@ -389,3 +389,139 @@ TEST_CASE("a reload after eviction hashes the shards again only when their files
   REQUIRE(report.load_failures == 1);
   check_accounting(report);
 }
+
+namespace {
+
+// The float32 values of `pad.full` in the expert the handle holds.
+std::vector<float> pad_of(const ExpertArtifact& artifact) {
+  const TensorView view = artifact.stored("pad.full");
+  const float* values = view.data_as<const float>();
+  return std::vector<float>(values, values + view.shape[0]);
+}
+
+std::string copy_of(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+// Replaces `path` with a new file (another inode) holding `bytes`, as a rewrite by rename does.
+void replace_file(const std::string& path, const std::string& bytes) {
+  write_bytes(path + ".new", bytes);
+  REQUIRE(::rename((path + ".new").c_str(), path.c_str()) == 0);
+}
+
+}  // namespace
+
+TEST_CASE("a reload of unchanged files shares the first load's record and recycles the evicted buffers", "[store]") {
+  const Family family = family_of("recycle", 2);
+  ExpertStore store(family.base, kConfig, family.bytes);  // room for one
+  store.add(family.experts[0]);
+  store.add(family.experts[1]);
+  std::shared_ptr<const ArtifactRecord> first;
+  {
+    ExpertStore::Handle held = store.acquire("recycle_e0");
+    first = held.artifact().record();
+    REQUIRE(first->checksums_verified);
+    REQUIRE(held.artifact().recycled_buffers() == 0);  // nothing was evicted for it
+  }
+  store.acquire("recycle_e1");  // a first load, into the pages of e0, which nobody holds
+  StoreReport report = store.memory_report();
+  REQUIRE(report.recycled_buffers == 1);
+  REQUIRE(report.verified_loads == 2);
+  {
+    ExpertStore::Handle again = store.acquire("recycle_e0");
+    REQUIRE(again.artifact().record() == first);  // nothing parsed or checked again
+    REQUIRE(again.artifact().recycled_buffers() == 1);
+    REQUIRE(pad_of(again.artifact()) == std::vector<float>(3000, 0.5f));
+    REQUIRE(again.artifact().delta("w").salient_idx[0] == 3);
+  }
+  report = store.memory_report();
+  REQUIRE(report.loads == 3);
+  REQUIRE(report.verified_loads == 2);
+  REQUIRE(report.recycled_buffers == 2);
+
+  // An artifact still referenced after its release (a view someone kept) is evicted from
+  // the budget but its bytes are not reused: they stay as they were.
+  std::shared_ptr<const ExpertArtifact> kept = store.acquire("recycle_e0").shared_artifact();
+  store.acquire("recycle_e1");
+  REQUIRE(store.memory_report().recycled_buffers == 2);
+  REQUIRE(pad_of(*kept) == std::vector<float>(3000, 0.5f));
+  check_accounting(store.memory_report());
+}
+
+TEST_CASE("a reload verifies everything again when any file changed after eviction", "[store]") {
+  // Each section changes one file of e0 while it is evicted, then loads it again.
+  const auto evicted_family = [](const std::string& tag) {
+    Family family = family_of(tag, 2);
+    auto store = std::make_unique<ExpertStore>(family.base, kConfig, family.bytes);
+    store->add(family.experts[0]);
+    store->add(family.experts[1]);
+    store->acquire(tag + "_e0");
+    store->acquire(tag + "_e1");
+    return std::make_pair(std::move(family), std::move(store));
+  };
+  SECTION("a shard rewritten with the same bytes: verified again, then reused") {
+    auto [family, store] = evicted_family("same_bytes");
+    const std::string shard = family.experts[0] + "/deltas-00001-of-00001.safetensors";
+    replace_file(shard, copy_of(shard));
+    REQUIRE(pad_of(store->acquire("same_bytes_e0").artifact()) == std::vector<float>(3000, 0.5f));
+    REQUIRE(store->memory_report().verified_loads == 3);
+  }
+  SECTION("a shard replaced by one with an altered byte: the checksum catches it") {
+    auto [family, store] = evicted_family("altered");
+    const std::string shard = family.experts[0] + "/deltas-00001-of-00001.safetensors";
+    std::string bytes = copy_of(shard);
+    bytes[bytes.size() - 5] ^= 0x01;
+    replace_file(shard, bytes);
+    REQUIRE_THROWS_WITH(store->acquire("altered_e0"), Contains(shard) && Contains("does not match the manifest"));
+    check_accounting(store->memory_report());
+  }
+  SECTION("a shard replaced by a link to an identical copy is refused as a link") {
+    auto [family, store] = evicted_family("linked");
+    const std::string shard = family.experts[0] + "/deltas-00001-of-00001.safetensors";
+    write_bytes(shard + ".elsewhere", copy_of(shard));
+    REQUIRE(::unlink(shard.c_str()) == 0);
+    REQUIRE(::symlink((shard + ".elsewhere").c_str(), shard.c_str()) == 0);
+    REQUIRE_THROWS_WITH(store->acquire("linked_e0"), Contains(shard) && Contains("symbolic link"));
+  }
+  SECTION("the manifest rewritten: parsed and verified again") {
+    auto [family, store] = evicted_family("manifest");
+    const std::string manifest = family.experts[0] + "/manifest.json";
+    replace_file(manifest, copy_of(manifest));
+    store->acquire("manifest_e0");
+    REQUIRE(store->memory_report().verified_loads == 3);
+  }
+  SECTION("a side file altered in place (same size): its checksum catches it") {
+    auto [family, store] = evicted_family("side");
+    const std::string config = family.experts[0] + "/expert/config.json";
+    std::string bytes = copy_of(config);
+    bytes[1] = bytes[1] == ' ' ? '\t' : ' ';
+    {
+      std::fstream file(config, std::ios::in | std::ios::out | std::ios::binary);
+      file.write(bytes.data(), std::streamsize(bytes.size()));
+    }
+    REQUIRE_THROWS_WITH(store->acquire("side_e0"), Contains(config) && Contains("does not match the manifest"));
+  }
+  SECTION("a file added to expert/: refused as unlisted, as by a first load") {
+    auto [family, store] = evicted_family("unlisted");
+    write_bytes(family.experts[0] + "/expert/extra.txt", "x");
+    REQUIRE_THROWS_WITH(store->acquire("unlisted_e0"), Contains("extra.txt") && Contains("not listed"));
+  }
+}
+
+TEST_CASE("tier says where one expert is without a whole report", "[store]") {
+  const Family family = family_of("tier", 2);
+  ExpertStore store(family.base, kConfig, family.bytes);
+  store.add(family.experts[0]);
+  store.add(family.experts[1]);
+  REQUIRE(store.tier("tier_e0") == StoreTier::Disk);
+  store.acquire("tier_e0");
+  REQUIRE(store.tier("tier_e0") == StoreTier::Host);
+  store.acquire("tier_e1");
+  REQUIRE(store.tier("tier_e0") == StoreTier::Disk);
+  REQUIRE(std::string(store_tier_name(store.tier("tier_e1"))) == "host");
+  REQUIRE_THROWS_WITH(store.tier("nobody"), Contains("no expert named 'nobody'"));
+  store.prefetch("tier_e0");
+  store.wait("tier_e0");
+  REQUIRE(store.tier("tier_e0") == StoreTier::Host);
+}

@@ -414,3 +414,16 @@ def test_the_cli_replaces_an_earlier_output_only_with_force(family, artifact, tm
     assert run_cli(list(decompress_args)).returncode == 0
     _one_line_error(run_cli(list(decompress_args)), "already holds a model written by meswitch decompress")
     assert run_cli([*decompress_args, "--force"]).returncode == 0
+
+
+@pytest.mark.parametrize("kernel", ["portable", "sha-ni"])
+def test_sha256_matches_hashlib_on_random_lengths(kernel):
+    if not _core.sha256_kernel_supported(kernel):
+        pytest.skip(f"this CPU cannot run the {kernel} sha256 kernel")
+    rng = np.random.default_rng(11)
+    lengths = [*range(130), 1 << 20, *rng.integers(0, 1 << 16, size=30).tolist()]
+    for length in lengths:
+        data = rng.integers(0, 256, size=length, dtype=np.uint8).tobytes()
+        assert _core.sha256_hex(data, kernel) == hashlib.sha256(data).hexdigest(), length
+    with pytest.raises(ValueError, match="sha256 kernel must be"):
+        _core.sha256_hex(b"", "md5")

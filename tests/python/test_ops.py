@@ -244,3 +244,22 @@ def test_every_kernel_path(monkeypatch, force_cpu_path, path, digits, bits):
         assert beyond > 0.5, beyond
     else:
         assert beyond == 0, beyond
+
+
+@pytest.mark.parametrize(("path", "digits"),
+                         [("reference", ""), ("avx2", ""), ("avx512", ""), ("avx512vnni", "2"), ("avx512vnni", "1")])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize(("cols", "group"), [(688, 64), (320, 128), (64 * 7 + 24, 32)])
+def test_every_kernel_path_on_widths_ending_inside_a_block(monkeypatch, force_cpu_path, path, digits, bits, cols,
+                                                           group):
+    """The tiny family's 688-wide rows and 64k + r widths: the last SIMD block is partial and the last group ragged."""
+    force_cpu_path(path)
+    monkeypatch.setenv("MESWITCH_ACTIVATION_DIGITS", digits)
+    d = make_delta(37, cols, bits, group, k=cols // 64, seed=cols + bits)
+    used = cols * bits % 32
+    if used:  # garbage in the padding bits after each row's last code: ignored by every path
+        d["qweight"][:, -1] |= np.uint32((0xFFFFFFFF << used) & 0xFFFFFFFF)
+    x = np.random.default_rng(cols).standard_normal((6, cols)).astype(np.float32)
+    out = ops.delta_matmul(x, d)
+    assert ops.cpu_kernel_path() == path
+    check(out, x, d)

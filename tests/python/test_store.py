@@ -96,7 +96,7 @@ def test_budget_evicts_the_least_recently_used_and_reports_every_field(artifacts
             assert_accounting(store.memory_report())
     report = store.memory_report()
     assert set(report) == {"tiers", "experts", "hits", "misses", "evictions", "loads", "verified_loads",
-                           "load_failures", "prefetches_skipped", "load_seconds"}
+                           "load_failures", "prefetches_skipped", "recycled_buffers", "load_seconds"}
     assert set(report["tiers"]) == {"disk", "host"}
     assert set(host(report)) == {"used_bytes", "budget_bytes", "entries", "loading"}
     assert set(report["experts"][0]) == {"name", "directory", "tier", "bytes", "holders", "pinned"}
@@ -215,28 +215,80 @@ def test_the_multi_expert_model_takes_its_experts_from_the_store(artifacts):
     assert report["misses"] == 2 and report["hits"] >= 2  # loaded once each, held again for the forward
 
 
-def test_the_model_lets_go_of_evicted_experts(artifacts):
-    """The model's prepared tensors reference the loaded artifact: once the store evicts or removes an
-    expert, the model drops them, so no evicted expert's bytes stay alive outside the budget."""
-    import gc
-    import weakref
+def test_a_reload_parses_nothing_again_and_a_changed_shard_is_verified_again(artifacts, tmp_path):
+    """Evicted and loaded again: the same record and manifest, recycled pages; files changed meanwhile: checked anew."""
+    mine = renamed(artifacts["math"], tmp_path / "mine.meswitch", "mine")
+    sizes = ExpertStore(BASE, host_budget="1GB")
+    sizes.add(mine)
+    sizes.add(artifacts["code"])
+    budget = max(expert["bytes"] for expert in sizes.memory_report()["experts"])
+    store = ExpertStore(BASE, host_budget=budget)  # one at a time
+    store.add(mine)
+    store.add(artifacts["code"])
+    weight = a_delta_weight(ExpertArtifact(mine))
+    cols = ExpertArtifact(mine).tensors[weight]["cols"]
+    x = np.random.default_rng(1).standard_normal((2, cols)).astype(np.float32)
+    with store.acquire("mine") as artifact:
+        first_manifest, first_serial = artifact.manifest, artifact.record_serial
+        expected = ops.delta_matmul(x, (artifact, weight))
+    del artifact  # a Python reference would keep its pages from being recycled
+    with store.acquire("code"):
+        assert store.tier("mine") == "disk"
+    with store.acquire("mine") as artifact:
+        assert artifact.manifest is first_manifest and artifact.record_serial == first_serial
+        np.testing.assert_array_equal(ops.delta_matmul(x, (artifact, weight)), expected)
+    report = store.memory_report()
+    assert (report["loads"], report["verified_loads"]) == (3, 2)
+    assert report["recycled_buffers"] == 2  # code into mine's pages, mine into code's
 
+    # Evicted, then one byte of a shard altered in place: the reload hashes and refuses it.
+    with store.acquire("code"):
+        pass
+    shard = max(mine.glob("deltas-*.safetensors"))
+    original = shard.read_bytes()
+    altered = bytearray(original)
+    altered[-3] ^= 0x10
+    shard.write_bytes(bytes(altered))
+    with pytest.raises(meswitch.FormatError, match=f"{shard.name}.*does not match the manifest"):
+        store.acquire("mine")
+    shard.write_bytes(original)  # repaired: verified again, a new record
+    with store.acquire("mine") as artifact:
+        assert artifact.record_serial != first_serial
+        np.testing.assert_array_equal(ops.delta_matmul(x, (artifact, weight)), expected)
+    report = store.memory_report()
+    assert (report["verified_loads"], report["load_failures"]) == (3, 1)
+    assert_accounting(report)
+
+
+def test_tier_is_where_one_expert_is(artifacts):
+    store = ExpertStore(BASE, host_budget="64MB")
+    store.add(artifacts["math"])
+    assert store.tier("math") == "disk"
+    with store.acquire("math"):
+        assert store.tier("math") == "host" == tier_of(store.memory_report(), "math")
+    store.remove("math")
+    with pytest.raises(RuntimeError, match="no expert named 'math'"):
+        store.tier("math")
+
+
+def test_the_model_switching_experts_through_a_small_store_keeps_none_alive(artifacts):
+    """One expert fits: each forward evicts the other, whose pages the next load refills (the
+    model keeps no reference to an evicted expert), and the logits stay those of direct artifacts."""
     from meswitch.serve import MultiExpertModel, SequenceInput
 
-    probe = ExpertStore(BASE, host_budget=1 << 30)
-    probe.add(artifacts["math"])
-    one = probe.memory_report()["experts"][0]["bytes"]
-    store = ExpertStore(BASE, host_budget=one + one // 2)  # one expert at a time
+    sizes = ExpertStore(BASE, host_budget="1GB")
+    for name in ("math", "code"):
+        sizes.add(artifacts[name])
+    store = ExpertStore(BASE, host_budget=max(e["bytes"] for e in sizes.memory_report()["experts"]))
     for name in ("math", "code"):
         store.add(artifacts[name])
-    model = MultiExpertModel(BASE, store, kv_cache_bytes=4 << 20)
-    model.forward([SequenceInput("a", "math", [1, 17, 300])])
-    math_artifact = weakref.ref(model._prepared["math"].artifact)
-    model.forward([SequenceInput("b", "code", [1, 5, 9])])  # evicts math
-    assert {e["name"]: e["tier"] for e in store.memory_report()["experts"]}["math"] == "disk"
-    assert set(model._prepared) == {"code"}
-    gc.collect()
-    assert math_artifact() is None
-    store.remove("code")
-    model.forward([SequenceInput("c", None, [1, 2])])
-    assert model._prepared == {}
+    direct = MultiExpertModel(BASE, {name: artifacts[name] for name in ("math", "code")}, kv_cache_bytes=4 << 20)
+    stored = MultiExpertModel(BASE, store, kv_cache_bytes=4 << 20)
+    for step, expert in enumerate(("math", "code", "math", "code")):
+        batch = [SequenceInput(step, expert, [1, 17, 300 + step])]
+        np.testing.assert_array_equal(direct.forward(batch)[0].numpy(), stored.forward(batch)[0].numpy())
+        assert store.tier(expert) == "host" and store.tier({"math": "code", "code": "math"}[expert]) == "disk"
+    report = store.memory_report()
+    assert (report["loads"], report["verified_loads"]) == (4, 2)  # later loads read the bytes only
+    assert report["recycled_buffers"] == 3  # every load after the first refilled the evicted one's pages
+    assert stored._prepared["math"].artifact is None  # prepared tensors kept, the loaded artifact not

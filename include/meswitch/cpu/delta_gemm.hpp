@@ -41,8 +41,11 @@
 // exact, so this changes no rounding (unless |x| < 2^-96, where x * 2^-30 is subnormal). A
 // lane never crosses a group boundary when the group size is a multiple of the
 // codes-per-unit, so the per-lane sums are scaled by a per-lane scale vector once per
-// block. Columns past the last whole block, and group sizes that are not a multiple of
-// the unit, take a scalar path.
+// block. The last block of a row may be partial (cols not a multiple of the block, as the
+// 688-wide rows of a small model): its words are loaded with a lane mask, so nothing past
+// the row is read, and x is zero-padded to whole blocks, so the lanes past the row's last
+// column (and any padding bits of its last word) add nothing. Only group sizes that are not
+// a multiple of the unit, whose lanes would straddle groups, take the scalar path.
 //
 // Paths (cpu/simd.hpp): the float kernels above (AVX-512, AVX2) are exact to float32
 // rounding; the AVX-512 VNNI path (delta_gemm_vnni.hpp, the default where the CPU has
@@ -185,16 +188,18 @@ using AlignedVector = std::vector<T, CacheLineAllocator<T>>;
 // x of one segment's tokens, in every form the SIMD kernels read.
 struct PreparedTokens {
   std::int64_t tokens = 0, cols = 0, groups = 0, k = 0;
-  std::int64_t lanes = 0, block_cols = 0, full_blocks = 0;
-  std::vector<float> x;           // [tokens, cols] float32
+  std::int64_t lanes = 0, block_cols = 0;
+  std::int64_t blocks = 0;        // ceil(cols / block_cols), the last maybe partial; 0: all scalar
+  std::int64_t x_stride = 0;      // blocks * block_cols (cols when blocks is 0)
+  std::vector<float> x;           // [tokens, x_stride] float32, zero past cols
   std::vector<float> group_sums;  // [tokens, groups] X_g
   std::vector<float> salient_x;   // [tokens, k] x[t, salient_idx]
-  AlignedVector<float> permuted;  // [full_blocks, tokens, codes-per-unit, lanes], scaled by x_factor
+  AlignedVector<float> permuted;  // [blocks, tokens, codes-per-unit, lanes], scaled by x_factor
   int digit_count = 2;                 // VNNI path: int8 digits per x value, 1 or 2 (delta_gemm_vnni.hpp)
-  AlignedVector<std::int8_t> digits;   // VNNI path: [full_blocks, tokens, digit_count, 8 / bits, 64]
-  std::vector<float> digit_scales;     // VNNI path: [full_blocks, tokens] value of one unit of the last digit
-  std::vector<std::int32_t> first_group;  // [full_blocks] group of lane 0
-  std::vector<std::int32_t> lane_group;   // [full_blocks, lanes] group of each lane minus first_group
+  AlignedVector<std::int8_t> digits;   // VNNI path: [blocks, tokens, digit_count, 8 / bits, 64]
+  std::vector<float> digit_scales;     // VNNI path: [blocks, tokens] value of one unit of the last digit
+  std::vector<std::int32_t> first_group;  // [blocks] group of lane 0
+  std::vector<std::int32_t> lane_group;   // [blocks, lanes] group of each lane minus first_group
 };
 
 // `permute` false leaves `permuted` empty (the VNNI path reads digits instead).
@@ -210,14 +215,15 @@ inline void prepare_tokens(const CompressedDelta& delta, const TensorView& x, st
   out.block_cols = std::int64_t(lanes) * codes;
   // Lanes may not straddle groups; otherwise everything goes through the scalar tail.
   const bool lanes_fit = delta.group_size % codes == 0 || groups == 1;
-  out.full_blocks = lanes_fit ? cols / out.block_cols : 0;
+  out.blocks = lanes_fit ? (cols + out.block_cols - 1) / out.block_cols : 0;
+  out.x_stride = out.blocks > 0 ? out.blocks * out.block_cols : cols;
 
-  out.x.resize(std::size_t(tokens * cols));
+  out.x.assign(std::size_t(tokens * out.x_stride), 0.0f);
   const auto* x_bytes = static_cast<const unsigned char*>(x.data);
   const std::size_t item = dtype_size(x.dtype);
   for (std::int64_t t = 0; t < tokens; ++t) {
     const unsigned char* source = x_bytes + std::size_t((token_begin + t) * x.strides[0]) * item;
-    float* destination = out.x.data() + t * cols;
+    float* destination = out.x.data() + t * out.x_stride;
     if (x.strides[1] == 1) {
       convert_to_f32(source, x.dtype, destination, std::size_t(cols));
     } else {
@@ -227,7 +233,7 @@ inline void prepare_tokens(const CompressedDelta& delta, const TensorView& x, st
   out.group_sums.assign(std::size_t(tokens * groups), 0.0f);
   out.salient_x.resize(std::size_t(tokens * delta.k));
   for (std::int64_t t = 0; t < tokens; ++t) {
-    const float* row = out.x.data() + t * cols;
+    const float* row = out.x.data() + t * out.x_stride;
     for (std::int64_t g = 0; g < groups; ++g) {
       double sum = 0;  // double: X_g is subtracted from a similar-sized term later
       for (std::int64_t c = g * delta.group_size; c < std::min(cols, (g + 1) * delta.group_size); ++c) sum += row[c];
@@ -236,7 +242,7 @@ inline void prepare_tokens(const CompressedDelta& delta, const TensorView& x, st
     for (std::int64_t j = 0; j < delta.k; ++j) out.salient_x[std::size_t(t * delta.k + j)] = row[delta.salient_idx[j]];
   }
 
-  const std::int64_t blocks = out.full_blocks;
+  const std::int64_t blocks = out.blocks;
   out.permuted.resize(permute ? std::size_t(tokens * blocks * out.block_cols) : 0);
   std::vector<float> factor(static_cast<std::size_t>(codes));
   MESWITCH_DISPATCH_BITS(delta.bits, BITS, {
@@ -247,7 +253,7 @@ inline void prepare_tokens(const CompressedDelta& delta, const TensorView& x, st
   // apart, into the same L1 sets, and evict each other.)
   for (std::int64_t b = 0; b < (permute ? blocks : 0); ++b)
     for (std::int64_t t = 0; t < tokens; ++t) {
-      const float* row = out.x.data() + t * cols + b * out.block_cols;
+      const float* row = out.x.data() + t * out.x_stride + b * out.block_cols;
       float* destination = out.permuted.data() + (b * tokens + t) * out.block_cols;
       for (int p = 0; p < codes; ++p)
         for (int lane = 0; lane < lanes; ++lane)
@@ -258,9 +264,9 @@ inline void prepare_tokens(const CompressedDelta& delta, const TensorView& x, st
   for (std::int64_t b = 0; b < blocks; ++b) {
     const std::int64_t first = (b * out.block_cols) / delta.group_size;
     out.first_group[std::size_t(b)] = std::int32_t(first);
-    for (int lane = 0; lane < lanes; ++lane)
-      out.lane_group[std::size_t(b * lanes + lane)] =
-          std::int32_t((b * out.block_cols + std::int64_t(lane) * codes) / delta.group_size - first);
+    for (int lane = 0; lane < lanes; ++lane)  // lanes past the last column: the last group (x is 0 there)
+      out.lane_group[std::size_t(b * lanes + lane)] = std::int32_t(
+          std::min(groups - 1, (b * out.block_cols + std::int64_t(lane) * codes) / delta.group_size) - first);
   }
 }
 
@@ -299,7 +305,8 @@ inline std::int64_t chunk_blocks(std::int64_t tokens, std::int64_t x_bytes_per_b
   return std::max<std::int64_t>(1, 16384 / (tokens * x_bytes_per_block));
 }
 
-// Columns past the last whole block, scalar: sum_c s_g * code_c * x_c.
+// Columns from column_begin on, scalar: sum_c s_g * code_c * x_c (all of them when the
+// group size is not a multiple of the unit).
 inline float tail_dot(const CompressedDelta& delta, const std::uint32_t* row, const float* scales, const float* x,
                       std::int64_t column_begin) {
   float sum = 0;

@@ -48,7 +48,7 @@ inline std::int64_t vnni_token_block(int digit_count) { return digit_count == 2 
 // Vectorised by hand: this runs on every call, for every token.
 MESWITCH_TARGET_AVX512_VNNI inline void quantize_digits(int bits, int digit_count, PreparedTokens& prep) {
   const int per_byte = 8 / bits;
-  const std::int64_t blocks = prep.full_blocks, tokens = prep.tokens, block_cols = prep.block_cols;
+  const std::int64_t blocks = prep.blocks, tokens = prep.tokens, block_cols = prep.block_cols;
   const std::int64_t block_bytes = digit_count * block_cols;
   prep.digit_count = digit_count;
   prep.digits.resize(std::size_t(blocks * tokens * block_bytes));
@@ -61,7 +61,7 @@ MESWITCH_TARGET_AVX512_VNNI inline void quantize_digits(int bits, int digit_coun
                                             _mm512_set1_epi32(per_byte));  // lane i reads column per_byte * i
   for (std::int64_t b = 0; b < blocks; ++b)
     for (std::int64_t t = 0; t < tokens; ++t) {
-      const float* x = prep.x.data() + t * prep.cols + b * block_cols;
+      const float* x = prep.x.data() + t * prep.x_stride + b * block_cols;  // zero past cols
       std::int8_t* digits = prep.digits.data() + (b * tokens + t) * block_bytes;
       __m512 largest = _mm512_setzero_ps(), poison = _mm512_setzero_ps();  // x * 0 is NaN for NaN and Inf
       for (std::int64_t c = 0; c < block_cols; c += 16) {
@@ -136,7 +136,7 @@ MESWITCH_TARGET_AVX512_VNNI MESWITCH_INLINE void vnni_row_group(const Compressed
       // The same block of the next row group: the hardware prefetcher alone leaves DRAM
       // idle between the short rows of a one-token call.
       _mm_prefetch(reinterpret_cast<const char*>(row[i] + R * words + b * 16), _MM_HINT_T0);
-      packed[i] = _mm512_loadu_si512(row[i] + b * 16);
+      packed[i] = avx512_load_words(row[i] + b * 16, words - b * 16);  // the row's last block may be partial
     }
     const std::int8_t* x = prep.digits.data() + (b * tokens + t0) * kBlockBytes;
     __m512i hi[R][TB], lo[R][TB];  // sums of codes * hi digit and codes * lo digit (2 digits only)

@@ -45,15 +45,29 @@ MESWITCH_TARGET_AVX512 MESWITCH_INLINE __m512 avx512_to_float(__m512i v) {
   return __m512(__builtin_convertvector(avx512_int32x16(v), avx512_float32x16));
 }
 
+// The first n of 16 lanes (n clamped to [0, 16]).
+MESWITCH_TARGET_AVX512 MESWITCH_INLINE __mmask16 avx512_first_lanes(std::int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
+}
+
+// Sixteen words, or only the first n of them for a row's last, partial block: a masked
+// load never touches the lanes left out, not even to fault. It takes one more uop on the
+// ports the FMAs and dot products need, so whole blocks take the plain load.
+MESWITCH_TARGET_AVX512 MESWITCH_INLINE __m512i avx512_load_words(const std::uint32_t* words, std::int64_t n) {
+  if (n >= 16) return _mm512_loadu_si512(words);
+  return _mm512_maskz_loadu_epi32(avx512_first_lanes(n), words);
+}
+
+// The words of one block for unit word J; `valid` words of the row remain from `words`.
 template <int Bits, int J>
-MESWITCH_TARGET_AVX512 MESWITCH_INLINE __m512i avx512_unit_word(const std::uint32_t* words) {
+MESWITCH_TARGET_AVX512 MESWITCH_INLINE __m512i avx512_unit_word(const std::uint32_t* words, std::int64_t valid) {
   if constexpr (Bits != 3) {
-    return _mm512_loadu_si512(words);
+    return avx512_load_words(words, valid);
   } else {
     // Lane w needs word 3w + J of the 48 loaded: the first 32 come from a two-source
     // permute of v0:v1, lanes whose word lies in v2 are patched by a masked permute.
-    const __m512i v0 = _mm512_loadu_si512(words), v1 = _mm512_loadu_si512(words + 16),
-                  v2 = _mm512_loadu_si512(words + 32);
+    const __m512i v0 = avx512_load_words(words, valid), v1 = avx512_load_words(words + 16, valid - 16),
+                  v2 = avx512_load_words(words + 32, valid - 32);
     const __m512i index = _mm512_setr_epi32(J, 3 + J, 6 + J, 9 + J, 12 + J, 15 + J, 18 + J, 21 + J, 24 + J, 27 + J,
                                             30 + J, 33 + J, 36 + J, 39 + J, 42 + J, 45 + J);
     constexpr __mmask16 from_v2 = J == 2 ? 0xFC00 : 0xF800;  // lanes with 3w + J >= 32
@@ -127,11 +141,12 @@ MESWITCH_TARGET_AVX512 void avx512_chunk(const CompressedDelta& delta, const Pre
     for (int t = 0; t < TB; ++t) total[t] = block_begin == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(totals + t * 16);
     for (std::int64_t b = block_begin; b < block_end; ++b) {
       const std::uint32_t* block_words = row + b * 16 * U::kWords;
+      const std::int64_t valid = words - b * 16 * U::kWords;
       __m512i words_of_lane[U::kWords];
-      words_of_lane[0] = avx512_unit_word<Bits, 0>(block_words);
+      words_of_lane[0] = avx512_unit_word<Bits, 0>(block_words, valid);
       if constexpr (U::kWords == 3) {
-        words_of_lane[1] = avx512_unit_word<Bits, 1>(block_words);
-        words_of_lane[2] = avx512_unit_word<Bits, 2>(block_words);
+        words_of_lane[1] = avx512_unit_word<Bits, 1>(block_words, valid);
+        words_of_lane[2] = avx512_unit_word<Bits, 2>(block_words, valid);
       }
       __m512 acc[TB][C];
       for (int t = 0; t < TB; ++t)
@@ -177,7 +192,8 @@ MESWITCH_TARGET_AVX2 inline void prefetch_next_tile_constants(const CompressedDe
 
 // One row tile: row constants, then per token block the column chunks (float FMA
 // kernel, or with Vnni the integer kernel of delta_gemm_vnni.hpp), then per row and
-// token the lane sums, the scalar tail, the zero points and the salient channels.
+// token the lane sums, the zero points, the salient channels and (only for group sizes
+// the lanes do not fit) the scalar path.
 template <int Bits, bool Vnni = false>
 MESWITCH_TARGET_AVX512 void avx512_rows(const CompressedDelta& delta, const PreparedTokens& prep, std::int64_t row_begin,
                                         std::int64_t row_end, float* y, std::int64_t y_row_stride, TileScratch& scratch) {
@@ -194,7 +210,7 @@ MESWITCH_TARGET_AVX512 void avx512_rows(const CompressedDelta& delta, const Prep
   }
   if (delta.k > 0) avx512_widen_f16(delta.salient + row_begin * delta.k, (row_end - row_begin) * delta.k, scratch.salient.data());
   prefetch_next_tile_constants(delta, row_begin, row_end);
-  const std::int64_t blocks = prep.full_blocks, tail_begin = blocks * prep.block_cols;
+  const std::int64_t blocks = prep.blocks, tail_begin = blocks * prep.block_cols;
   for (std::int64_t t0 = 0; t0 < prep.tokens; t0 += token_block) {
     const std::int64_t n = std::min(token_block, prep.tokens - t0);
     const std::int64_t step = chunk_blocks(n, Vnni ? prep.digit_count * (8 / Bits) * 64 : prep.block_cols * 4);
@@ -216,7 +232,7 @@ MESWITCH_TARGET_AVX512 void avx512_rows(const CompressedDelta& delta, const Prep
       }
     }
     // Per row and token: lane sums, minus sum_g s_g z_g X_g, plus salient, in one vector
-    // and one reduction; then the scalar tail.
+    // and one reduction; then the scalar path when the lanes do not fit the groups.
     for (std::int64_t r = row_begin; r < row_end; ++r) {
       const std::int64_t i = r - row_begin;
       const std::uint32_t* row = delta.qweight + r * words;
@@ -227,7 +243,7 @@ MESWITCH_TARGET_AVX512 void avx512_rows(const CompressedDelta& delta, const Prep
         sum = avx512_fma_span(scratch.row_salient(i), prep.salient_x.data() + token * prep.k, prep.k, sum);
         float value = _mm512_reduce_add_ps(sum);
         if (tail_begin < delta.cols)
-          value += tail_dot(delta, row, scratch.row_scales(i), prep.x.data() + token * prep.cols, tail_begin);
+          value += tail_dot(delta, row, scratch.row_scales(i), prep.x.data() + token * prep.x_stride, tail_begin);
         y[token * y_row_stride + r] += value;
       }
     }
@@ -245,16 +261,27 @@ constexpr int avx2_blend_mask(int j, int source) {
   return mask;
 }
 
+// Eight words, or only the first n of them (clamped to [0, 8]) for a row's last, partial
+// block: vpmaskmovd never touches the lanes left out, not even to fault. It costs more
+// than a plain load, so whole blocks take the plain one.
+MESWITCH_TARGET_AVX2 MESWITCH_INLINE __m256i avx2_load_words(const std::uint32_t* words, std::int64_t n) {
+  if (n >= 8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words));
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::max<std::int64_t>(n, 0))),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_maskload_epi32(reinterpret_cast<const int*>(words), mask);
+}
+
+// The words of one block for unit word J; `valid` words of the row remain from `words`.
 template <int Bits, int J>
-MESWITCH_TARGET_AVX2 MESWITCH_INLINE __m256i avx2_unit_word(const std::uint32_t* words) {
+MESWITCH_TARGET_AVX2 MESWITCH_INLINE __m256i avx2_unit_word(const std::uint32_t* words, std::int64_t valid) {
   if constexpr (Bits != 3) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words));
+    return avx2_load_words(words, valid);
   } else {
     const __m256i index = _mm256_setr_epi32(J % 8, (3 + J) % 8, (6 + J) % 8, (9 + J) % 8, (12 + J) % 8, (15 + J) % 8,
                                             (18 + J) % 8, (21 + J) % 8);
-    const __m256i a = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(words)), index);
-    const __m256i b = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + 8)), index);
-    const __m256i c = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + 16)), index);
+    const __m256i a = _mm256_permutevar8x32_epi32(avx2_load_words(words, valid), index);
+    const __m256i b = _mm256_permutevar8x32_epi32(avx2_load_words(words + 8, valid - 8), index);
+    const __m256i c = _mm256_permutevar8x32_epi32(avx2_load_words(words + 16, valid - 16), index);
     return _mm256_blend_epi32(_mm256_blend_epi32(a, b, avx2_blend_mask(J, 1)), c, avx2_blend_mask(J, 2));
   }
 }
@@ -326,11 +353,12 @@ MESWITCH_TARGET_AVX2 void avx2_chunk(const CompressedDelta& delta, const Prepare
     for (int t = 0; t < TB; ++t) total[t] = block_begin == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(totals + t * 8);
     for (std::int64_t b = block_begin; b < block_end; ++b) {
       const std::uint32_t* block_words = row + b * 8 * U::kWords;
+      const std::int64_t valid = words - b * 8 * U::kWords;
       __m256i words_of_lane[U::kWords];
-      words_of_lane[0] = avx2_unit_word<Bits, 0>(block_words);
+      words_of_lane[0] = avx2_unit_word<Bits, 0>(block_words, valid);
       if constexpr (U::kWords == 3) {
-        words_of_lane[1] = avx2_unit_word<Bits, 1>(block_words);
-        words_of_lane[2] = avx2_unit_word<Bits, 2>(block_words);
+        words_of_lane[1] = avx2_unit_word<Bits, 1>(block_words, valid);
+        words_of_lane[2] = avx2_unit_word<Bits, 2>(block_words, valid);
       }
       __m256 acc[TB][C];
       for (int t = 0; t < TB; ++t)
@@ -371,7 +399,7 @@ MESWITCH_TARGET_AVX2 void avx2_rows(const CompressedDelta& delta, const Prepared
   }
   for (; g < tile_groups; ++g) scaled_zeros[g] = float(zeros[g]) * scales[g];
   if (delta.k > 0) avx2_widen_f16(delta.salient + row_begin * delta.k, (row_end - row_begin) * delta.k, scratch.salient.data());
-  const std::int64_t blocks = prep.full_blocks, tail_begin = blocks * prep.block_cols;
+  const std::int64_t blocks = prep.blocks, tail_begin = blocks * prep.block_cols;
   for (std::int64_t t0 = 0; t0 < prep.tokens; t0 += kTokenBlock) {
     const std::int64_t n = std::min(kTokenBlock, prep.tokens - t0);
     const std::int64_t step = chunk_blocks(n, prep.block_cols * 4);
@@ -391,7 +419,7 @@ MESWITCH_TARGET_AVX2 void avx2_rows(const CompressedDelta& delta, const Prepared
         const std::int64_t token = t0 + t;
         float value = blocks > 0 ? avx2_reduce_add(_mm256_loadu_ps(scratch.row_totals(i) + t * 8)) : 0.0f;
         if (tail_begin < delta.cols)
-          value += tail_dot(delta, row, scratch.row_scales(i), prep.x.data() + token * prep.cols, tail_begin);
+          value += tail_dot(delta, row, scratch.row_scales(i), prep.x.data() + token * prep.x_stride, tail_begin);
         value -= avx2_dot(scratch.row_scaled_zeros(i), prep.group_sums.data() + token * groups, groups);
         if (prep.k > 0) value += avx2_dot(scratch.row_salient(i), prep.salient_x.data() + token * prep.k, prep.k);
         y[token * y_row_stride + r] += value;

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -90,7 +90,8 @@ class ExpertWeights:
     """What one expert changes in the base, in the forms the model applies them.
 
     ``deltas`` are the compressed matrices (linears, ``lm_head`` and the embedding), applied
-    from the artifact's mapped shards: by the fused kernel as products, and for an embedding
+    from the artifact's mapped shards (``artifact`` ``None``: prepared tensors kept without a
+    loaded artifact, see :meth:`bound_to`): by the fused kernel as products, and for an embedding
     lookup by dequantizing only the rows looked up; ``whole`` the tensors stored whole
     (norms, biases, or a matrix the compressor kept dense); ``extra_rows`` the rows past the
     base's (an expanded vocabulary of the embedding and ``lm_head``), keyed by weight name.
@@ -98,10 +99,16 @@ class ExpertWeights:
     its store entry plus these small tensors.
     """
 
-    artifact: ExpertArtifact
-    deltas: dict[str, tuple[ExpertArtifact, str]] = field(default_factory=dict)
+    artifact: ExpertArtifact | None
+    deltas: dict[str, tuple[ExpertArtifact | None, str]] = field(default_factory=dict)
     whole: dict[str, torch.Tensor] = field(default_factory=dict)
     extra_rows: dict[str, torch.Tensor] = field(default_factory=dict)
+    record_serial: int = 0  # of the artifact these were prepared from (ExpertArtifact.record_serial)
+
+    def bound_to(self, artifact: ExpertArtifact | None) -> ExpertWeights:
+        """The same tensors with the deltas read from ``artifact``: the same files loaded again
+        (an expert store's reload), or ``None`` to hold no reference to any loaded artifact."""
+        return replace(self, artifact=artifact, deltas={name: (artifact, name) for name in self.deltas})
 
     @classmethod
     def prepare(cls, artifact: ExpertArtifact, base_dir: str | os.PathLike[str], *,
@@ -121,7 +128,7 @@ class ExpertWeights:
     def _gather(cls, artifact: ExpertArtifact, base_dir: str | os.PathLike[str], check_base: bool) -> ExpertWeights:
         if check_base:
             artifact.check_base(base_dir)
-        prepared = cls(artifact)
+        prepared = cls(artifact, record_serial=artifact.record_serial)
         for name, entry in artifact.tensors.items():
             kind = entry["kind"]
             if kind == "full":

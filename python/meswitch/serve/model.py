@@ -124,15 +124,23 @@ class MultiExpertModel:
     # -- experts -------------------------------------------------------------------------
 
     def expert_weights(self, name: str) -> ExpertWeights:
-        """The prepared tensors of expert ``name`` (acquired from the source, prepared once)."""
+        """The prepared tensors of expert ``name``, over its artifact as acquired from the source now.
+
+        Prepared once per set of checked files: a store's reload of unchanged files shares the
+        record of its first load (``record_serial``), so the tensors prepared then still hold
+        and only the deltas are pointed at the new buffers.
+        """
         artifact = self.experts.acquire(name)
         try:
-            prepared = self._prepared.get(name)
-            # The same loaded artifact keeps its prepared tensors; a store's reload is a new one.
-            if prepared is None or prepared.artifact._core is not artifact._core:
-                prepared = self._prepared[name] = ExpertWeights.prepare(
-                    artifact, self.base_dir, check_base=not self.experts.is_store, device=self.device)
-            return prepared
+            kept = self._prepared.get(name)
+            if kept is None or kept.record_serial != artifact.record_serial:
+                kept = ExpertWeights.prepare(artifact, self.base_dir, check_base=not self.experts.is_store,
+                                             device=self.device)
+            weights = kept.bound_to(artifact)
+            # Kept without the artifact when it comes from a store: a reference here would keep
+            # an evicted expert's buffers alive, outside the store's budget.
+            self._prepared[name] = weights.bound_to(None) if self.experts.is_store else weights
+            return weights
         finally:
             self.experts.release(name)
 
@@ -189,22 +197,6 @@ class MultiExpertModel:
                 self.device_tier.release(name)
             for name in held:
                 self.experts.release(name)
-            self._forget_evicted(set(held))
-
-    def _forget_evicted(self, used: set[str]) -> None:
-        """Drop the prepared tensors of experts the store no longer holds in memory.
-
-        They reference the loaded artifact, so keeping them would keep an evicted (or
-        removed) expert's bytes alive outside the store's budget.
-        """
-        source = self.experts.source
-        stale = [name for name in self._prepared if name not in used]
-        if not stale or not self.experts.is_store or not hasattr(source, "memory_report"):
-            return
-        tiers = {entry["name"]: entry["tier"] for entry in source.memory_report()["experts"]}
-        for name in stale:
-            if tiers.get(name) != "host":
-                self._prepared.pop(name, None)
 
     def _forward(self, inputs: Sequence[SequenceInput], last_only: bool, on_device: list[str]) -> list[torch.Tensor]:
         order, groups = self._arrange(inputs)

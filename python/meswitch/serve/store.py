@@ -8,6 +8,7 @@ run batches on another.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -34,11 +35,10 @@ class HeldExpert:
         is what :func:`meswitch.ops.multi_delta_matmul` takes for each expert.
     """
 
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: Any, manifest: dict[str, Any] | None = None) -> None:
         self._handle = handle
         self.name: str = handle.name
-        core = handle.artifact
-        self.artifact = ExpertArtifact.from_core(core)
+        self.artifact = ExpertArtifact.from_core(handle.artifact, manifest)
 
     def release(self) -> None:
         """Let the store evict this expert again (idempotent)."""
@@ -92,6 +92,9 @@ class ExpertStore:
         self.base = Path(base)
         config_text = read_model_config(self.base)[0]
         self._core = _core.ExpertStore(str(self.base), config_text, budget)
+        # name -> (record serial, parsed manifest): a reload of unchanged files shares its
+        # record, so the manifest is not serialised and parsed again on every acquire.
+        self._manifests: dict[str, tuple[int, dict[str, Any]]] = {}
 
     @property
     def host_budget(self) -> int:
@@ -119,6 +122,7 @@ class ExpertStore:
     def remove(self, name: str) -> None:
         """Drop an expert from every tier; refused (``RuntimeError``) while it is held or loading."""
         self._core.remove(name)
+        self._manifests.pop(name, None)
 
     def acquire(self, name: str) -> HeldExpert:
         """Hold the expert resident, loading it first (or waiting for its prefetch) if needed.
@@ -135,7 +139,12 @@ class ExpertStore:
             No such expert, the expert is larger than the host budget, or it does not fit
             because everything resident is held or pinned (the message says who).
         """
-        return HeldExpert(self._core.acquire(name))
+        handle = self._core.acquire(name)
+        serial = handle.artifact.record_serial
+        cached = self._manifests.get(name)
+        if cached is None or cached[0] != serial:
+            cached = self._manifests[name] = (serial, json.loads(handle.artifact.manifest_json()))
+        return HeldExpert(handle, cached[1])
 
     def prefetch(self, name: str) -> None:
         """Start loading the expert in the background and return at once.
@@ -167,6 +176,14 @@ class ExpertStore:
     def __len__(self) -> int:
         return len(self.names())
 
+    def tier(self, name: str) -> str:
+        """Where the expert's bytes are now: ``"disk"``, ``"loading"`` or ``"host"`` (resident).
+
+        A cheap query (no :meth:`memory_report` is built), for a scheduler that asks every
+        step. Raises ``RuntimeError`` for an unknown name.
+        """
+        return self._core.tier(name)
+
     def memory_report(self) -> dict[str, Any]:
         """A consistent snapshot of the store.
 
@@ -180,6 +197,8 @@ class ExpertStore:
             ``bytes``, ``holders``, ``pinned``; counters ``hits``, ``misses``,
             ``evictions``, ``loads``, ``verified_loads`` (loads that hashed every shard:
             an expert's first, and any after its files changed), ``load_failures``,
-            ``prefetches_skipped`` and ``load_seconds`` (summed over loads).
+            ``prefetches_skipped``, ``recycled_buffers`` (shard buffers loads took over
+            from the experts they evicted instead of making new pages) and
+            ``load_seconds`` (summed over loads).
         """
         return self._core.memory_report()
