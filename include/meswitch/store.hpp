@@ -20,9 +20,10 @@
 // (ExpertArtifact::read_side_file). A load hashes each shard while it reads it, and takes
 // over the buffers of the experts it evicts when nobody else holds them (their pages are
 // already made, which costs more than the copy).
-//   device  not built yet. A CUDA build would register the host buffers as pinned memory
-//           (cudaHostRegister) and copy the packed pieces into a device budget kept by the
-//           same rules; StoreTier and the per-tier report leave room for it.
+//   device  kept beside this store, in python/meswitch/serve/device_tier.py (CUDA builds):
+//           the packed pieces repacked into the kernel's tile layout through pinned buffers
+//           and copied asynchronously into a device byte budget kept by the same rules
+//           (LRU, holds); not yet run on a GPU.
 //
 // What a host byte is: an expert counts the sizes of its shard files, each rounded up to
 // whole pages, which is what its buffers take. The parsed manifest and shard headers
