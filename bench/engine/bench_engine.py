@@ -28,9 +28,8 @@ import time
 from pathlib import Path
 
 import torch
-from meswitch.compress import CompressionSettings, compress
-from meswitch.family import family_dir
 from meswitch.serve import Engine, MultiExpertModel, SamplingParams, SequenceInput, generate
+from meswitch.serve.bundled import bundled_artifacts
 
 EXPERTS = (None, "chat", "math", "code")
 
@@ -106,14 +105,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MESWITCH_NUM_THREADS", str(args.threads))
 
-    source = family_dir()
     with tempfile.TemporaryDirectory() as work:
-        artifacts = {}
-        for name in EXPERTS[1:]:
-            artifacts[name] = Path(work) / f"{name}.meswitch"
-            compress(source / "base", source / name, artifacts[name], progress=False,
-                     settings=CompressionSettings(bits=2))
-        model = MultiExpertModel(source / "base", artifacts, kv_cache_bytes=64 << 20)
+        base, compressed = bundled_artifacts(Path(work), report=lambda line: None)  # 2-bit, as `meswitch serve`
+        artifacts = {path.name.removesuffix(".meswitch"): path for path in compressed}
+        model = MultiExpertModel(base, artifacts, kv_cache_bytes=64 << 20)
         engine = run_engine(model, args.clients, args.tokens, args.max_running)
         static = args.clients * args.tokens / run_static(model, args.clients, args.tokens, args.max_running)
         alone = run_alone(model, args.alone, args.tokens)

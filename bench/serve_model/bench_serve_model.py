@@ -31,11 +31,10 @@ from pathlib import Path
 
 import torch
 import transformers
-
-from meswitch.compress import CompressionSettings, compress
 from meswitch.family import family_dir
 from meswitch.ops import cpu_kernel_path
 from meswitch.serve import MultiExpertModel, SequenceInput
+from meswitch.serve.bundled import bundled_artifacts
 from meswitch.serve.generate import expert_tokenizer
 
 EXPERTS = (None, "chat", "math", "code")
@@ -132,14 +131,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MESWITCH_NUM_THREADS", str(args.threads))
     transformers.utils.logging.disable_progress_bar()
-    family = family_dir()
     with tempfile.TemporaryDirectory() as scratch:
-        artifacts = {}
-        for expert in EXPERTS[1:]:
-            artifacts[expert] = Path(scratch) / f"{expert}.meswitch"
-            compress(family / "base", family / expert, artifacts[expert], progress=False,
-                     settings=CompressionSettings(bits=2))
-        model = MultiExpertModel(family / "base", artifacts, kv_cache_bytes=64 << 20)
+        base, compressed = bundled_artifacts(Path(scratch), report=lambda line: None)  # 2-bit, as `meswitch serve`
+        artifacts = {path.name.removesuffix(".meswitch"): path for path in compressed}
+        model = MultiExpertModel(base, artifacts, kv_cache_bytes=64 << 20)
         prompts = _prompts(model, args.per_expert)
         run_meswitch(model, prompts, 2)  # warm-up: experts prepared, kernels' pools started
         prefill, decode = run_meswitch(model, prompts, args.steps)
