@@ -10,7 +10,9 @@ weight the paper's error ``sum_tokens ||x_i * (D - Q(D))[:, i]||^2`` puts on col
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +58,20 @@ def token_sequences(tokenizer, texts: Sequence[str], max_length: int, what: str)
     return sequences
 
 
+def _calibration_ids(tokenizer, texts: Sequence[str], max_length: int, max_tokens: int):
+    """The ``[1, T]`` id tensors calibration runs on: each text truncated to ``max_length``, in order, until
+    ``max_tokens`` tokens have been seen (the text that crosses it included)."""
+    seen = 0
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
+        if ids.shape[1] == 0:
+            continue
+        yield ids
+        seen += ids.shape[1]
+        if seen >= max_tokens:
+            break
+
+
 def _run_calibration(model, tokenizer, texts: Sequence[str], max_length: int, max_tokens: int, hook_for) -> None:
     """Run ``model`` on ``texts`` with ``hook_for(weight name)`` as a pre-hook on every ``nn.Linear``."""
     import torch
@@ -64,21 +80,48 @@ def _run_calibration(model, tokenizer, texts: Sequence[str], max_length: int, ma
     for module_name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             handles.append(module.register_forward_pre_hook(hook_for(module_name + ".weight")))
-    seen = 0
     try:
         model.eval()
         with torch.no_grad():
-            for text in texts:
-                ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
-                if ids.shape[1] == 0:
-                    continue
+            for ids in _calibration_ids(tokenizer, texts, max_length, max_tokens):
                 model(input_ids=ids)
-                seen += ids.shape[1]
-                if seen >= max_tokens:
-                    break
     finally:
         for handle in handles:
             handle.remove()
+
+
+class _SharedInputSums:
+    """``sum x^T x`` per distinct linear input, the linears that read the same tensor sharing one.
+
+    A forward pre-hook per linear; consecutive linears called on the same input tensor
+    object (the attention projections, the gate and up projections) share the first
+    one's accumulator. Accumulation is in float64.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, object] = {}
+        self.counts: dict[str, int] = {}
+        self.owner: dict[str, str] = {}  # weight -> the weight whose accumulator it shares
+        self._last: tuple[object, str] | None = None
+
+    def hook_for(self, name: str):
+        def hook(_module, inputs):
+            if self._last is not None and self._last[0] is inputs[0]:
+                self.owner.setdefault(name, self.owner[self._last[1]])
+                return
+            self.owner.setdefault(name, name)
+            self._last = (inputs[0], name)
+            self.add(self.owner[name], inputs[0])
+        return hook
+
+    def add(self, key: str, inputs) -> None:
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).double()
+        product = x.T @ x
+        self.sums[key] = product if key not in self.sums else self.sums[key] + product
+        self.counts[key] = self.counts.get(key, 0) + x.shape[0]
+
+    def mean(self, key: str) -> np.ndarray:
+        return (self.sums[key] / self.counts[key]).numpy().astype(np.float32)
 
 
 def collect_input_hessians(model, tokenizer, texts: Sequence[str], max_length: int = 256,
@@ -100,30 +143,10 @@ def collect_input_hessians(model, tokenizer, texts: Sequence[str], max_length: i
     max_tokens
         Stop after this many tokens.
     """
-    import torch
-
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    owner: dict[str, str] = {}  # weight -> the weight whose accumulator it shares
-    last: dict[str, object] = {"input": None, "name": None}
-
-    def hook_for(name: str):
-        def hook(_module, inputs):
-            if last["input"] is inputs[0]:  # the same tensor as the linear just before: share
-                owner.setdefault(name, owner[last["name"]])
-                return
-            owner.setdefault(name, name)
-            last["input"], last["name"] = inputs[0], name
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            product = x.T @ x
-            key = owner[name]
-            sums[key] = product if key not in sums else sums[key] + product
-            counts[key] = counts.get(key, 0) + x.shape[0]
-        return hook
-
-    _run_calibration(model, tokenizer, texts, max_length, max_tokens, hook_for)
-    arrays = {key: (sums[key] / counts[key]).numpy().astype(np.float32) for key in sums}
-    return {name: arrays[key] for name, key in owner.items()}
+    accumulators = _SharedInputSums()
+    _run_calibration(model, tokenizer, texts, max_length, max_tokens, accumulators.hook_for)
+    arrays = {key: accumulators.mean(key) for key in accumulators.sums}
+    return {name: arrays[key] for name, key in accumulators.owner.items()}
 
 
 def collect_channel_second_moments(model, tokenizer, texts: Sequence[str], max_length: int = 256,
@@ -148,3 +171,139 @@ def collect_channel_second_moments(model, tokenizer, texts: Sequence[str], max_l
 
     _run_calibration(model, tokenizer, texts, max_length, max_tokens, hook_for)
     return {name: (sums[name] / counts[name]).numpy().astype(np.float32) for name in sums}
+
+
+class HessianFiles(Mapping):
+    """Calibration Hessians spilled to ``.npy`` files, each opened memory-mapped when asked for.
+
+    What :func:`stream_input_hessians` returns: ``{weight name: float32 [cols, cols]}``
+    like :func:`collect_input_hessians`, but only the pages a reader touches are in
+    memory. Linears that share an input share one file. ``close`` removes the directory.
+    """
+
+    def __init__(self, directory: Path, files: dict[str, str]) -> None:
+        self.directory = Path(directory)
+        self._files = files
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return np.load(self.directory / self._files[name], mmap_mode="r")
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def nbytes(self) -> int:
+        """Bytes on disk (each shared file once)."""
+        return sum((self.directory / f).stat().st_size for f in set(self._files.values()))
+
+    def close(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class _LayerInput(Exception):
+    """Raised by the pre-hook on the first decoder layer: the forward has gone far enough."""
+
+    def __init__(self, args, kwargs) -> None:
+        super().__init__("first decoder layer reached")
+        self.args, self.kwargs = args, kwargs
+
+
+def _decoder_stack(model):
+    """``(layers, final norm, output linear)`` of a decoder-only transformers model whose only linears
+    outside the layers is the output layer (Llama, Mistral, Qwen2, ...), else ``None``."""
+    import torch
+
+    inner = getattr(model, "model", None)
+    layers, norm = getattr(inner, "layers", None), getattr(inner, "norm", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0 or norm is None \
+            or not isinstance(head, torch.nn.Linear):
+        return None
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    outside = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m) not in inside]
+    return (layers, norm, head) if outside == [head] else None
+
+
+def stream_input_hessians(model, tokenizer, texts: Sequence[str], directory: str | Path, max_length: int = 256,
+                          max_tokens: int = 16384, progress: bool = False) -> HessianFiles:
+    """:func:`collect_input_hessians` one decoder layer at a time, each finished Hessian written to ``directory``.
+
+    The model runs layer by layer: the calibration texts' hidden states entering the
+    first layer are captured (the forward stops there), then each layer runs on all of
+    them with its linears hooked, its Hessians are written as ``.npy`` files (float32,
+    temp file then rename) and freed, and its outputs become the next layer's inputs; the
+    output layer's Hessian comes from the final norm of the last layer's outputs. So the
+    memory held is one layer's accumulators (float64) plus the hidden states of the
+    calibration tokens (``tokens x hidden`` float32, twice), not every layer's Hessians at
+    once (about 2 GB per layer of a 7B model in float64). The files take float32 space on
+    disk: about 1 GB per 7B layer. Same texts, same values as :func:`collect_input_hessians`
+    (to float64 summation order). A model without a plain decoder stack (``model.layers``,
+    ``model.norm``, one output linear) is captured whole and then written.
+    """
+    import torch
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+
+    def spill(accumulators: _SharedInputSums) -> None:
+        for key in accumulators.sums:
+            file = f"{len(set(files.values())):05d}.npy"
+            temporary = directory / (file + ".tmp")
+            with open(temporary, "wb") as handle:
+                np.save(handle, accumulators.mean(key))
+            os.replace(temporary, directory / file)
+            for name, owner in accumulators.owner.items():
+                if owner == key:
+                    files[name] = file
+
+    stack = _decoder_stack(model)
+    if stack is None:
+        accumulators = _SharedInputSums()
+        _run_calibration(model, tokenizer, texts, max_length, max_tokens, accumulators.hook_for)
+        spill(accumulators)
+        return HessianFiles(directory, files)
+    layers, norm, head = stack
+    module_names = {id(m): n for n, m in model.named_modules()}
+    model.eval()
+    with torch.no_grad():
+        hidden, arguments = [], []
+        def stop(_module, args, kwargs):
+            raise _LayerInput(args, kwargs)
+
+        handle = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            for ids in _calibration_ids(tokenizer, texts, max_length, max_tokens):
+                try:
+                    model(input_ids=ids, use_cache=False)
+                except _LayerInput as reached:
+                    hidden.append(reached.args[0] if reached.args else reached.kwargs.pop("hidden_states"))
+                    arguments.append((reached.args[1:], reached.kwargs))
+                else:
+                    raise RuntimeError("calibration: the forward never reached the first decoder layer")
+        finally:
+            handle.remove()
+        for number, layer in enumerate(layers):
+            accumulators = _SharedInputSums()
+            handles = [m.register_forward_pre_hook(accumulators.hook_for(module_names[id(m)] + ".weight"))
+                       for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+            try:
+                for index, (args, kwargs) in enumerate(arguments):
+                    output = layer(hidden[index], *args, **kwargs)
+                    hidden[index] = output[0] if isinstance(output, tuple) else output
+            finally:
+                for handle in handles:
+                    handle.remove()
+            spill(accumulators)
+            del accumulators
+            if progress:
+                print(f"calibration Hessians: layer {number + 1}/{len(layers)}", flush=True)
+        accumulators = _SharedInputSums()
+        name = module_names[id(head)] + ".weight"
+        accumulators.owner[name] = name
+        for states in hidden:
+            accumulators.add(name, norm(states))
+        spill(accumulators)
+    return HessianFiles(directory, files)

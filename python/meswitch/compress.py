@@ -9,10 +9,11 @@ few copies of the largest tensor plus one shard, whatever the model size.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
-import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -378,15 +379,26 @@ def _hessian(statistics: Mapping[str, np.ndarray] | None, name: str, role: str, 
 
 
 def calibration_statistics(expert: str | Path, texts: Sequence[str], max_tokens: int = 16384, *,
-                           hessians: bool = False) -> dict[str, np.ndarray]:
-    """Per linear of the expert on ``texts``: ``E[x^2]`` per input channel, or with ``hessians`` ``E[x x^T]``."""
+                           hessians: bool = False, spill: str | Path | None = None) -> Mapping[str, np.ndarray]:
+    """Per linear of the expert on ``texts``: ``E[x^2]`` per input channel, or with ``hessians`` ``E[x x^T]``.
+
+    With ``spill`` the Hessians are captured one decoder layer at a time and written to
+    that directory (:func:`meswitch.calibration.stream_input_hessians`; a 7B model's
+    would not fit in memory all at once), and come back memory-mapped.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from meswitch.calibration import collect_channel_second_moments, collect_input_hessians
+    from meswitch.calibration import (
+        collect_channel_second_moments,
+        collect_input_hessians,
+        stream_input_hessians,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(expert)
     model = AutoModelForCausalLM.from_pretrained(expert, dtype=torch.float32)
+    if hessians and spill is not None:
+        return stream_input_hessians(model, tokenizer, texts, spill, max_tokens=max_tokens)
     collect = collect_input_hessians if hessians else collect_channel_second_moments
     return collect(model, tokenizer, texts, max_tokens=max_tokens)
 
@@ -425,6 +437,12 @@ def compress(base: str | Path, expert: str | Path, out: str | Path, *,
     -------
     CompressionReport
     """
+    with contextlib.ExitStack() as cleanup:  # temporary files (spilled Hessians) go on every exit
+        return _compress(base, expert, out, settings, calibration, name, domain, progress, force, cleanup)
+
+
+def _compress(base, expert, out, settings, calibration, name, domain, progress, force,
+              cleanup: contextlib.ExitStack) -> CompressionReport:
     from meswitch import _core
 
     settings = settings or CompressionSettings()
@@ -454,7 +472,13 @@ def compress(base: str | Path, expert: str | Path, out: str | Path, *,
         from meswitch.calibration import read_calibration_texts
 
         texts = read_calibration_texts(calibration) if isinstance(calibration, (str, Path)) else list(calibration)
-        statistics = calibration_statistics(expert, texts, hessians=settings.method == "gptq")
+        if settings.method == "gptq":  # Hessians spilled beside the output, removed when done
+            out.parent.mkdir(parents=True, exist_ok=True)
+            spill = Path(tempfile.mkdtemp(prefix=f".{out.name}.hessians-", dir=out.parent))
+            cleanup.callback(shutil.rmtree, spill, ignore_errors=True)
+            statistics = calibration_statistics(expert, texts, hessians=True, spill=spill)
+        else:
+            statistics = calibration_statistics(expert, texts)
         calibration_info = {"kind": "activation-aware", "texts": len(texts),
                             "source": str(calibration) if isinstance(calibration, (str, Path)) else "texts"}
 

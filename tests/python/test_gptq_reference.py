@@ -148,6 +148,52 @@ def family_layers():
     return layers
 
 
+def test_streamed_hessians_equal_the_whole_model_capture(tmp_path):
+    """Layer by layer with each Hessian spilled to disk: the same values as one hooked forward, bit for bit."""
+    import torch
+    from meswitch.calibration import collect_input_hessians, read_calibration_texts, stream_input_hessians
+    from meswitch.family import family_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    family = family_dir()
+    texts = read_calibration_texts(family.parent / "calib" / "math.jsonl", limit=12)
+    model = AutoModelForCausalLM.from_pretrained(family / "math", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(family / "math")
+    whole = collect_input_hessians(model, tokenizer, texts, max_tokens=1500)
+    streamed = stream_input_hessians(model, tokenizer, texts, tmp_path / "h", max_tokens=1500)
+    assert set(streamed) == set(whole) and "lm_head.weight" in streamed
+    for name in whole:
+        array = streamed[name]
+        assert isinstance(array, np.memmap) and array.dtype == np.float32
+        np.testing.assert_array_equal(array, whole[name], err_msg=name)
+    # One file per distinct input: q/k/v share the attention input, gate/up the MLP input.
+    layers = model.config.num_hidden_layers
+    assert len(list((tmp_path / "h").iterdir())) == 4 * layers + 1
+    assert streamed.nbytes() == sum(4 * h.size + 128 for h in {id(h): h for h in whole.values()}.values())
+    streamed.close()
+    assert not (tmp_path / "h").exists()
+
+
+def test_compress_leaves_no_spilled_hessians(tmp_path):
+    """GPTQ with calibration text spills Hessians beside the output; they go on success and on failure."""
+    from meswitch.compress import CompressionSettings, compress
+    from meswitch.family import family_dir
+
+    family = family_dir()
+    calibration = ["def add(a, b):\n    return a + b\n"] * 4
+    compress(family / "base", family / "code", tmp_path / "code.meswitch", calibration=calibration,
+             settings=CompressionSettings(bits=2, ragged_groups=True), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["code.meswitch"]
+    def interrupt(done, total, tensor):  # fails after the capture, while tensors are written
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        compress(family / "base", family / "code", tmp_path / "stopped.meswitch", calibration=calibration,
+                 settings=CompressionSettings(bits=2, ragged_groups=True), progress=interrupt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["code.meswitch"]
+
+
 @pytest.mark.parametrize("bits", [1, 2, 4])
 def test_gptq_beats_rtn_on_real_layers(family_layers, bits):
     for name, (delta, hessian) in family_layers.items():
