@@ -194,6 +194,15 @@ class HessianFiles(Mapping):
     def __len__(self) -> int:
         return len(self._files)
 
+    def add(self, array: np.ndarray, names: Sequence[str]) -> None:
+        """Write ``array`` (float32) as the Hessian of every weight in ``names``: one file, temp file then rename."""
+        file = f"{len(set(self._files.values())):05d}.npy"
+        temporary = self.directory / (file + ".tmp")
+        with open(temporary, "wb") as handle:
+            np.save(handle, np.asarray(array, dtype=np.float32))
+        os.replace(temporary, self.directory / file)
+        self._files.update({name: file for name in names})
+
     def nbytes(self) -> int:
         """Bytes on disk (each shared file once)."""
         return sum((self.directory / f).stat().st_size for f in set(self._files.values()))
@@ -244,27 +253,19 @@ def stream_input_hessians(model, tokenizer, texts: Sequence[str], directory: str
     """
     import torch
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    files: dict[str, str] = {}
+    files = HessianFiles(directory, {})
+    files.directory.mkdir(parents=True, exist_ok=True)
 
     def spill(accumulators: _SharedInputSums) -> None:
         for key in accumulators.sums:
-            file = f"{len(set(files.values())):05d}.npy"
-            temporary = directory / (file + ".tmp")
-            with open(temporary, "wb") as handle:
-                np.save(handle, accumulators.mean(key))
-            os.replace(temporary, directory / file)
-            for name, owner in accumulators.owner.items():
-                if owner == key:
-                    files[name] = file
+            files.add(accumulators.mean(key), [name for name, owner in accumulators.owner.items() if owner == key])
 
     stack = _decoder_stack(model)
     if stack is None:
         accumulators = _SharedInputSums()
         _run_calibration(model, tokenizer, texts, max_length, max_tokens, accumulators.hook_for)
         spill(accumulators)
-        return HessianFiles(directory, files)
+        return files
     layers, norm, head = stack
     module_names = {id(m): n for n, m in model.named_modules()}
     model.eval()
@@ -306,4 +307,51 @@ def stream_input_hessians(model, tokenizer, texts: Sequence[str], directory: str
         for states in hidden:
             accumulators.add(name, norm(states))
         spill(accumulators)
-    return HessianFiles(directory, files)
+    return files
+
+
+def embedding_output_fisher(model, tokenizer, texts: Sequence[str], max_length: int = 256,
+                            max_tokens: int = 16384) -> dict[str, np.ndarray]:
+    """``{embedding weight name: E[g g^T] (float32 [hidden, hidden])}``, ``g`` the loss gradient at the
+    embedding's output, per calibration token.
+
+    The Hessian GPTQ uses for an embedding. A lookup has no input whose correlations
+    could absorb an error, but its output does: a row's error ``e`` moves the
+    calibration loss by about ``e^T F e / 2`` wherever the token occurs (the empirical
+    Fisher ``F``), so quantizing the rows against ``F`` pushes each column's error onto
+    the hidden directions the model is least sensitive to. One forward and backward pass
+    per text with the gradient taken at the embedding output only (no weight gradients
+    are kept). Accumulation in float64. A model whose output layer shares the embedding
+    weight (tied) returns ``{}``: its error also lands on the logits, which this does not see.
+    """
+    import torch
+
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and head.weight is embedding.weight:
+        return {}
+    name = next(n for n, m in model.named_modules() if m is embedding) + ".weight"
+    total, seen = None, 0
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for parameter, _ in flags:
+        parameter.requires_grad_(False)
+    try:
+        model.eval()
+        for ids in _calibration_ids(tokenizer, texts, max_length, max_tokens):
+            if ids.shape[1] < 2:
+                continue
+            with torch.no_grad():
+                inputs = embedding(ids)
+            inputs.requires_grad_(True)
+            # Summed, not averaged, over tokens: every token's gradient counts once.
+            loss = model(inputs_embeds=inputs, labels=ids, use_cache=False).loss * (ids.shape[1] - 1)
+            (gradient,) = torch.autograd.grad(loss, inputs)
+            g = gradient.detach().reshape(-1, gradient.shape[-1]).double()
+            total = g.T @ g if total is None else total + g.T @ g
+            seen += g.shape[0]
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+    if total is None:
+        return {}
+    return {name: (total / seen).numpy().astype(np.float32)}

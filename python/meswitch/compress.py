@@ -94,8 +94,10 @@ class CompressionSettings:
         ``"gptq"`` (the default): quantize each linear's delta column by column, pushing
         every column's error onto the columns not yet quantized, weighted by the
         calibration inputs' second moments ``H = E[x x^T]`` (``include/meswitch/gptq.hpp``).
-        Matrices without a Hessian (the embedding; everything without calibration text)
-        are rounded to nearest, which is what GPTQ reduces to for ``H = I``.
+        An embedding, which is looked up rather than multiplied, uses the empirical Fisher
+        ``E[g g^T]`` of the loss gradient at its output instead. Matrices without a
+        Hessian (everything without calibration text; an embedding tied to the output
+        layer) are rounded to nearest, which is what GPTQ reduces to for ``H = I``.
         ``"rtn"``: round every value to nearest on its own.
     damping, act_order
         GPTQ settings: ``damping * mean(diag H)`` is added to the Hessian's diagonal;
@@ -352,8 +354,8 @@ def _floating(checkpoint: Checkpoint, name: str, directory: Path) -> np.ndarray:
 def _channel_weights(statistics: Mapping[str, np.ndarray] | None, name: str, role: str,
                      cols: int) -> np.ndarray | None:
     """``E[x^2]`` per input channel of ``name`` (the diagonal of a Hessian), floored; ``None`` without."""
-    if statistics is None or role == "embedding" or name not in statistics:
-        return None
+    if statistics is None or name not in statistics:
+        return None  # an embedding has statistics only as the Fisher at its output
     statistic = np.asarray(statistics[name])
     weight = np.ascontiguousarray(np.diagonal(statistic) if statistic.ndim == 2 else statistic, dtype=np.float32)
     if weight.shape != (cols,):
@@ -367,8 +369,8 @@ def _channel_weights(statistics: Mapping[str, np.ndarray] | None, name: str, rol
 def _hessian(statistics: Mapping[str, np.ndarray] | None, name: str, role: str, cols: int,
              settings: CompressionSettings) -> np.ndarray | None:
     """The calibration Hessian ``[cols, cols]`` of ``name`` when GPTQ has one to use, else ``None``."""
-    if settings.method != "gptq" or statistics is None or role == "embedding" or name not in statistics:
-        return None
+    if settings.method != "gptq" or statistics is None or name not in statistics:
+        return None  # an embedding has one when calibration text gave the Fisher at its output
     statistic = statistics[name]
     if np.ndim(statistic) != 2:
         return None  # per-channel statistics only: round to nearest (GPTQ with a diagonal H is RTN)
@@ -382,9 +384,11 @@ def calibration_statistics(expert: str | Path, texts: Sequence[str], max_tokens:
                            hessians: bool = False, spill: str | Path | None = None) -> Mapping[str, np.ndarray]:
     """Per linear of the expert on ``texts``: ``E[x^2]`` per input channel, or with ``hessians`` ``E[x x^T]``.
 
-    With ``spill`` the Hessians are captured one decoder layer at a time and written to
-    that directory (:func:`meswitch.calibration.stream_input_hessians`; a 7B model's
-    would not fit in memory all at once), and come back memory-mapped.
+    The Hessians include the embedding's: the empirical Fisher at its output
+    (:func:`meswitch.calibration.embedding_output_fisher`, untied embeddings). With
+    ``spill`` the Hessians are captured one decoder layer at a time and written to that
+    directory (:func:`meswitch.calibration.stream_input_hessians`; a 7B model's would not
+    fit in memory all at once), and come back memory-mapped.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -392,15 +396,21 @@ def calibration_statistics(expert: str | Path, texts: Sequence[str], max_tokens:
     from meswitch.calibration import (
         collect_channel_second_moments,
         collect_input_hessians,
+        embedding_output_fisher,
         stream_input_hessians,
     )
 
     tokenizer = AutoTokenizer.from_pretrained(expert)
     model = AutoModelForCausalLM.from_pretrained(expert, dtype=torch.float32)
-    if hessians and spill is not None:
-        return stream_input_hessians(model, tokenizer, texts, spill, max_tokens=max_tokens)
-    collect = collect_input_hessians if hessians else collect_channel_second_moments
-    return collect(model, tokenizer, texts, max_tokens=max_tokens)
+    if not hessians:
+        return collect_channel_second_moments(model, tokenizer, texts, max_tokens=max_tokens)
+    if spill is not None:
+        statistics = stream_input_hessians(model, tokenizer, texts, spill, max_tokens=max_tokens)
+        for name, fisher in embedding_output_fisher(model, tokenizer, texts, max_tokens=max_tokens).items():
+            statistics.add(fisher, [name])
+        return statistics
+    return {**collect_input_hessians(model, tokenizer, texts, max_tokens=max_tokens),
+            **embedding_output_fisher(model, tokenizer, texts, max_tokens=max_tokens)}
 
 
 def compress(base: str | Path, expert: str | Path, out: str | Path, *,

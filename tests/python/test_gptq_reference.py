@@ -11,6 +11,8 @@ On the real layers of the bundled family the layer output error ``||X D^T - X D_
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from meswitch import _core
@@ -172,6 +174,63 @@ def test_streamed_hessians_equal_the_whole_model_capture(tmp_path):
     assert streamed.nbytes() == sum(4 * h.size + 128 for h in {id(h): h for h in whole.values()}.values())
     streamed.close()
     assert not (tmp_path / "h").exists()
+
+
+def test_embedding_fisher_matches_the_gradients_at_the_embedding_output():
+    """The embedding's GPTQ Hessian E[g g^T]: its diagonal equals the planner's E[g_c^2] at the embedding
+    output, which meswitch.sensitivity takes by another route (weight gradients on, output hooks)."""
+    import torch
+    from meswitch.calibration import embedding_output_fisher, read_calibration_texts
+    from meswitch.family import family_dir
+    from meswitch.sensitivity import output_sensitivity
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    family = family_dir()
+    texts = read_calibration_texts(family.parent / "calib" / "code.jsonl", limit=6)
+    model = AutoModelForCausalLM.from_pretrained(family / "code", dtype=torch.float32)
+    fisher = embedding_output_fisher(model, AutoTokenizer.from_pretrained(family / "code"), texts)
+    assert list(fisher) == ["model.embed_tokens.weight"]
+    f = fisher["model.embed_tokens.weight"]
+    assert f.shape == (model.config.hidden_size,) * 2 and np.allclose(f, f.T)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())  # left as found
+    reference = output_sensitivity(family / "code", texts, hessians={})["model.embed_tokens.weight"].column_form
+    np.testing.assert_allclose(np.diagonal(f), reference, rtol=2e-4, atol=1e-12)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied: the lookup's Fisher does not see the logits
+    assert embedding_output_fisher(model, AutoTokenizer.from_pretrained(family / "code"), texts) == {}
+
+
+def test_gptq_quantizes_the_embedding_against_its_fisher(tmp_path):
+    """With calibration text the embedding is stored by GPTQ, and its Fisher-weighted error is below RTN's."""
+    import safetensors.numpy
+    import torch
+    from meswitch.calibration import embedding_output_fisher, read_calibration_texts
+    from meswitch.checkpoint import open_checkpoint
+    from meswitch.compress import CompressionSettings, compress
+    from meswitch.family import family_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    family = family_dir()
+    texts = read_calibration_texts(family.parent / "calib" / "chat.jsonl", limit=8)
+    name = "model.embed_tokens.weight"
+    reports = {method: compress(family / "base", family / "chat", tmp_path / f"{method}.meswitch", calibration=texts,
+                                settings=CompressionSettings(bits=2, ragged_groups=True, method=method),
+                                progress=False) for method in ("gptq", "rtn")}
+    assert reports["gptq"].tensors[name]["method"] == "gptq" and reports["rtn"].tensors[name]["method"] == "rtn"
+    model = AutoModelForCausalLM.from_pretrained(family / "chat", dtype=torch.float32)
+    fisher = embedding_output_fisher(model, AutoTokenizer.from_pretrained(family / "chat"), texts)[name]
+    base = open_checkpoint(family / "base").get_array(name, widen=True)
+    delta = (open_checkpoint(family / "chat").get_array(name, widen=True)[: base.shape[0]] - base).astype(np.float32)
+    entry = reports["gptq"].tensors[name]
+    errors = {}
+    for method in reports:
+        artifact = tmp_path / f"{method}.meswitch"
+        stored = {}  # read with the reference safetensors package
+        for shard in json.loads((artifact / "manifest.json").read_text())["shards"]:
+            stored.update(safetensors.numpy.load_file(str(artifact / shard["file"])))
+        pieces = [stored[f"{name}.{piece}"] for piece, _ in _core.DELTA_PIECES]
+        errors[method] = _core.hessian_weighted_error(*pieces, entry["rows"], entry["cols"], entry["bits"],
+                                                      entry["group_size"], np.ascontiguousarray(delta), fisher)[0]
+    assert errors["gptq"] < 0.9 * errors["rtn"], errors
 
 
 def test_compress_leaves_no_spilled_hessians(tmp_path):
