@@ -59,6 +59,14 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def log_row(domain: str, rows: list[dict[str, Any]]) -> None:
+    """The row just measured: its primary metric, gap to the FP16 expert (the first row) and bits."""
+    metric, _ = PRIMARY[domain]
+    row = rows[-1]
+    gap = (row[metric] - rows[0][metric]) / rows[0][metric]
+    log(f"{domain}: {row['method']}: {metric} {row[metric]:.4f} ({gap:+.2%} vs FP16), {row['avg_bits']:.2f} bits")
+
+
 def metrics_of(result: dict[str, Any], domain: str) -> dict[str, float]:
     entry = result[domain]
     out = {"perplexity": entry["perplexity"], "bits_per_byte": entry["bits_per_byte"]}
@@ -136,6 +144,7 @@ def main() -> None:
             for label, settings, calib in methods:
                 log(f"{domain}: {label}")
                 rows.append(run_method(label, base, expert, domain, workdir, settings, calib, args.max_examples))
+                log_row(domain, rows)
             params = bits = 0
             base_ckpt = open_checkpoint(base)
             for name in base_ckpt:
@@ -155,6 +164,7 @@ def main() -> None:
                 model, tokenizer = model_from_weights(expert, weights)
                 rows.append({"method": label, "avg_bits": bits / params, "bytes": bits // 8,
                              "compress_seconds": seconds, **score(model, tokenizer, domain, args.max_examples)})
+                log_row(domain, rows)
             results["experts"][domain] = rows
 
             if not args.no_ablation:

@@ -58,7 +58,7 @@ def token_sequences(tokenizer, texts: Sequence[str], max_length: int, what: str)
     return sequences
 
 
-def _calibration_ids(tokenizer, texts: Sequence[str], max_length: int, max_tokens: int):
+def calibration_ids(tokenizer, texts: Sequence[str], max_length: int, max_tokens: int):
     """The ``[1, T]`` id tensors calibration runs on: each text truncated to ``max_length``, in order, until
     ``max_tokens`` tokens have been seen (the text that crosses it included)."""
     seen = 0
@@ -83,7 +83,7 @@ def _run_calibration(model, tokenizer, texts: Sequence[str], max_length: int, ma
     try:
         model.eval()
         with torch.no_grad():
-            for ids in _calibration_ids(tokenizer, texts, max_length, max_tokens):
+            for ids in calibration_ids(tokenizer, texts, max_length, max_tokens):
                 model(input_ids=ids)
     finally:
         for handle in handles:
@@ -276,7 +276,7 @@ def stream_input_hessians(model, tokenizer, texts: Sequence[str], directory: str
 
         handle = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
         try:
-            for ids in _calibration_ids(tokenizer, texts, max_length, max_tokens):
+            for ids in calibration_ids(tokenizer, texts, max_length, max_tokens):
                 try:
                     model(input_ids=ids, use_cache=False)
                 except _LayerInput as reached:
@@ -337,7 +337,7 @@ def embedding_output_fisher(model, tokenizer, texts: Sequence[str], max_length: 
         parameter.requires_grad_(False)
     try:
         model.eval()
-        for ids in _calibration_ids(tokenizer, texts, max_length, max_tokens):
+        for ids in calibration_ids(tokenizer, texts, max_length, max_tokens):
             if ids.shape[1] < 2:
                 continue
             with torch.no_grad():

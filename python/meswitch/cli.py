@@ -266,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="smallest clip ratio searched, in (0, 1]")
     compress.add_argument("--method", choices=("gptq", "rtn"), default="gptq",
                           help="gptq (default): error-compensating quantization with the calibration Hessians of "
-                               "--calib (round to nearest without --calib); rtn: round every value to nearest")
+                               "--calib (each linear's input; the Fisher at the embedding's output), spilled beside "
+                               "--out while compressing (round to nearest without --calib); rtn: round every value "
+                               "to nearest")
     compress.add_argument("--damping", type=float_in(0, low_open=True), default=0.01,
                           help="GPTQ: damping added to the Hessian's diagonal, times its mean (default 0.01)")
     compress.add_argument("--act-order", action="store_true",

@@ -82,7 +82,7 @@ def output_sensitivity(expert: str | Path, texts: Sequence[str], hessians: dict[
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from meswitch.calibration import collect_input_hessians
+    from meswitch.calibration import calibration_ids, collect_input_hessians
 
     tokenizer = AutoTokenizer.from_pretrained(expert)
     model = AutoModelForCausalLM.from_pretrained(expert, dtype=torch.float32)
@@ -113,8 +113,7 @@ def output_sensitivity(expert: str | Path, texts: Sequence[str], hessians: dict[
     model.eval()
     seen = 0
     try:
-        for text in texts:
-            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
+        for ids in calibration_ids(tokenizer, texts, max_length, max_tokens):
             if ids.shape[1] < 2:
                 continue
             for name, module in embeddings.items():
@@ -125,8 +124,6 @@ def output_sensitivity(expert: str | Path, texts: Sequence[str], hessians: dict[
             loss = model(input_ids=ids, labels=ids).loss * (ids.shape[1] - 1)
             loss.backward()
             seen += ids.shape[1]
-            if seen >= max_tokens:
-                break
     finally:
         for handle in handles:
             handle.remove()
