@@ -186,7 +186,11 @@ class HessianFiles(Mapping):
         self._files = files
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return np.load(self.directory / self._files[name], mmap_mode="r")
+        return np.load(self.path(name), mmap_mode="r")
+
+    def path(self, name: str) -> Path:
+        """The ``.npy`` file holding the Hessian of ``name``."""
+        return self.directory / self._files[name]
 
     def __iter__(self):
         return iter(self._files)
