@@ -294,7 +294,10 @@ def stream_input_hessians(model, tokenizer, texts: Sequence[str], directory: str
                     raise RuntimeError("calibration: the forward never reached the first decoder layer")
         finally:
             handle.remove()
-        for number, layer in enumerate(layers):
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(layers), desc="calibration Hessians", unit="layer", leave=False, disable=not progress)
+        for layer in layers:
             accumulators = _SharedInputSums()
             handles = [m.register_forward_pre_hook(accumulators.hook_for(module_names[id(m)] + ".weight"))
                        for m in layer.modules() if isinstance(m, torch.nn.Linear)]
@@ -307,8 +310,8 @@ def stream_input_hessians(model, tokenizer, texts: Sequence[str], directory: str
                     handle.remove()
             spill(accumulators)
             del accumulators
-            if progress:
-                print(f"calibration Hessians: layer {number + 1}/{len(layers)}", flush=True)
+            bar.update()
+        bar.close()
         accumulators = _SharedInputSums()
         name = module_names[id(head)] + ".weight"
         accumulators.owner[name] = name

@@ -381,7 +381,8 @@ def _hessian(statistics: Mapping[str, np.ndarray] | None, name: str, role: str, 
 
 
 def calibration_statistics(expert: str | Path, texts: Sequence[str], max_tokens: int = 16384, *,
-                           hessians: bool = False, spill: str | Path | None = None) -> Mapping[str, np.ndarray]:
+                           hessians: bool = False, spill: str | Path | None = None,
+                           progress: bool = False) -> Mapping[str, np.ndarray]:
     """Per linear of the expert on ``texts``: ``E[x^2]`` per input channel, or with ``hessians`` ``E[x x^T]``.
 
     The Hessians include the embedding's: the empirical Fisher at its output
@@ -405,7 +406,7 @@ def calibration_statistics(expert: str | Path, texts: Sequence[str], max_tokens:
     if not hessians:
         return collect_channel_second_moments(model, tokenizer, texts, max_tokens=max_tokens)
     if spill is not None:
-        statistics = stream_input_hessians(model, tokenizer, texts, spill, max_tokens=max_tokens)
+        statistics = stream_input_hessians(model, tokenizer, texts, spill, max_tokens=max_tokens, progress=progress)
         for name, fisher in embedding_output_fisher(model, tokenizer, texts, max_tokens=max_tokens).items():
             statistics.add(fisher, [name])
         return statistics
@@ -486,7 +487,7 @@ def _compress(base, expert, out, settings, calibration, name, domain, progress, 
             out.parent.mkdir(parents=True, exist_ok=True)
             spill = Path(tempfile.mkdtemp(prefix=f".{out.name}.hessians-", dir=out.parent))
             cleanup.callback(shutil.rmtree, spill, ignore_errors=True)
-            statistics = calibration_statistics(expert, texts, hessians=True, spill=spill)
+            statistics = calibration_statistics(expert, texts, hessians=True, spill=spill, progress=progress is True)
         else:
             statistics = calibration_statistics(expert, texts)
         calibration_info = {"kind": "activation-aware", "texts": len(texts),
