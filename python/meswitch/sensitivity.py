@@ -136,7 +136,7 @@ def output_sensitivity(expert: str | Path, texts: Sequence[str], hessians: dict[
             frequency = np.maximum(frequency, max(float(frequency[frequency > 0].min(initial=1.0)) * 0.5, 1e-12))
             # With the Fisher at the embedding output among the Hessians (what GPTQ quantizes the
             # embedding against), its whole matrix; its diagonal is ``g``.
-            result[name] = MatrixSensitivity(frequency, hessians[name] if name in hessians else g)
+            result[name] = MatrixSensitivity(frequency, hessians.get(name, g))
         elif name in hessians:
             result[name] = MatrixSensitivity(g, hessians[name])
     return result
