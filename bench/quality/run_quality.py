@@ -1,7 +1,7 @@
 """Quality of compressed experts on the bundled tiny family: the table and ablations of docs/results.md.
 
-Run: ``python bench/quality/run_quality.py`` (about 15 minutes on 2 cores; with
-``--no-ablation`` about 12).
+Run: ``python bench/quality/run_quality.py`` (about 45 minutes on 2 cores; with
+``--no-ablation`` about 35).
 
 For each expert (chat, math, code) it evaluates on the expert's own held-out
 domain: the FP16 expert, the base alone, meswitch 2-bit + 1 % salient channels
