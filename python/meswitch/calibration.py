@@ -342,7 +342,7 @@ def embedding_output_fisher(model, tokenizer, texts: Sequence[str], max_length: 
     if head is not None and head.weight is embedding.weight:
         return {}
     name = next(n for n, m in model.named_modules() if m is embedding) + ".weight"
-    total, seen = None, 0
+    accumulators = _SharedInputSums()  # the same sum of outer products, over gradients
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for parameter, _ in flags:
         parameter.requires_grad_(False)
@@ -357,12 +357,8 @@ def embedding_output_fisher(model, tokenizer, texts: Sequence[str], max_length: 
             # Summed, not averaged, over tokens: every token's gradient counts once.
             loss = model(inputs_embeds=inputs, labels=ids, use_cache=False).loss * (ids.shape[1] - 1)
             (gradient,) = torch.autograd.grad(loss, inputs)
-            g = gradient.detach().reshape(-1, gradient.shape[-1]).double()
-            total = g.T @ g if total is None else total + g.T @ g
-            seen += g.shape[0]
+            accumulators.add(name, gradient)
     finally:
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
-    if total is None:
-        return {}
-    return {name: (total / seen).numpy().astype(np.float32)}
+    return {name: accumulators.take(name)} if name in accumulators.sums else {}
