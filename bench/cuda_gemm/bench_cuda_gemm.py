@@ -100,7 +100,7 @@ class WeightPool:
 
     def __init__(self, rows: int, cols: int, bits: int, group: int, k: int, l2_bytes: int,
                  rng: np.random.Generator, distinct: int = 8) -> None:
-        self.rows, self.cols, self.l2_bytes = rows, cols, l2_bytes
+        self.rows, self.cols, self.l2_bytes, self.distinct = rows, cols, l2_bytes, distinct
         self.deltas = [cuda.to_device(random_delta(rows, cols, bits, group, k, rng)) for _ in range(distinct)]
         self.dense = [cuda.dequantize(d).half() for d in self.deltas]
         self.delta_bytes = self.deltas[0].nbytes
@@ -108,8 +108,8 @@ class WeightPool:
                      for _ in range(max(1, math.ceil(2 * l2_bytes / (rows * cols * 2))))]
 
     def _grow(self, items: list, count: int, clone) -> list:
-        while len(items) < count:
-            items.append(clone(items[len(items) % 8]))
+        while len(items) < count:  # the first `distinct` are the random originals, the rest their clones
+            items.append(clone(items[len(items) % self.distinct]))
         return items[:count]
 
     def delta_sets(self, experts: int) -> list[list[cuda.DeviceDelta]]:
