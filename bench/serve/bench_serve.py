@@ -139,15 +139,16 @@ class ServerProcess:
     """``meswitch serve`` in a subprocess on a free loopback port."""
 
     def __init__(self, artifacts: dict[str, Path], host_budget: int, kv_cache: int, max_running: int,
-                 threads: int) -> None:
+                 threads: int, *, base: Path = FAMILY / "base", extra: tuple[str, ...] = ()) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")]),
                "OMP_NUM_THREADS": str(threads), "MESWITCH_NUM_THREADS": str(threads)}
-        argv = [sys.executable, "-m", "meswitch.cli", "serve", "--base", str(FAMILY / "base"),
+        argv = [sys.executable, "-m", "meswitch.cli", "serve", "--base", str(base),
                 "--experts", *map(str, artifacts.values()), "--host", "127.0.0.1", "--port", "0",
-                "--host-budget", str(host_budget), "--kv-cache", str(kv_cache), "--max-running", str(max_running)]
+                "--host-budget", str(host_budget), "--kv-cache", str(kv_cache), "--max-running", str(max_running),
+                *extra]
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: list[str] = []
-        self.url = self._wait_for_url(timeout=120)
+        self.url = self._wait_for_url(timeout=600)
         threading.Thread(target=self._drain, daemon=True).start()
 
     def _wait_for_url(self, timeout: float) -> str:
@@ -166,6 +167,11 @@ class ServerProcess:
     def _drain(self) -> None:
         for line in self.process.stdout:
             self.lines.append(line)
+
+    def peak_rss(self) -> int:
+        """The server process's peak resident set size in bytes (VmHWM)."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
 
     def cpu_seconds(self) -> float:
         """CPU time the server process has used so far (user + system, all its threads)."""
