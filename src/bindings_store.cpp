@@ -32,6 +32,10 @@ py::dict report_dict(const StoreReport& report) {
     entry["bytes"] = expert.bytes;
     entry["holders"] = expert.holders;
     entry["pinned"] = expert.pinned;
+    entry["loads"] = expert.loads;
+    entry["load_seconds"] = expert.load_seconds;
+    entry["waited_acquires"] = expert.waited_acquires;
+    entry["wait_seconds"] = expert.wait_seconds;
     experts.append(entry);
   }
   py::dict result;

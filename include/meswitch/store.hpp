@@ -122,6 +122,10 @@ struct StoreExpertReport {
   std::uint64_t bytes = 0;
   std::size_t holders = 0;
   bool pinned = false;
+  std::uint64_t loads = 0;          // completed loads of this expert (disk -> host)
+  double load_seconds = 0;          // summed over them
+  std::uint64_t waited_acquires = 0;  // acquires that found it not resident and waited or loaded
+  double wait_seconds = 0;            // what those acquires waited, summed
 };
 
 struct StoreReport {
@@ -157,6 +161,10 @@ class ExpertStore {
     bool pinned = false;
     bool queued = false;  // a prefetch waits in the queue
     std::uint64_t last_used = 0;
+    std::uint64_t loads = 0;
+    double load_seconds = 0;
+    std::uint64_t waited_acquires = 0;
+    double wait_seconds = 0;
   };
 
   struct State {
@@ -294,10 +302,17 @@ class ExpertStore {
   Handle acquire(const std::string& name) {
     std::unique_lock<std::mutex> lock(state_->mutex);
     bool counted = false;
+    const auto asked = std::chrono::steady_clock::now();
+    // Under the lock: an acquire that missed adds what it waited to the expert's counters.
+    const auto count_wait = [&](Entry& entry) {
+      ++entry.waited_acquires;
+      entry.wait_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - asked).count();
+    };
     for (;;) {
       const std::shared_ptr<Entry> entry = find(name);
       if (entry->artifact) {
         if (!counted) ++state_->counters.hits;
+        if (counted) count_wait(*entry);
         ++entry->holders;
         entry->last_used = ++state_->clock;
         return Handle(state_, entry);
@@ -314,6 +329,8 @@ class ExpertStore {
       lock.unlock();
       state_->changed.notify_all();  // wait() of this expert: it left the queue
       load(entry, std::move(evicted), /*background=*/false);
+      lock.lock();
+      count_wait(*entry);
       return Handle(state_, entry);  // load() took the hold with the lock
     }
   }
@@ -383,7 +400,8 @@ class ExpertStore {
       const char* tier = store_tier_name(tier_of(entry));
       if (entry.artifact) ++host.entries;
       if (entry.loading) ++host.loading;
-      report.experts.push_back({entry.name, entry.directory, tier, entry.bytes, entry.holders, entry.pinned});
+      report.experts.push_back({entry.name, entry.directory, tier, entry.bytes, entry.holders, entry.pinned,
+                                entry.loads, entry.load_seconds, entry.waited_acquires, entry.wait_seconds});
     }
     report.tiers = {disk, host};
     return report;
@@ -532,6 +550,8 @@ class ExpertStore {
         entry->last_used = ++state_->clock;
         ++state_->counters.loads;
         state_->counters.load_seconds += seconds;
+        ++entry->loads;
+        entry->load_seconds += seconds;
         if (!background) ++entry->holders;
       }
     }

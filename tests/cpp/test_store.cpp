@@ -149,6 +149,28 @@ TEST_CASE("the store counts whole pages of shard bytes and evicts the least rece
   REQUIRE(report.load_seconds > 0);
 }
 
+TEST_CASE("each expert counts its own loads and the acquires that waited for them", "[store]") {
+  const Family family = family_of("per_expert", 2);
+  ExpertStore store(family.base, kConfig, family.bytes);  // room for one: each acquire of the other evicts
+  for (const std::string& directory : family.experts) store.add(directory);
+  store.acquire("per_expert_e0");  // miss: loads e0
+  store.acquire("per_expert_e0");  // hit
+  store.acquire("per_expert_e1");  // miss: evicts e0, loads e1
+  store.acquire("per_expert_e0");  // miss: evicts e1, loads e0 again
+  const StoreReport report = store.memory_report();
+  const StoreExpertReport& e0 = expert_in(report, "per_expert_e0");
+  const StoreExpertReport& e1 = expert_in(report, "per_expert_e1");
+  REQUIRE(e0.loads == 2);
+  REQUIRE(e1.loads == 1);
+  REQUIRE(e0.waited_acquires == 2);  // the hit did not wait
+  REQUIRE(e1.waited_acquires == 1);
+  REQUIRE(e0.load_seconds > 0);
+  REQUIRE(e0.wait_seconds >= e0.load_seconds);  // an acquire that loads waits for the whole load
+  REQUIRE(e1.wait_seconds >= e1.load_seconds);
+  REQUIRE(e0.loads + e1.loads == report.loads);
+  REQUIRE(e0.load_seconds + e1.load_seconds == Approx(report.load_seconds));
+}
+
 TEST_CASE("held and pinned experts are never evicted; a full tier refuses the load", "[store]") {
   const Family family = family_of("held", 3);
   ExpertStore store(family.base, kConfig, 2 * family.bytes);

@@ -14,6 +14,8 @@ from meswitch import ops
 from meswitch.artifact import ExpertArtifact
 from meswitch.compress import CompressionSettings, compress
 from meswitch.serve import ExpertStore
+from meswitch.serve.metrics import ServerMetrics
+from prometheus_client.parser import text_string_to_metric_families
 
 FAMILY = Path(meswitch.__file__).parent / "family" / "tiny"
 BASE = FAMILY / "base"
@@ -99,7 +101,8 @@ def test_budget_evicts_the_least_recently_used_and_reports_every_field(artifacts
                            "load_failures", "prefetches_skipped", "recycled_buffers", "load_seconds"}
     assert set(report["tiers"]) == {"disk", "host"}
     assert set(host(report)) == {"used_bytes", "budget_bytes", "entries", "loading"}
-    assert set(report["experts"][0]) == {"name", "directory", "tier", "bytes", "holders", "pinned"}
+    assert set(report["experts"][0]) == {"name", "directory", "tier", "bytes", "holders", "pinned", "loads",
+                                         "load_seconds", "waited_acquires", "wait_seconds"}
     assert tier_of(report, "code") == "disk" and tier_of(report, "math") == tier_of(report, "math2") == "host"
     assert report["evictions"] == 1 and report["hits"] == 1 and report["misses"] == 3
     assert host(report)["budget_bytes"] == budget and host(report)["entries"] == 2
@@ -292,3 +295,41 @@ def test_the_model_switching_experts_through_a_small_store_keeps_none_alive(arti
     assert (report["loads"], report["verified_loads"]) == (4, 2)  # later loads read the bytes only
     assert report["recycled_buffers"] == 3  # every load after the first refilled the evicted one's pages
     assert stored._prepared["math"].artifact is None  # prepared tensors kept, the loaded artifact not
+
+
+def test_metrics_export_each_experts_residency_loads_and_waits(artifacts):
+    """/metrics' per-expert series, read from a real store: exact counts after a known sequence."""
+    probe = ExpertStore(BASE, host_budget=1 << 30)
+    probe.add(artifacts["math"])
+    size = probe.memory_report()["experts"][0]["bytes"]
+    store = ExpertStore(BASE, host_budget=size + size // 2)  # room for one of the two
+    for name in ("math", "math2"):
+        store.add(artifacts[name])
+    engine_stats = {"waiting": 0, "running": 0, "preempted_total": 0, "kv_blocks_total": 1, "kv_blocks_free": 1}
+    metrics = ServerMetrics(lambda: engine_stats, store.memory_report)
+
+    def samples() -> dict[tuple, float]:
+        text = metrics.exposition().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples
+                if s.name.startswith("meswitch_expert_")}
+
+    before = samples()
+    assert before[("meswitch_expert_resident", (("expert", "math"), ("tier", "host")))] == 0
+    with store.acquire("math"):  # loads math
+        during = samples()
+        assert during[("meswitch_expert_holders", (("expert", "math"),))] == 1
+    with store.acquire("math"):  # a hit: no wait
+        pass
+    with store.acquire("math2"):  # evicts math
+        pass
+    after = samples()
+    assert during[("meswitch_expert_resident", (("expert", "math"), ("tier", "host")))] == 1
+    assert after[("meswitch_expert_resident", (("expert", "math"), ("tier", "host")))] == 0
+    assert after[("meswitch_expert_resident", (("expert", "math2"), ("tier", "host")))] == 1
+    assert after[("meswitch_expert_holders", (("expert", "math"),))] == 0
+    assert after[("meswitch_expert_loads_total", (("expert", "math"),))] == 1
+    assert after[("meswitch_expert_loads_total", (("expert", "math2"),))] == 1
+    assert after[("meswitch_expert_lease_waits_total", (("expert", "math"),))] == 1
+    assert after[("meswitch_expert_lease_wait_seconds_total", (("expert", "math"),))] >= \
+        after[("meswitch_expert_load_seconds_total", (("expert", "math"),))] > 0

@@ -194,7 +194,9 @@ class ExpertStore:
             resident plus loading), ``budget_bytes`` (``0``: none), ``entries`` (experts
             resident there) and ``loading``; ``experts``: one dict per expert with
             ``name``, ``directory``, ``tier`` (``"disk"``, ``"loading"`` or ``"host"``),
-            ``bytes``, ``holders``, ``pinned``; counters ``hits``, ``misses``,
+            ``bytes``, ``holders``, ``pinned``, ``loads`` and ``load_seconds`` (its completed
+            loads), ``waited_acquires`` and ``wait_seconds`` (acquires that found it not
+            resident, and what they waited for its load); counters ``hits``, ``misses``,
             ``evictions``, ``loads``, ``verified_loads`` (loads that hashed every shard:
             an expert's first, and any after its files changed), ``load_failures``,
             ``prefetches_skipped``, ``recycled_buffers`` (shard buffers loads took over
