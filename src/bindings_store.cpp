@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <chrono>
+#include <cstdint>
 #include <memory>
 #include <string>
 
@@ -66,12 +68,31 @@ void bind_store(py::module_& m) {
       .def("release", &Handle::release)
       .def("__bool__", [](const Handle& self) { return bool(self); });
 
+  using BatchLease = ExpertStore::BatchLease;
+  py::class_<BatchLease>(m, "BatchLease")
+      .def("names", &BatchLease::names)
+      .def(
+          "artifact",
+          [](const BatchLease& self, const std::string& name) {
+            return std::const_pointer_cast<ExpertArtifact>(self[name].shared_artifact());
+          },
+          py::arg("name"))
+      .def("release", &BatchLease::release)
+      .def("__bool__", [](const BatchLease& self) { return !self.empty(); });
+
   py::class_<ExpertStore>(m, "ExpertStore")
       .def(py::init<const std::string&, const std::string&, std::uint64_t>(), py::arg("base_path"),
            py::arg("base_config_text"), py::arg("host_budget"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("host_budget", &ExpertStore::host_budget)
       .def("add", &ExpertStore::add, py::arg("directory"), py::call_guard<py::gil_scoped_release>())
-      .def("remove", &ExpertStore::remove, py::arg("name"), py::call_guard<py::gil_scoped_release>())
+      .def(
+          "remove",
+          [](ExpertStore& self, const std::string& name, double drain_seconds) {
+            if (!(drain_seconds >= 0)) throw py::value_error("drain must be >= 0 seconds");
+            self.remove(name, std::chrono::milliseconds(std::int64_t(drain_seconds * 1000)));
+          },
+          py::arg("name"), py::arg("drain_seconds") = 0.0, py::call_guard<py::gil_scoped_release>())
+      .def("acquire_batch", &ExpertStore::acquire_batch, py::arg("names"), py::call_guard<py::gil_scoped_release>())
       .def("acquire", &ExpertStore::acquire, py::arg("name"), py::call_guard<py::gil_scoped_release>())
       .def("prefetch", &ExpertStore::prefetch, py::arg("name"), py::call_guard<py::gil_scoped_release>())
       .def("wait", &ExpertStore::wait, py::arg("name"), py::call_guard<py::gil_scoped_release>())

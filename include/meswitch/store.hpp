@@ -44,9 +44,10 @@
 //
 // Holding: acquire() returns a Handle; while any Handle of an expert lives (a running batch
 // uses it) the expert is never evicted. pin() loads an expert and keeps it resident until
-// unpin(). remove() of a held or loading expert is refused with an Error saying so (the
-// caller releases or waits and tries again); otherwise the expert leaves every tier at
-// once, pinned or not. add() opens the artifact (its structure checked; checksums wait for
+// unpin(). acquire_batch() takes one hold on each expert of a batch, all or none (a
+// BatchLease). remove() of a held or loading expert either drains it (new acquires refused,
+// the removal done when the last holder lets go, within a time limit) or is refused with an
+// Error naming the holders; otherwise the expert leaves every tier at once, pinned or not. add() opens the artifact (its structure checked; checksums wait for
 // the load) and checks its base fingerprint against the store's base, hashed once when the
 // store is made; a wrong base is refused naming the first differing tensor.
 //
@@ -159,7 +160,8 @@ class ExpertStore {
     std::shared_ptr<const ArtifactRecord> verified;  // what its last verified load checked
     std::size_t holders = 0;
     bool pinned = false;
-    bool queued = false;  // a prefetch waits in the queue
+    bool queued = false;    // a prefetch waits in the queue
+    bool draining = false;  // a remove() waits for its holders: new acquires are refused
     std::uint64_t last_used = 0;
     std::uint64_t loads = 0;
     double load_seconds = 0;
@@ -281,20 +283,72 @@ class ExpertStore {
     return entry->name;
   }
 
-  // Drops the expert from every tier; refused while it is held or being loaded.
-  void remove(const std::string& name) {
+  // Drops the expert from every tier. While handles hold it (running batches) or a load of it
+  // is in flight, `drain` says how long to wait for them: meanwhile the expert is draining
+  // (every new acquire() or prefetch() of it is refused, naming why) and the removal
+  // happens when the last holder lets go. With no time to wait, or when it runs out, the
+  // removal is refused with an Error naming the holders, and the expert is served again.
+  void remove(const std::string& name, std::chrono::milliseconds drain = std::chrono::milliseconds(0)) {
     std::shared_ptr<const ExpertArtifact> freed;  // destroyed after the lock is let go
-    std::lock_guard<std::mutex> lock(state_->mutex);
+    std::unique_lock<std::mutex> lock(state_->mutex);
     const std::shared_ptr<Entry> entry = find(name);
+    const auto idle = [&] { return entry->holders == 0 && !entry->loading; };
+    if (!idle() && drain.count() > 0) {
+      entry->draining = true;
+      const bool drained = state_->changed.wait_for(lock, drain, idle);
+      const auto found = state_->entries.find(name);
+      if (found == state_->entries.end() || found->second != entry) return;  // another remove() finished it
+      entry->draining = false;
+      if (!drained) state_->changed.notify_all();
+    }
     if (entry->holders > 0)
       throw Error("cannot remove expert '" + name + "': " + std::to_string(entry->holders) +
-                  " handle(s) hold it (a running batch); remove it once they are released");
+                  " handle(s) hold it (running batches)" +
+                  (drain.count() > 0 ? " after waiting " + std::to_string(drain.count()) + " ms for them to end"
+                                     : "; remove it once they are released"));
     if (entry->loading) throw Error("cannot remove expert '" + name + "' while it is being loaded; wait() for it first");
     if (entry->artifact) state_->used -= entry->bytes;
     freed = std::move(entry->artifact);
     if (entry->queued) unqueue(entry);
     state_->entries.erase(name);
     state_->changed.notify_all();
+  }
+
+  // Holds on several experts taken together for one batch: all of them or none. Move-only;
+  // release() or the destructor lets go of every hold.
+  class BatchLease {
+   public:
+    BatchLease() = default;
+    BatchLease(BatchLease&&) noexcept = default;
+    BatchLease& operator=(BatchLease&&) noexcept = default;
+
+    // The hold on `name`; throws Error for an expert this lease does not hold.
+    const Handle& operator[](const std::string& name) const {
+      const auto found = handles_.find(name);
+      if (found == handles_.end()) throw Error("this batch lease holds no expert named '" + name + "'");
+      return found->second;
+    }
+    std::vector<std::string> names() const {
+      std::vector<std::string> names;
+      for (const auto& item : handles_) names.push_back(item.first);
+      return names;
+    }
+    bool empty() const { return handles_.empty(); }
+    void release() { handles_.clear(); }
+
+   private:
+    friend class ExpertStore;
+    std::map<std::string, Handle> handles_;
+  };
+
+  // One hold on each of `names` (repeats are one): every expert is loaded or waited for as
+  // acquire() does. When one cannot be had, the holds taken so far are let go and its error
+  // is thrown, so a batch never runs on part of its experts.
+  BatchLease acquire_batch(const std::vector<std::string>& names) {
+    BatchLease lease;
+    for (const std::string& name : names)
+      if (lease.handles_.find(name) == lease.handles_.end()) lease.handles_.emplace(name, acquire(name));
+    return lease;
   }
 
   // The expert, resident on the host tier and held until the Handle goes; loads it (in
@@ -310,6 +364,7 @@ class ExpertStore {
     };
     for (;;) {
       const std::shared_ptr<Entry> entry = find(name);
+      refuse_if_draining(*entry);
       if (entry->artifact) {
         if (!counted) ++state_->counters.hits;
         if (counted) count_wait(*entry);
@@ -341,6 +396,7 @@ class ExpertStore {
     {
       std::lock_guard<std::mutex> lock(state_->mutex);
       const std::shared_ptr<Entry> entry = find(name);
+      refuse_if_draining(*entry);
       if (entry->artifact || entry->loading || entry->queued) return;
       check_fits_budget(*entry);
       entry->failed = nullptr;  // this attempt replaces the one that failed
@@ -423,6 +479,12 @@ class ExpertStore {
     std::string known;
     for (const auto& item : state_->entries) known += (known.empty() ? "" : ", ") + item.first;
     throw Error("the store has no expert named '" + name + "' (it has: " + (known.empty() ? "none" : known) + ")");
+  }
+
+  // Under the lock.
+  static void refuse_if_draining(const Entry& entry) {
+    if (entry.draining)
+      throw Error("expert '" + entry.name + "' is being removed: it takes no new requests");
   }
 
   // Under the lock: makes room for `entry` on the host tier and counts its bytes as used,

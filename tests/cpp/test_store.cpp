@@ -1,5 +1,6 @@
 #include <catch2/catch.hpp>
 #include <atomic>
+#include <chrono>
 #include <mutex>
 #include <fstream>
 #include <random>
@@ -169,6 +170,65 @@ TEST_CASE("each expert counts its own loads and the acquires that waited for the
   REQUIRE(e1.wait_seconds >= e1.load_seconds);
   REQUIRE(e0.loads + e1.loads == report.loads);
   REQUIRE(e0.load_seconds + e1.load_seconds == Approx(report.load_seconds));
+}
+
+TEST_CASE("a batch lease holds every expert of a batch, or none of them", "[store]") {
+  const Family family = family_of("lease", 3);
+  ExpertStore store(family.base, kConfig, 2 * family.bytes);
+  for (const std::string& directory : family.experts) store.add(directory);
+  {
+    ExpertStore::BatchLease lease = store.acquire_batch({"lease_e1", "lease_e0", "lease_e1"});
+    REQUIRE(lease.names() == std::vector<std::string>{"lease_e0", "lease_e1"});  // a repeat is one hold
+    REQUIRE(lease["lease_e0"].artifact().kind("pad") == "full");
+    REQUIRE_THROWS_WITH(lease["lease_e2"], Catch::Contains("holds no expert named 'lease_e2'"));
+    const StoreReport report = store.memory_report();
+    REQUIRE(expert_in(report, "lease_e0").holders == 1);
+    REQUIRE(expert_in(report, "lease_e1").holders == 1);
+    // Both held: a third does not fit, and the batch that asks for it holds nothing afterwards.
+    REQUIRE_THROWS_WITH(store.acquire_batch({"lease_e2"}), Catch::Contains("cannot load expert 'lease_e2'"));
+  }
+  REQUIRE(expert_in(store.memory_report(), "lease_e0").holders == 0);
+  const ExpertStore::Handle held = store.acquire("lease_e0");
+  // e0 is held apart from the batch: e1 fits beside it, e2 then cannot (e1 is held by the batch
+  // so far): the whole batch fails and lets e1 go.
+  REQUIRE_THROWS_WITH(store.acquire_batch({"lease_e1", "lease_e2"}), Catch::Contains("cannot load expert 'lease_e2'"));
+  const StoreReport after = store.memory_report();
+  REQUIRE(expert_in(after, "lease_e1").holders == 0);
+  REQUIRE(expert_in(after, "lease_e0").holders == 1);
+  check_accounting(after);
+}
+
+TEST_CASE("remove drains a held expert: new acquires are refused and it goes with the last hold", "[store]") {
+  static const Family family = family_of("drain", 2);  // once: each SECTION runs the case again
+  ExpertStore store(family.base, kConfig, 4 * family.bytes);
+  for (const std::string& directory : family.experts) store.add(directory);
+  SECTION("the hold ends within the time: the expert is removed") {
+    ExpertStore::Handle held = store.acquire("drain_e0");
+    std::thread remover([&] { store.remove("drain_e0", std::chrono::milliseconds(20000)); });
+    // Wait until the removal is draining: a new acquire is refused, naming why.
+    bool refused = false;
+    for (int i = 0; i < 2000 && !refused; ++i) {
+      try {
+        store.acquire("drain_e0");
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      } catch (const Error& error) {
+        refused = std::string(error.what()).find("is being removed") != std::string::npos;
+        REQUIRE(refused);
+      }
+    }
+    REQUIRE(refused);
+    store.acquire("drain_e1");  // another expert is served meanwhile
+    held.release();
+    remover.join();
+    REQUIRE(store.names() == std::vector<std::string>{"drain_e1"});
+  }
+  SECTION("the hold outlasts the time: refused, naming the holders, and served again") {
+    const ExpertStore::Handle held = store.acquire("drain_e0");
+    REQUIRE_THROWS_WITH(store.remove("drain_e0", std::chrono::milliseconds(50)),
+                        Catch::Contains("1 handle(s) hold it") && Catch::Contains("after waiting 50 ms"));
+    REQUIRE(store.acquire("drain_e0"));
+    REQUIRE(store.names().size() == 2);
+  }
 }
 
 TEST_CASE("held and pinned experts are never evicted; a full tier refuses the load", "[store]") {

@@ -333,3 +333,66 @@ def test_metrics_export_each_experts_residency_loads_and_waits(artifacts):
     assert after[("meswitch_expert_lease_waits_total", (("expert", "math"),))] == 1
     assert after[("meswitch_expert_lease_wait_seconds_total", (("expert", "math"),))] >= \
         after[("meswitch_expert_load_seconds_total", (("expert", "math"),))] > 0
+
+
+def test_a_batch_lease_holds_all_of_a_batch_or_none(artifacts):
+    probe = ExpertStore(BASE, host_budget=1 << 30)
+    probe.add(artifacts["math"])
+    size = probe.memory_report()["experts"][0]["bytes"]
+    store = ExpertStore(BASE, host_budget=2 * size + size // 2)  # room for two
+    for name in ("math", "math2", "math3"):
+        store.add(artifacts[name])
+
+    def holders() -> dict[str, int]:
+        return {e["name"]: e["holders"] for e in store.memory_report()["experts"]}
+
+    with store.acquire_batch(["math2", "math", "math2"]) as lease:
+        assert lease.names() == ["math", "math2"]
+        assert holders() == {"math": 1, "math2": 1, "math3": 0}
+        weight = a_delta_weight(lease["math"])
+        x = np.random.default_rng(0).standard_normal((3, lease["math"].tensors[weight]["shape"][1])).astype(np.float32)
+        out = ops.multi_delta_matmul(x, [(lease["math"], weight)], [0, 3])
+        with store.acquire("math") as artifact:  # the same bytes as a single acquire sees
+            assert np.array_equal(out, ops.multi_delta_matmul(x, [(artifact, weight)], [0, 3]))
+        with pytest.raises(KeyError, match="holds no expert named 'code'"):
+            lease["code"]
+        with pytest.raises(RuntimeError, match="cannot load expert 'math3'"):
+            store.acquire_batch(["math3"])  # both resident ones held
+    assert holders() == {"math": 0, "math2": 0, "math3": 0}
+    with store.acquire("math"), pytest.raises(RuntimeError, match="cannot load expert 'math3'"):
+        store.acquire_batch(["math2", "math3"])  # math2 fits beside math, math3 then cannot
+    assert holders() == {"math": 0, "math2": 0, "math3": 0}  # the failed batch let math2 go
+
+
+def test_remove_drains_a_held_expert(artifacts):
+    store = ExpertStore(BASE, host_budget=1 << 30)
+    for name in ("math", "code"):
+        store.add(artifacts[name])
+    held = store.acquire("math")
+    with pytest.raises(RuntimeError, match=r"1 handle\(s\) hold it .*after waiting 50 ms"):
+        store.remove("math", drain=0.05)
+    with store.acquire("math"):  # served again after the refusal
+        pass
+    with pytest.raises(RuntimeError, match="hold it"):
+        store.remove("math")  # no time to wait: refused at once
+
+    removed = threading.Event()
+    remover = threading.Thread(target=lambda: (store.remove("math", drain=30), removed.set()))
+    remover.start()
+    refusal = None
+    for _ in range(2000):  # until the removal is draining
+        try:
+            store.acquire("math").release()
+        except RuntimeError as error:
+            refusal = str(error)
+            break
+        threading.Event().wait(0.005)
+    assert refusal is not None and "is being removed" in refusal
+    with store.acquire("code"):  # other experts are served meanwhile
+        pass
+    assert not removed.is_set()
+    held.release()
+    remover.join(timeout=30)
+    assert removed.is_set() and store.names() == ["code"]
+    with pytest.raises(ValueError, match="drain must be >= 0"):
+        store.remove("code", drain=-1)

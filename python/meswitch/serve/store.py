@@ -17,7 +17,7 @@ from meswitch.arguments import parse_size
 from meswitch.artifact import ExpertArtifact
 from meswitch.inputs import read_model_config
 
-__all__ = ["ExpertStore", "HeldExpert"]
+__all__ = ["BatchLease", "ExpertStore", "HeldExpert"]
 
 
 class HeldExpert:
@@ -53,6 +53,40 @@ class HeldExpert:
     def __repr__(self) -> str:
         state = "held" if self._handle else "released"
         return f"HeldExpert({self.name!r}, {state})"
+
+
+class BatchLease:
+    """Holds on every expert of one batch, taken together, until :meth:`release` (or the end of a ``with``).
+
+    ``lease[name]`` is the expert's loaded :class:`meswitch.artifact.ExpertArtifact`; arrays
+    taken from it must not be used after the release.
+    """
+
+    def __init__(self, lease: Any, manifests: dict[str, dict[str, Any]]) -> None:
+        self._lease = lease
+        self._artifacts = {name: ExpertArtifact.from_core(lease.artifact(name), manifests[name])
+                           for name in lease.names()}
+
+    def __getitem__(self, name: str) -> ExpertArtifact:
+        try:
+            return self._artifacts[name]
+        except KeyError:
+            raise KeyError(f"this batch lease holds no expert named {name!r} (it holds "
+                           f"{', '.join(self._artifacts) or 'none'})") from None
+
+    def names(self) -> list[str]:
+        """The experts held, sorted."""
+        return sorted(self._artifacts)
+
+    def release(self) -> None:
+        """Let go of every hold (idempotent)."""
+        self._lease.release()
+
+    def __enter__(self) -> BatchLease:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
 
 class ExpertStore:
@@ -119,9 +153,25 @@ class ExpertStore:
             raise FileNotFoundError(f"{path}: no manifest.json (not a NAME.meswitch artifact)")
         return self._core.add(str(path))
 
-    def remove(self, name: str) -> None:
-        """Drop an expert from every tier; refused (``RuntimeError``) while it is held or loading."""
-        self._core.remove(name)
+    def remove(self, name: str, *, drain: float = 0.0) -> None:
+        """Drop an expert from every tier.
+
+        Parameters
+        ----------
+        name
+            The expert.
+        drain
+            Seconds to wait for the batches that hold it: meanwhile it is draining (every
+            new :meth:`acquire` of it raises ``RuntimeError``) and it goes when the last
+            hold ends. ``0`` refuses at once when it is held.
+
+        Raises
+        ------
+        RuntimeError
+            No such expert; or it is still held when ``drain`` runs out (the message says by
+            how many), or is being loaded. It is then served again as before.
+        """
+        self._core.remove(name, drain)
         self._manifests.pop(name, None)
 
     def acquire(self, name: str) -> HeldExpert:
@@ -140,11 +190,24 @@ class ExpertStore:
             because everything resident is held or pinned (the message says who).
         """
         handle = self._core.acquire(name)
-        serial = handle.artifact.record_serial
+        return HeldExpert(handle, self._manifest(name, handle.artifact))
+
+    def _manifest(self, name: str, core_artifact: Any) -> dict[str, Any]:
+        """The parsed manifest of ``name`` as loaded now, parsed once per record."""
+        serial = core_artifact.record_serial
         cached = self._manifests.get(name)
         if cached is None or cached[0] != serial:
-            cached = self._manifests[name] = (serial, json.loads(handle.artifact.manifest_json()))
-        return HeldExpert(handle, cached[1])
+            cached = self._manifests[name] = (serial, json.loads(core_artifact.manifest_json()))
+        return cached[1]
+
+    def acquire_batch(self, names: list[str]) -> BatchLease:
+        """Hold every expert of ``names`` (repeats count once) for one batch: all of them or none.
+
+        Each is loaded or waited for as :meth:`acquire` does; when one cannot be had, the holds
+        already taken are let go and its error raised (the same errors as :meth:`acquire`).
+        """
+        lease = self._core.acquire_batch(list(names))
+        return BatchLease(lease, {name: self._manifest(name, lease.artifact(name)) for name in lease.names()})
 
     def prefetch(self, name: str) -> None:
         """Start loading the expert in the background and return at once.
