@@ -143,8 +143,8 @@ def _check_promises(words: list[str], workdir: Path, stdout: str) -> None:
     elif command == "inspect":
         assert stdout.strip()
     elif command == "route":
-        expert, confidence = stdout.split()
-        assert expert in ("chat", "math", "code", "base") and 0 <= float(confidence) <= 1
+        expert, confidence = stdout.split()  # the README's query is placed, not a fallback
+        assert expert in ("chat", "math", "code") and 0 < float(confidence) <= 1
     elif command == "router":
         from meswitch.route import Router
 

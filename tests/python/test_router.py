@@ -162,7 +162,7 @@ def _jsonl(path: Path, count: int) -> list[dict]:
 
 
 def test_bundled_router_routes_real_heldout_queries(bundled: Router) -> None:
-    assert bundled.labels == ["chat", "code", "math"] and bundled.fallback == "base"
+    assert bundled.labels == ["chat", "code", "math"] and bundled.fallback == "chat"
     from meswitch.family import heldout_dir
 
     math_queries = [r["question"] for r in _jsonl(REPO / "data" / "gsm8k" / "test.jsonl", 20)]
@@ -181,12 +181,12 @@ def test_bundled_router_was_trained_on_training_data_only(bundled: Router) -> No
 
 def test_bad_inputs_have_defined_answers(bundled: Router) -> None:
     empty = bundled.route("")
-    assert (empty.expert, empty.confidence, empty.fallback, empty.label) == ("base", 0.0, True, None)
+    assert (empty.expert, empty.confidence, empty.fallback, empty.label) == ("chat", 0.0, True, None)
     assert set(empty.probabilities.values()) == {0.0}
-    assert bundled.route(" \n\t\x00\x00").expert == "base"
+    assert bundled.route(" \n\t\x00\x00").expert == "chat"
     huge = "How many apples does Tom have? " * 40000  # 1.2 MB: only the first 16 KiB are read
     assert bundled.route(huge).probabilities == bundled.route(huge[:16384]).probabilities
-    assert bundled.route(b"\xff\xfe\xfd def f(x):\n    return x\x00").expert in {"code", "base"}
+    assert bundled.route(b"\xff\xfe\xfd def f(x):\n    return x\x00").expert in {"code", "chat"}
     assert bundled.route("\ud800\udfff").fallback in {True, False}
     result = bundled.route("Tom has 3 apples and buys 4 more. How many apples does he have?")
     assert result.expert == "math" and abs(sum(result.probabilities.values()) - 1) < 1e-5
@@ -225,7 +225,8 @@ EXAMPLES = {
 @pytest.fixture
 def small_router(tmp_path: Path) -> Path:
     out = tmp_path / "router"
-    train_router(EXAMPLES, out, featurizer={**DEFAULT_FEATURIZER, "hash_bits": 12}, heldout_fraction=0.3)
+    train_router(EXAMPLES, out, fallback="chat", featurizer={**DEFAULT_FEATURIZER, "hash_bits": 12},
+                 heldout_fraction=0.3)
     return out
 
 
@@ -240,7 +241,7 @@ def test_train_write_load_round_trip(small_router: Path) -> None:
     assert on_disk["training"]["examples"]["math"] > 0 and "heldout_split" in on_disk["metrics"]
     assert router.route_batch(["hello", "Tom has 3 apples"]) == [router.route("hello"), router.route("Tom has 3 apples")]
     with pytest.raises(FileExistsError, match="--force"):
-        train_router(EXAMPLES, small_router, featurizer={**DEFAULT_FEATURIZER, "hash_bits": 12})
+        train_router(EXAMPLES, small_router, fallback="chat", featurizer={**DEFAULT_FEATURIZER, "hash_bits": 12})
 
 
 def test_truncated_and_malformed_files_name_the_file(small_router: Path) -> None:
@@ -298,8 +299,22 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert err.startswith("meswitch route: error: ") and err.count("\n") == 1
     assert main(["route", "--experts", "chat", "hi"]) == 1
     assert "not served: code, math" in capsys.readouterr().err
-    assert main(["router", "train", "--expert", "chat", "--out", str(tmp_path / "r")]) == 1
+    assert main(["router", "train", "--expert", "chat", "--fallback", "chat", "--out", str(tmp_path / "r")]) == 1
     assert capsys.readouterr().err.startswith("meswitch router train: error: --expert takes NAME=FILE")
+
+
+def test_cli_route_says_when_it_fell_back_and_what_it_guessed(capsys: pytest.CaptureFixture[str]) -> None:
+    """A fallback names the fallback expert and the best guess with its confidence, never as the
+    fallback's own confidence."""
+    router = Router()
+    query = "def quicksort(arr):"
+    routed = router.route(query)
+    assert routed.fallback and routed.label == "code" and routed.expert == "chat"  # below the threshold
+    assert main(["route", query]) == 0
+    assert capsys.readouterr().out.strip() == (f"chat (fallback: code {routed.confidence:.3f} is below the threshold "
+                                               f"{router.threshold:.3f})")
+    assert main(["route", ""]) == 0
+    assert capsys.readouterr().out.strip() == "chat (fallback: nothing to route on)"
 
 
 def test_bundled_router_ships_in_the_package() -> None:

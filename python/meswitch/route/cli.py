@@ -57,8 +57,20 @@ def _run_route(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
-        print(f"{result.expert} {result.confidence:.3f}")
+        print(describe(result, router.threshold))
     return 0
+
+
+def describe(result: Any, threshold: float) -> str:
+    """One line: ``EXPERT CONFIDENCE`` when the router placed the query; when it fell back,
+    the fallback and why, with its best guess (``chat (fallback: code 0.782 is below the
+    threshold 0.799)``), so a fallback never reads as confidence in the fallback."""
+    if not result.fallback:
+        return f"{result.expert} {result.confidence:.3f}"
+    if result.label is None:
+        return f"{result.expert} (fallback: nothing to route on)"
+    return (f"{result.expert} (fallback: {result.label} {result.confidence:.3f} is below the threshold "
+            f"{threshold:.3f})")
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -109,7 +121,8 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def register_cli(commands: argparse._SubParsersAction) -> None:
     """Add ``route`` and ``router {train,eval}`` to the ``meswitch`` subcommands."""
-    route = commands.add_parser("route", help="which expert should answer this text (prints EXPERT CONFIDENCE)",
+    route = commands.add_parser("route", help="which expert should answer this text (prints EXPERT CONFIDENCE, "
+                                "or the fallback and the best guess below the threshold)",
                                 description="Route a query with a router (default: the bundled one).")
     route.add_argument("text", nargs="*", help="the query; none or '-' reads it from stdin")
     route.add_argument("--router", type=Path, default=None, help="router directory (default: bundled)")
@@ -126,7 +139,9 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--expert", action="append", required=True, metavar="NAME=FILE",
                        help="examples of one expert: .jsonl (text/question/prompt/messages) or text, one per line")
     train.add_argument("--out", type=Path, required=True, help="router directory to write")
-    train.add_argument("--fallback", default="base", help="where low-confidence queries go (default: base)")
+    train.add_argument("--fallback", required=True, metavar="EXPERT",
+                       help="the expert that takes what the router cannot place (below its threshold): "
+                            "usually the general chat expert; 'base' only if the base model should answer them")
     train.add_argument("--hash-bits", type=int, default=18, help="2^B feature buckets (default 18)")
     train.add_argument("--heldout-fraction", type=float, default=0.1, help="held-out split (default 0.1)")
     train.add_argument("--keep", type=float, default=0.99,

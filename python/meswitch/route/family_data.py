@@ -21,6 +21,8 @@ from pathlib import Path
 
 SNIPPET_LINES = 20
 MAX_PER_EXPERT = 12000
+#: The bundled router's fallback: the general chat expert answers what it cannot place.
+FALLBACK = "chat"
 
 
 def _sample(texts: list[str], limit: int, seed: int) -> list[str]:
@@ -109,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{name}: {path}")
     if args.router:
         summary = train_router({n: read_examples(p) for n, p in paths.items()}, args.router, force=True,
+                               fallback=FALLBACK,
                                sources={n: f"meswitch.route.family_data ({p.name})" for n, p in paths.items()})
         print(json.dumps(summary["metrics"]["heldout_split"]["accuracy"]), "held-out split accuracy;",
               f"threshold {summary['threshold']:.3f}")

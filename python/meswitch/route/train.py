@@ -126,7 +126,7 @@ def train_router(
     examples: Mapping[str, Sequence[str]],
     out: str | os.PathLike[str],
     *,
-    fallback: str = "base",
+    fallback: str,
     featurizer: Mapping[str, int] = DEFAULT_FEATURIZER,
     heldout_fraction: float = 0.1,
     keep: float = 0.99,
@@ -143,7 +143,9 @@ def train_router(
     out
         The router directory to write (atomically; an existing router only with ``force``).
     fallback
-        Where low-confidence queries go: ``"base"`` or an expert's name.
+        The expert that takes what the router cannot place (below its threshold, or a query
+        with no features): the expert that serves general requests best, usually the chat
+        expert. ``"base"`` sends them to the base model, which is not instruction-tuned.
     featurizer
         Featurizer parameters (:data:`meswitch.route.features.DEFAULT_FEATURIZER`).
     heldout_fraction
