@@ -20,21 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
+import timeit
 from pathlib import Path
 
 import torch
 from meswitch.serve.base_matmul import base_matmul
 
 
-def _best_seconds(function, repeats: int) -> float:
-    function()
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - started)
-    return best
 
 
 def main() -> None:
@@ -64,7 +56,7 @@ def main() -> None:
             for way, function in ways.items():
                 reference = exact if way != "float32" else x.double() @ weight32.double().T
                 error = float((function().double() - reference).abs().max() / reference.abs().max())
-                seconds = _best_seconds(function, args.repeats)
+                seconds = min(timeit.repeat(function, repeat=args.repeats, number=1))  # after the warm-up above
                 row = {"dtype": str(dtype).removeprefix("torch."), "tokens": tokens, "way": way,
                        "ms": round(seconds * 1e3, 3), "weight_gb_per_s": round(weight.numel() * 2 / seconds / 1e9, 2),
                        "relative_error": float(f"{error:.2e}")}

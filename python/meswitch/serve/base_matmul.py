@@ -5,15 +5,25 @@ a dedicated memory-bound 16-bit GEMM replaces the body here and nowhere else.
 
 On the CPU the weight is widened to float32 a slab of rows at a time into one small buffer
 that stays in cache, and each slab is one float32 GEMM; no float32 copy of the weight
-exists beyond the slab. Measured on the 2-core AVX2 machine this was written on
-(``bench/base_gemm``, a 5632 x 2048 weight, best of 20), against the alternatives torch
-offers:
+exists beyond the slab. Measured on a shared 2-core AVX2 machine under load (one thread,
+best of 15, ``bench/base_gemm``, a 5632 x 2048 weight; bfloat16 / float16), against the
+ways torch offers:
 
-* rounding the activations to the weight's dtype (``x.to(w.dtype) @ w.T``): as fast or
-  faster at one token, several times slower at 8 and 16 (torch has no fast 16-bit GEMM on
-  CPUs without AVX-512 BF16/FP16), and it rounds the activations: 3e-3 of the output's
-  scale in bfloat16, 3e-4 in float16, per product, where the slabs keep float32's 1e-6;
-* widening the whole weight per call: several times slower at every token count.
+======  ================  =========================  ===============================
+tokens  slabs (this)      ``x.to(w.dtype) @ w.T``    the whole weight widened a call
+======  ================  =========================  ===============================
+1       19.6 / 14.1 ms    10.4 / 10.3 ms             79 / 86 ms
+8       53.5 / 51.9 ms    91.0 / 80.0 ms             148 / 101 ms
+16      58.2 / 37.2 ms    200.5 / 102.0 ms           157 / 116 ms
+======  ================  =========================  ===============================
+
+Rounding the activations to 16 bit is faster at one token (torch's 16-bit matrix-vector
+product) and 1.5-3.4x slower from 8 tokens on (no fast 16-bit GEMM on CPUs without AVX-512
+BF16/FP16), and it costs accuracy: 3e-3 of the output's scale per product in bfloat16,
+3.5e-4 in float16, where the slabs keep float32's 6e-7. The slabs are chosen for both
+reasons, and because one rule for every batch size keeps a sequence's logits independent
+of what else shares its forward. Their one-token cost is the widening, which the dedicated
+kernel removes.
 
 On a GPU the product is the 16-bit GEMM of cuBLAS (tensor cores, float32 accumulation) with
 the activations rounded to the weight's dtype, as a 16-bit model runs there.

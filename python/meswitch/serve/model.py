@@ -19,18 +19,20 @@ Dtypes. The base's matrices and the KV cache are held in the checkpoint's 16-bit
 halves the memory float32 took and is what ``meswitch plan`` counts. Everything else runs in
 float32: the residual stream and the activations, the norms, rotary, the attention scores
 and softmax, and the delta kernel's accumulation (``multi_delta_matmul`` adds into a float32
-``out``). On the CPU float32 activations are both cheaper and more accurate than 16-bit
-ones: torch has no fast 16-bit GEMM on CPUs without AVX-512 BF16/FP16, so the base GEMM
-(``serve/base_matmul.py``, the one place it is done; figures there) widens the weight a
-cache-sized slab at a time and multiplies in float32, without the rounding 16-bit
-activations bring (bfloat16: 3e-3 of the output's scale per product). Keys and values are rounded to the 16-bit dtype when the cache
-stores them, as a 16-bit model's are.
+``out``). On the CPU float32 activations are the more accurate and, from 8 tokens a forward
+on, the cheaper choice: torch has no fast 16-bit GEMM on CPUs without AVX-512 BF16/FP16, so
+the base GEMM (``serve/base_matmul.py``, the one place it is done; figures there) widens the
+weight a cache-sized slab at a time and multiplies in float32, 1.5-3.4x faster at 8-16
+tokens than rounding the activations to 16 bit and without that rounding (bfloat16: 3e-3 of
+the output's scale per product); at one token it is 1.4-1.9x slower. Keys and values are
+rounded to the 16-bit dtype when the cache stores them, as a 16-bit model's are.
 
 On a CUDA device (``device="cuda"``) the base weights, the KV cache and the activations live
-on the GPU (the base GEMM there is cuBLAS's 16-bit GEMM); each linear's deltas of the whole mixed batch are one launch of the CUDA kernel
-(``meswitch.cuda``) over a segment table built once per forward from the sequences' experts,
-and the experts' deltas come from a device tier (``serve/device_tier.py``) that uploads them
-from the host tier through pinned buffers and keeps them within a device byte budget.
+on the GPU (the base GEMM there is cuBLAS's 16-bit GEMM); each linear's deltas of the whole
+mixed batch are one launch of the CUDA kernel (``meswitch.cuda``) over a segment table
+built once per forward from the sequences' experts, and the experts' deltas come from a
+device tier (``serve/device_tier.py``) that uploads them from the host tier through pinned
+buffers and keeps them within a device byte budget.
 """
 
 from __future__ import annotations
