@@ -20,6 +20,8 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
+from meswitch.serve.base_weights import DTYPE_NAMES
+
 
 class KVCacheFull(RuntimeError):
     """The block pool has too few free blocks for a request."""
@@ -53,8 +55,9 @@ class PagedKVCache:
                  dtype: torch.dtype = torch.float32) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
-        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"KV cache dtype must be torch.float16, torch.bfloat16 or torch.float32, got {dtype}")
+        accepted = [getattr(torch, name) for name in DTYPE_NAMES]
+        if dtype not in accepted:
+            raise ValueError(f"KV cache dtype must be one of {', '.join(map(str, accepted))}, got {dtype}")
         self.block_size = block_size
         self.dtype = dtype
         self.block_bytes = 2 * num_layers * block_size * kv_heads * head_dim * dtype.itemsize  # K and V
