@@ -13,7 +13,8 @@ prefilled and then decoded greedily for ``--steps`` tokens each, three ways, in 
 * ``resident``: all four HF models loaded up front, each step running each model's batch.
 
 It prints decode tokens per second and the ratios, the bytes each way holds resident
-(float32 weights as run here; the FP16 size of the checkpoints beside it), and the
+(the multi-expert model's base as it holds it, 16-bit matrices; the HF models' float32
+weights as run here; the FP16 size of the checkpoints beside it), and the
 process's CPU kernel path. ``--json`` writes the figures.
 
     python bench/serve_model/bench_serve_model.py --steps 32 --json bench/serve_model/results.json
@@ -139,9 +140,8 @@ def main() -> None:
         run_meswitch(model, prompts, 2)  # warm-up: experts prepared, kernels' pools started
         prefill, decode = run_meswitch(model, prompts, args.steps)
         artifact_bytes = sum(p.stat().st_size for a in artifacts.values() for p in a.glob("*.safetensors"))
-        base_model = _hf_model(None)
-        meswitch_bytes = _parameter_bytes(base_model) + artifact_bytes  # base f32 + packed deltas
-        del base_model
+        base_bytes = sum(tensor.numel() * tensor.element_size() for tensor in model.base.values())
+        meswitch_bytes = base_bytes + artifact_bytes  # the base as held (16-bit matrices) + packed deltas
 
         _hf_model(None)  # warm the page cache and import paths for every way alike
         loading, swap_seconds = run_swap(prompts, args.steps)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from meswitch.arguments import UsageError, existing_dir, int_in, parse_size, positive_int, size
+from meswitch.serve.base_weights import DTYPE_NAMES
 
 DESCRIPTION = """\
 Serve the experts over an OpenAI-compatible HTTP API: /v1/chat/completions,
@@ -75,7 +76,8 @@ def _run_serve(args: argparse.Namespace) -> int:
             base, artifacts = args.base, args.experts or []
         service = open_service(base, artifacts, router=args.router, host_budget=args.host_budget,
                                kv_cache_bytes=args.kv_cache, max_running=args.max_running,
-                               max_batch_tokens=args.max_batch_tokens, api_key=args.api_key, report=_say)
+                               max_batch_tokens=args.max_batch_tokens, api_key=args.api_key, dtype=args.dtype,
+                               report=_say)
         try:
             url = url_of(sock)
             models = [*service.experts, *(["auto"] if service.router is not None else []), "base"]
@@ -117,7 +119,10 @@ def register_cli(commands: Any) -> None:
                        help="GPU memory for experts' deltas: the server runs on the CPU, so only 0 is "
                             "accepted (a CUDA build and device are needed, and the engine is CPU-only)")
     serve.add_argument("--kv-cache", type=size, default=256 << 20, metavar="SIZE",
-                       help="KV cache budget (default 256MiB)")
+                       help="KV cache budget, keys and values in --dtype (default 256MiB)")
+    serve.add_argument("--dtype", choices=("auto", *DTYPE_NAMES), default="auto",
+                       help="dtype of the base's matrices and the KV cache; activations, norms and attention "
+                            "scores are float32 whatever it is (default auto: the base checkpoint's own)")
     serve.add_argument("--max-running", type=positive_int, default=32,
                        help="sequences per forward at most (default 32)")
     serve.add_argument("--max-batch-tokens", type=positive_int, default=2048,

@@ -163,7 +163,7 @@ class ExpertWeights:
         out = torch.empty((ids.shape[0], base_table.shape[1]), dtype=torch.float32, device=base_table.device)
         own = ids < base_table.shape[0]
         shared = ids[own]
-        out[own] = base_table[shared]
+        out[own] = base_table[shared].float()  # a 16-bit base table, widened
         if name in self.deltas and shared.numel():
             # base + delta in float32, not rounded back to the stored dtype (as the linears do)
             rows = delta_rows(self.artifact, name, shared.cpu().numpy())

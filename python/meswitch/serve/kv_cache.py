@@ -2,7 +2,10 @@
 
 Layout, per layer::
 
-    keys[layer], values[layer] : float32 [num_blocks, block_size, kv_heads, head_dim]
+    keys[layer], values[layer] : dtype [num_blocks, block_size, kv_heads, head_dim]
+
+``dtype`` is the model's weight dtype (float16 or bfloat16 for a 16-bit checkpoint): keys
+and values are rounded to it once, when written, which halves the cache against float32.
 
 A sequence owns a block table (block ids in token order); token ``t`` lives in block
 ``table[t // block_size]`` at offset ``t % block_size``. Sequences grow a block at a time
@@ -13,9 +16,11 @@ without moving anyone else's keys, and the pool's size is a byte budget fixed up
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 
 import torch
+
+from meswitch.serve.base_weights import DTYPE_NAMES
 
 
 class KVCacheFull(RuntimeError):
@@ -35,6 +40,9 @@ class PagedKVCache:
         Tokens per block.
     device
         Where the blocks live (``"cpu"``, ``"cuda"``); block tables stay on the host.
+    dtype
+        The element type of the stored keys and values (``torch.float16``, ``torch.bfloat16``
+        or ``torch.float32``); :attr:`block_bytes` counts its real size.
 
     Raises
     ------
@@ -43,19 +51,24 @@ class PagedKVCache:
     """
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, *, budget_bytes: int,
-                 block_size: int = 16, device: str | torch.device = "cpu") -> None:
+                 block_size: int = 16, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        accepted = [getattr(torch, name) for name in DTYPE_NAMES]
+        if dtype not in accepted:
+            raise ValueError(f"KV cache dtype must be one of {', '.join(map(str, accepted))}, got {dtype}")
         self.block_size = block_size
-        self.block_bytes = 2 * num_layers * block_size * kv_heads * head_dim * 4  # K and V, float32
+        self.dtype = dtype
+        self.block_bytes = 2 * num_layers * block_size * kv_heads * head_dim * dtype.itemsize  # K and V
         self.num_blocks = int(budget_bytes) // self.block_bytes
         if self.num_blocks < 1:
             raise ValueError(f"KV cache budget of {budget_bytes} bytes holds no block: one block of "
                              f"{block_size} tokens takes {self.block_bytes} bytes over {num_layers} layers")
         shape = (self.num_blocks, block_size, kv_heads, head_dim)
         self.device = torch.device(device)
-        self.keys = [torch.zeros(shape, dtype=torch.float32, device=self.device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=torch.float32, device=self.device) for _ in range(num_layers)]
+        self.keys = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self._free: deque[int] = deque(range(self.num_blocks))
         self._tables: dict[Hashable, list[int]] = {}
         self._lengths: dict[Hashable, int] = {}
@@ -105,13 +118,29 @@ class PagedKVCache:
         slots = table[positions // self.block_size] * self.block_size + positions % self.block_size
         return slots.to(self.device)
 
+    def slot_table(self, sequences: Sequence[Hashable], length: int) -> torch.Tensor:
+        """int64 ``[len(sequences), length]`` on the cache's device: row ``s`` the slots of
+        ``sequences[s]``'s tokens ``0 .. length - 1``.
+
+        Past a sequence's own blocks the slots point at block 0: the caller masks them out
+        (they let sequences of different lengths share one rectangular gather).
+        """
+        blocks = -(-length // self.block_size)
+        table = torch.zeros((len(sequences), blocks), dtype=torch.int64)
+        for row, sequence in enumerate(sequences):
+            own = self._tables[sequence][:blocks]
+            table[row, :len(own)] = torch.tensor(own, dtype=torch.int64)
+        positions = torch.arange(length, dtype=torch.int64)
+        slots = table[:, positions // self.block_size] * self.block_size + positions % self.block_size
+        return slots.to(self.device)
+
     def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store ``keys``/``values`` ``[tokens, kv_heads, head_dim]`` at ``slots``."""
-        self.keys[layer].view(-1, *keys.shape[1:])[slots] = keys
-        self.values[layer].view(-1, *values.shape[1:])[slots] = values
+        """Store ``keys``/``values`` ``[tokens, kv_heads, head_dim]`` at ``slots`` (rounded to the cache's dtype)."""
+        self.keys[layer].view(-1, *keys.shape[1:])[slots] = keys.to(self.dtype)
+        self.values[layer].view(-1, *values.shape[1:])[slots] = values.to(self.dtype)
 
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[tokens, kv_heads, head_dim]`` at ``slots``."""
+        """Keys and values ``[*slots.shape, kv_heads, head_dim]`` at ``slots`` (any shape), in the cache's dtype."""
         shape = self.keys[layer].shape[2:]
         return self.keys[layer].view(-1, *shape)[slots], self.values[layer].view(-1, *shape)[slots]
 

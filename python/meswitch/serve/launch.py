@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-#: The KV cache's default byte budget (float32 keys and values of every layer).
+#: The KV cache's default byte budget (keys and values of every layer, in the base's dtype).
 DEFAULT_KV_CACHE_BYTES = 256 << 20
 
 
@@ -64,7 +64,7 @@ def open_router(path: str | os.PathLike[str] | None, experts: Sequence[str]) -> 
 def open_service(base: str | os.PathLike[str], artifacts: Sequence[str | os.PathLike[str]], *,
                  router: str | os.PathLike[str] | None = None, host_budget: int | str = "8GB",
                  kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, max_running: int = 32,
-                 max_batch_tokens: int = 2048, api_key: str | None = None,
+                 max_batch_tokens: int = 2048, api_key: str | None = None, dtype: str = "auto",
                  report: Any = print) -> Service:
     """Open the store, add the experts, load the base, start the engine and make the app.
 
@@ -84,6 +84,9 @@ def open_service(base: str | os.PathLike[str], artifacts: Sequence[str | os.Path
         The engine's batch limits: sequences per forward, new tokens per forward.
     api_key
         Guards every ``/v1`` endpoint when set.
+    dtype
+        The dtype of the base's matrices and the KV cache: ``"auto"`` (the checkpoint's own)
+        or a name in :data:`meswitch.serve.base_weights.DTYPE_NAMES`.
     report
         Where progress lines go.
 
@@ -92,7 +95,7 @@ def open_service(base: str | os.PathLike[str], artifacts: Sequence[str | os.Path
     meswitch.FormatError
         An artifact is malformed or was compressed against another base; the router does not fit.
     ValueError
-        Two artifacts of one name, a reserved name, a bad budget.
+        Two artifacts of one name, a reserved name, a bad budget, a dtype not accepted.
     """
     from meswitch.serve.app import create_app
     from meswitch.serve.catalog import check_expert_name, manifest_name
@@ -115,7 +118,9 @@ def open_service(base: str | os.PathLike[str], artifacts: Sequence[str | os.Path
     chosen_router, router_line = open_router(router, names)
     report(router_line)
     report(f"loading base {base}")
-    model = MultiExpertModel(base, store, kv_cache_bytes=kv_cache_bytes)
+    model = MultiExpertModel(base, store, kv_cache_bytes=kv_cache_bytes, dtype=dtype)
+    report(f"base held in {str(model.dtype).removeprefix('torch.')}, KV cache {model.cache.num_blocks} blocks "
+           f"of {model.cache.block_size} tokens")
     engine = Engine(model, store, max_running=max_running, max_batch_tokens=max_batch_tokens)
     engine.start()
     try:

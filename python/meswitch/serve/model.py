@@ -11,13 +11,28 @@ decoder is written out here (Llama, Mistral, Qwen2 share it), and every linear i
 
 with the tokens ordered by expert: sequences are sorted once per forward (a sequence has
 one expert, so its tokens stay contiguous) and the same order serves every linear.
-Attention is per sequence over the paged KV cache.
+Attention is batched over all the sequences of the forward through the paged KV cache
+(``serve/attention.py``).
+
+Dtypes. The base's matrices and the KV cache are held in the checkpoint's 16-bit dtype
+(float16 or bfloat16; ``dtype=`` overrides, and a float32 checkpoint stays float32), which
+halves the memory float32 took and is what ``meswitch plan`` counts. Everything else runs in
+float32: the residual stream and the activations, the norms, rotary, the attention scores
+and softmax, and the delta kernel's accumulation (``multi_delta_matmul`` adds into a float32
+``out``). On the CPU float32 activations are the more accurate and, from 8 tokens a forward
+on, the cheaper choice: torch has no fast 16-bit GEMM on CPUs without AVX-512 BF16/FP16, so
+the base GEMM (``serve/base_matmul.py``, the one place it is done; figures there) widens the
+weight a cache-sized slab at a time and multiplies in float32, 1.5-3.4x faster at 8-16
+tokens than rounding the activations to 16 bit and without that rounding (bfloat16: 3e-3 of
+the output's scale per product); at one token it is 1.4-1.9x slower. Keys and values are
+rounded to the 16-bit dtype when the cache stores them, as a 16-bit model's are.
 
 On a CUDA device (``device="cuda"``) the base weights, the KV cache and the activations live
-on the GPU; each linear's deltas of the whole mixed batch are one launch of the CUDA kernel
-(``meswitch.cuda``) over a segment table built once per forward from the sequences' experts,
-and the experts' deltas come from a device tier (``serve/device_tier.py``) that uploads them
-from the host tier through pinned buffers and keeps them within a device byte budget.
+on the GPU (the base GEMM there is cuBLAS's 16-bit GEMM); each linear's deltas of the whole
+mixed batch are one launch of the CUDA kernel (``meswitch.cuda``) over a segment table
+built once per forward from the sequences' experts, and the experts' deltas come from a
+device tier (``serve/device_tier.py``) that uploads them from the host tier through pinned
+buffers and keeps them within a device byte budget.
 """
 
 from __future__ import annotations
@@ -33,7 +48,9 @@ import torch
 
 from meswitch.checkpoint import open_checkpoint
 from meswitch.ops import multi_delta_matmul
-from meswitch.serve.attention import paged_attention
+from meswitch.serve.attention import AttentionBatch, paged_attention
+from meswitch.serve.base_matmul import base_matmul
+from meswitch.serve.base_weights import load_base_weights, resolve_dtype
 from meswitch.serve.config import read_decoder_config
 from meswitch.serve.device_tier import DeviceTier
 from meswitch.serve.experts import ExpertSourceAdapter, ExpertWeights
@@ -72,35 +89,40 @@ class MultiExpertModel:
     ----------
     base_dir
         The base's HF model directory (``config.json`` and safetensors); its weights are
-        loaded once, in float32.
+        loaded once, the matrices in ``dtype``.
     experts
         Where experts come from: a mapping name -> :class:`~meswitch.artifact.ExpertArtifact`
         (or artifact directory), or an expert store (an object with ``acquire(name)`` and
         optionally ``release(name)``).
     kv_cache_bytes
-        Byte budget of the paged KV cache (keys and values of all layers, float32).
+        Byte budget of the paged KV cache (keys and values of all layers, in ``dtype``).
     block_size
         Tokens per KV cache block.
     device
         ``"cpu"`` (the fused CPU kernels) or a CUDA device (the CUDA kernels; needs a build with
-        ``MESWITCH_CUDA=ON``). Computation is float32 on either.
+        ``MESWITCH_CUDA=ON``).
     device_budget
         On a CUDA device: bytes of GPU memory for the experts' tiled deltas (the device tier).
     delta_activations
         On a CUDA device: the 16-bit type the activations are rounded to for the delta kernel
-        (``torch.float16`` or ``torch.bfloat16``); the base GEMM stays float32.
+        (``torch.float16`` or ``torch.bfloat16``).
+    dtype
+        The dtype of the base's matrices and of the KV cache: ``"auto"`` (the checkpoint's
+        own), ``torch.float16``, ``torch.bfloat16`` or ``torch.float32`` (or their names).
+        Activations, norms and attention scores are float32 whatever it is.
 
     Raises
     ------
     ValueError
-        The base is not a Llama, Mistral or Qwen2 model (the message names its architecture).
+        The base is not a Llama, Mistral or Qwen2 model (the message names its architecture);
+        ``dtype`` is none of the accepted ones, or ``"auto"`` over matrices stored in mixed dtypes.
     NotImplementedError
         Its rotary scaling kind is not implemented.
     """
 
     def __init__(self, base_dir: str | os.PathLike[str], experts: Any, *, kv_cache_bytes: int = 64 << 20,
                  block_size: int = 16, device: str | torch.device = "cpu", device_budget: int = 8 << 30,
-                 delta_activations: torch.dtype = torch.float16) -> None:
+                 delta_activations: torch.dtype = torch.float16, dtype: str | torch.dtype = "auto") -> None:
         self.base_dir = Path(base_dir)
         self.device = torch.device(device)
         self.on_gpu = self.device.type == "cuda"
@@ -112,11 +134,12 @@ class MultiExpertModel:
         self.config = config = read_decoder_config(base_dir)
         self.inverse_frequencies = inverse_frequencies(config.rope, config.head_dim).to(self.device)
         checkpoint = open_checkpoint(base_dir)
-        self.base = {name: torch.from_numpy(np.array(checkpoint.get_array(name, widen=True), dtype=np.float32))
-                     .to(self.device) for name in checkpoint}
+        self.dtype = resolve_dtype(dtype, checkpoint)
+        self.base = load_base_weights(checkpoint, self.dtype, self.device)
         self.experts = ExpertSourceAdapter(experts)
         self.cache = PagedKVCache(config.num_layers, config.num_kv_heads, config.head_dim,
-                                  budget_bytes=kv_cache_bytes, block_size=block_size, device=self.device)
+                                  budget_bytes=kv_cache_bytes, block_size=block_size, device=self.device,
+                                  dtype=self.dtype)
         self._segment_tables: dict[tuple, Any] = {}  # this forward's, by token ranges
         self._prepared: dict[str, ExpertWeights] = {}
         self._sequence_experts: dict[Hashable, str | None] = {}
@@ -218,11 +241,11 @@ class MultiExpertModel:
         positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts)]).to(self.device)
         new_slots = torch.cat([self.cache.slots(inputs[i].sequence, s, s + n)
                                for i, s, n in zip(order, starts, counts)])
-        all_slots = [self.cache.slots(inputs[i].sequence, 0, s + n) for i, s, n in zip(order, starts, counts)]
+        attention = AttentionBatch.build(self.cache, [inputs[i].sequence for i in order], starts, counts)
 
         hidden = self._embed(tokens, groups)
         for layer in range(self.config.num_layers):
-            hidden = self._layer(layer, hidden, groups, positions, new_slots, all_slots, starts, counts)
+            hidden = self._layer(layer, hidden, groups, positions, new_slots, attention)
         hidden = self._rms_norm(hidden, "model.norm.weight", groups)
         offsets = np.cumsum([0, *counts])
         if last_only:
@@ -334,7 +357,7 @@ class MultiExpertModel:
         """Base GEMM for all tokens, each expert's own rows (dense or fused delta) by segment, bias."""
         if self.on_gpu:
             return self._linear_on_gpu(x, name, groups)
-        out = x @ self.base[name].T
+        out = base_matmul(x, self.base[name])
         run: list[_Group] = []
         for group in [*groups, None]:
             delta = None if group is None or group.weights is None else group.weights.deltas.get(name)
@@ -354,7 +377,7 @@ class MultiExpertModel:
 
     def _linear_on_gpu(self, x: torch.Tensor, name: str, groups: list[_Group]) -> torch.Tensor:
         """As :meth:`_linear`, with every expert's delta of the batch in one CUDA launch."""
-        out = x @ self.base[name].T
+        out = base_matmul(x, self.base[name])
         deltas = [None if g.device_deltas is None else g.device_deltas.get(name) for g in groups]
         tiled = [None if isinstance(delta, torch.Tensor) else delta for delta in deltas]
         if any(delta is not None for delta in tiled):
@@ -368,8 +391,7 @@ class MultiExpertModel:
         return out if bias is None else out + bias
 
     def _layer(self, layer: int, hidden: torch.Tensor, groups: list[_Group], positions: torch.Tensor,
-               new_slots: torch.Tensor, all_slots: list[torch.Tensor], starts: list[int],
-               counts: list[int]) -> torch.Tensor:
+               new_slots: torch.Tensor, attention: AttentionBatch) -> torch.Tensor:
         config, prefix = self.config, f"model.layers.{layer}."
         x = self._rms_norm(hidden, prefix + "input_layernorm.weight", groups)
         shape = (x.shape[0], -1, config.head_dim)
@@ -379,8 +401,7 @@ class MultiExpertModel:
         q = rotate(q, positions, self.inverse_frequencies)
         k = rotate(k, positions, self.inverse_frequencies)
         self.cache.write(layer, new_slots, k, v)
-        attended = paged_attention(q, self.cache, layer, all_slots, starts, counts,
-                                   window=config.sliding_windows[layer])
+        attended = paged_attention(q, self.cache, layer, attention, window=config.sliding_windows[layer])
         hidden = hidden + self._linear(attended.reshape(x.shape[0], -1), prefix + "self_attn.o_proj.weight", groups)
         x = self._rms_norm(hidden, prefix + "post_attention_layernorm.weight", groups)
         gate = self._linear(x, prefix + "mlp.gate_proj.weight", groups)
