@@ -215,7 +215,12 @@ def test_the_multi_expert_model_takes_its_experts_from_the_store(artifacts):
         np.testing.assert_array_equal(expected.numpy(), got.numpy())
     report = store.memory_report()
     assert all(expert["holders"] == 0 for expert in report["experts"])
-    assert report["misses"] == 2 and report["hits"] >= 2  # loaded once each, held again for the forward
+    assert report["misses"] == 2 and report["hits"] == 0  # one hold per expert per forward: the lease
+    decode = [SequenceInput("a", "math", [7]), SequenceInput("b", "code", [8])]
+    stored.forward(decode)
+    report = store.memory_report()
+    assert report["hits"] == 2 and report["misses"] == 2  # a second forward: one hit per expert, nothing else
+    assert all(expert["holders"] == 0 for expert in report["experts"])
 
 
 def test_a_reload_parses_nothing_again_and_a_changed_shard_is_verified_again(artifacts, tmp_path):

@@ -3,7 +3,9 @@
 The model asks an *expert source* for an opened :class:`~meswitch.artifact.ExpertArtifact`
 by name. A source is either a mapping (name -> artifact or artifact directory) or an
 object with ``acquire(name)`` -- an expert store that loads, holds and evicts experts --
-and optionally ``release(name)``, called once the forward that used the expert is done.
+and optionally ``release(name)``, called once the forward that used the expert is done. A
+forward takes one batch lease over all its experts (:meth:`ExpertSourceAdapter.lease`): a
+store with ``acquire_batch`` holds them all or none, in one call.
 """
 
 from __future__ import annotations
@@ -49,6 +51,14 @@ class ExpertSourceAdapter:
             self._opened[name] = value if isinstance(value, ExpertArtifact) else load_artifact(os.fspath(value))
         return self._opened[name]
 
+    def lease(self, names: list[str]) -> Any:
+        """One hold on each of ``names`` for one forward: ``lease[name]`` is the expert's artifact,
+        ``lease.release()`` lets go of them all. A store's ``acquire_batch`` when it has one (all
+        or none); otherwise one :meth:`acquire` each, released together."""
+        if self.is_store and hasattr(self.source, "acquire_batch"):
+            return self.source.acquire_batch(names)
+        return _Holds(self, names)
+
     def release(self, name: str) -> None:
         """Let go of the latest hold on ``name`` (a store's handle, or the store's ``release(name)``)."""
         handles = self._handles.get(name)
@@ -57,6 +67,27 @@ class ExpertSourceAdapter:
             handle.release()
         elif hasattr(self.source, "release"):
             self.source.release(name)
+
+
+class _Holds:
+    """A lease made of one :meth:`ExpertSourceAdapter.acquire` per expert (mappings, other stores)."""
+
+    def __init__(self, adapter: ExpertSourceAdapter, names: list[str]) -> None:
+        self._adapter = adapter
+        self._artifacts: dict[str, ExpertArtifact] = {}
+        try:
+            for name in dict.fromkeys(names):
+                self._artifacts[name] = adapter.acquire(name)
+        except BaseException:
+            self.release()
+            raise
+
+    def __getitem__(self, name: str) -> ExpertArtifact:
+        return self._artifacts[name]
+
+    def release(self) -> None:
+        while self._artifacts:
+            self._adapter.release(self._artifacts.popitem()[0])
 
 
 def _float32(array: np.ndarray) -> torch.Tensor:

@@ -38,6 +38,7 @@ buffers and keeps them within a device byte budget.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,31 +142,39 @@ class MultiExpertModel:
                                   budget_bytes=kv_cache_bytes, block_size=block_size, device=self.device,
                                   dtype=self.dtype)
         self._segment_tables: dict[tuple, Any] = {}  # this forward's, by token ranges
+        # Each expert's prepared tensors, by name: the engine thread (forward) and the expert
+        # loader thread (expert_weights, when a load ends) both prepare; this lock guards the dict.
         self._prepared: dict[str, ExpertWeights] = {}
+        self._prepared_lock = threading.Lock()
         self._sequence_experts: dict[Hashable, str | None] = {}
 
     # -- experts -------------------------------------------------------------------------
 
-    def expert_weights(self, name: str) -> ExpertWeights:
-        """The prepared tensors of expert ``name``, over its artifact as acquired from the source now.
+    def expert_weights(self, name: str, artifact: Any = None) -> ExpertWeights:
+        """The prepared tensors of expert ``name``, over ``artifact`` (held by the caller's lease),
+        or over its artifact as acquired from the source now.
 
         Prepared once per set of checked files: a store's reload of unchanged files shares the
         record of its first load (``record_serial``), so the tensors prepared then still hold
         and only the deltas are pointed at the new buffers.
         """
-        artifact = self.experts.acquire(name)
-        try:
+        if artifact is None:
+            lease = self.experts.lease([name])
+            try:
+                return self.expert_weights(name, lease[name])
+            finally:
+                lease.release()
+        with self._prepared_lock:
             kept = self._prepared.get(name)
-            if kept is None or kept.record_serial != artifact.record_serial:
-                kept = ExpertWeights.prepare(artifact, self.base_dir, check_base=not self.experts.is_store,
-                                             device=self.device)
-            weights = kept.bound_to(artifact)
+        if kept is None or kept.record_serial != artifact.record_serial:
+            kept = ExpertWeights.prepare(artifact, self.base_dir, check_base=not self.experts.is_store,
+                                         device=self.device)
+        weights = kept.bound_to(artifact)
+        with self._prepared_lock:
             # Kept without the artifact when it comes from a store: a reference here would keep
             # an evicted expert's buffers alive, outside the store's budget.
             self._prepared[name] = weights.bound_to(None) if self.experts.is_store else weights
-            return weights
-        finally:
-            self.experts.release(name)
+        return weights
 
     def vocab_size(self, expert: str | None) -> int:
         """Rows of the logits of a sequence of ``expert`` (its own, possibly expanded, vocabulary)."""
@@ -207,22 +216,20 @@ class MultiExpertModel:
             A sequence listed twice, with no tokens, with another expert than before, a
             token outside its vocabulary, or past the model's positions or attention window.
         """
-        # Hold every expert of the batch for the whole forward: a store never evicts a held one.
-        held = sorted({item.expert for item in inputs if item.expert is not None})
-        for name in held:
-            self.experts.acquire(name)
+        # One lease holds every expert of the batch for the whole forward: a store never evicts a held one.
+        lease = self.experts.lease(sorted({item.expert for item in inputs if item.expert is not None}))
         on_device: list[str] = []
         try:
-            return self._forward(inputs, last_only, on_device)
+            return self._forward(inputs, last_only, on_device, lease)
         finally:
             self._segment_tables.clear()
             for name in on_device:
                 self.device_tier.release(name)
-            for name in held:
-                self.experts.release(name)
+            lease.release()
 
-    def _forward(self, inputs: Sequence[SequenceInput], last_only: bool, on_device: list[str]) -> list[torch.Tensor]:
-        order, groups = self._arrange(inputs)
+    def _forward(self, inputs: Sequence[SequenceInput], last_only: bool, on_device: list[str],
+                 lease: Any) -> list[torch.Tensor]:
+        order, groups = self._arrange(inputs, lease)
         if self.on_gpu:  # hold each expert's deltas in the device tier for this forward
             for group in groups:
                 if group.weights is not None and group.weights.deltas:
@@ -264,7 +271,7 @@ class MultiExpertModel:
             result[i] = parts[group][begin:begin + int(offsets[rank + 1] - offsets[rank])]
         return result
 
-    def _arrange(self, inputs: Sequence[SequenceInput]) -> tuple[list[int], list[_Group]]:
+    def _arrange(self, inputs: Sequence[SequenceInput], lease: Any) -> tuple[list[int], list[_Group]]:
         """The inputs' order sorted by expert (the base first) and each expert's token range."""
         seen: set[Hashable] = set()
         for item in inputs:
@@ -282,7 +289,7 @@ class MultiExpertModel:
         groups, start = [], 0
         for name in names:
             size = sum(len(inputs[i].tokens) for i in order if inputs[i].expert == name)
-            weights = None if name is None else self.expert_weights(name)
+            weights = None if name is None else self.expert_weights(name, lease[name])
             groups.append(_Group(name, weights, start, start + size))
             start += size
         return order, groups
