@@ -18,7 +18,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -529,44 +531,112 @@ def test_concurrent_requests_to_different_experts(client, live):
     _engine_idle(live)
 
 
-def test_adding_an_expert_blocks_no_request_for_another(client, live, artifacts, monkeypatch):
-    """The store opening and checking a new artifact (held up here, in the real store, until released)
-    delays no request for other experts; a second add of the same name is refused at once."""
-    store = live.service.app.state.meswitch.catalog.store
+@contextmanager
+def _held_up(monkeypatch, owner, attribute: str, applies=lambda *args: True) -> Iterator[threading.Event]:
+    """Calls of the real ``owner.attribute`` (those its arguments make ``applies`` true for) wait
+    until the block ends; yields an event set once such a call waits."""
     entered, release = threading.Event(), threading.Event()
-    real_add = store.add
+    real = getattr(owner, attribute)
 
-    def held_add(path):
-        entered.set()
-        assert release.wait(60), "never released"
-        return real_add(path)
+    def held(*args, **kwargs):
+        if applies(*args):
+            entered.set()
+            assert release.wait(60), "never released"
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(store, "add", held_add)
+    monkeypatch.setattr(owner, attribute, held)
+    try:
+        yield entered
+    finally:
+        release.set()
+
+
+def _other_experts_are_served(live, quick) -> None:
+    """The event loop is free: /health answers and a request for the math expert completes."""
+    assert httpx.get(f"{live.url}/health", timeout=10).json()["status"] == "ok"
+    reply = quick.completions.create(model="math", prompt=MATH_QUESTION, max_tokens=3, temperature=0)
+    assert reply.model == "math" and reply.usage.completion_tokens >= 1
+
+
+@pytest.fixture(scope="module")
+def quick(live):
+    """A client that gives up after 20 s (a request stuck behind a blocked event loop fails)."""
+    return openai.OpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0, timeout=20)
+
+
+def test_adding_an_expert_blocks_no_request_for_another(live, quick, artifacts, monkeypatch):
+    """The store opening and checking a new artifact (held up here, in the real store) delays no
+    request for other experts; a second add of the same name is refused at once."""
+    store = live.service.app.state.meswitch.catalog.store
     headers = {"Authorization": f"Bearer {KEY}"}
     path = {"path": str(artifacts["code2"])}
     with ThreadPoolExecutor(max_workers=1) as pool:
-        adding = pool.submit(httpx.post, f"{live.url}/v1/experts", json=path, headers=headers, timeout=90)
-        try:
+        with _held_up(monkeypatch, store, "add") as entered:
+            adding = pool.submit(httpx.post, f"{live.url}/v1/experts", json=path, headers=headers, timeout=90)
             assert entered.wait(30), "the add did not reach the store"
-            quick = openai.OpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0, timeout=20)
-            reply = quick.completions.create(model="math", prompt=MATH_QUESTION, max_tokens=4, temperature=0)
-            assert reply.usage.completion_tokens >= 1 and reply.model == "math"
+            _other_experts_are_served(live, quick)
             assert [m.id for m in quick.models.list()] == ["chat", "code", "math", "auto", "base"]
             again = httpx.post(f"{live.url}/v1/experts", json=path, headers=headers, timeout=20)
             assert _error(again, 409, "path")["code"] == "expert_changing"
             assert not adding.done()
-        finally:
-            release.set()
         added = adding.result(timeout=60)
     assert added.status_code == 201 and added.json()["id"] == "code2"
     assert httpx.delete(f"{live.url}/v1/experts/code2", headers=headers, timeout=20).status_code == 200
 
 
-def test_a_busy_tokenizer_blocks_no_request_for_another_expert(client, live):
+def test_removing_an_expert_blocks_no_request_for_another(client, raw, live, quick, artifacts, monkeypatch):
+    """While the store frees an expert (held up here), other experts are served, the expert being
+    removed is not (404), and a second DELETE of it is refused at once."""
+    assert raw.post("/v1/experts", json={"path": str(artifacts["code2"])}).status_code == 201
+    store = live.service.app.state.meswitch.catalog.store
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        with _held_up(monkeypatch, store, "remove") as entered:
+            removing = pool.submit(httpx.delete, f"{live.url}/v1/experts/code2", headers=headers, timeout=90)
+            assert entered.wait(30), "the removal did not reach the store"
+            _other_experts_are_served(live, quick)
+            with pytest.raises(openai.NotFoundError):
+                quick.completions.create(model="code2", prompt=CODE_PROMPT, max_tokens=3)
+            again = httpx.delete(f"{live.url}/v1/experts/code2", headers=headers, timeout=20)
+            assert _error(again, 409)["code"] == "expert_changing"
+            assert not removing.done()
+        assert removing.result(timeout=60).status_code == 200
+    assert "code2" not in [m.id for m in client.models.list()]
+
+
+def test_a_tokenizer_is_first_read_off_the_event_loop(client, raw, live, quick, artifacts, tmp_path, monkeypatch):
+    """An expert's first request reads its tokenizer from disk on a worker thread: while that read
+    (transformers' own) is held up, the event loop serves other experts; the request then completes."""
+    import transformers
+
+    copy = tmp_path / "code2.meswitch"  # a directory no tokenizer was read from yet
+    shutil.copytree(artifacts["code2"], copy)
+    assert raw.post("/v1/experts", json={"path": str(copy)}).status_code == 201
+    expected = client.completions.create(model="code", prompt=CODE_PROMPT, max_tokens=4, temperature=0)
+
+    def reads_copy(directory, *args) -> bool:
+        return str(directory).startswith(str(copy))
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        with _held_up(monkeypatch, transformers.AutoTokenizer, "from_pretrained", reads_copy) as entered:
+            first = pool.submit(client.completions.create, model="code2", prompt=CODE_PROMPT, max_tokens=4,
+                                temperature=0)
+            assert entered.wait(30), "the tokenizer was not read"
+            _other_experts_are_served(live, quick)
+            assert not first.done()
+        assert first.result(timeout=60).choices[0].text == expected.choices[0].text
+    _engine_idle(live)
+    deadline = time.monotonic() + 20
+    while (removed := raw.delete("/v1/experts/code2")).status_code == 409:  # until the engine lets go of it
+        assert time.monotonic() < deadline, removed.text
+        time.sleep(0.05)
+    assert removed.status_code == 200
+
+
+def test_a_busy_tokenizer_blocks_no_request_for_another_expert(client, live, quick):
     """Requests tokenize on worker threads: while the chat expert's tokenizer is taken (its lock held
     here), the event loop serves the math expert and /health, and the chat request waits, then finishes."""
     tokenizer = live.service.engine.tokenizer("chat")
-    quick = openai.OpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0, timeout=20)
     expected = client.completions.create(model="chat", prompt="<|user|>hi<|end|>\n<|assistant|>", max_tokens=6,
                                          temperature=0).choices[0].text
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -575,9 +645,7 @@ def test_a_busy_tokenizer_blocks_no_request_for_another_expert(client, live):
                                   max_tokens=6, temperature=0)
             chatting = pool.submit(client.chat.completions.create, model="chat", messages=CHAT_PROMPT, max_tokens=4)
             time.sleep(0.3)
-            assert httpx.get(f"{live.url}/health", timeout=10).json()["status"] == "ok"
-            other = quick.completions.create(model="math", prompt=MATH_QUESTION, max_tokens=4, temperature=0)
-            assert other.usage.completion_tokens >= 1
+            _other_experts_are_served(live, quick)
             assert not waiting.done() and not chatting.done()
         assert waiting.result(timeout=60).choices[0].text == expected
         assert chatting.result(timeout=60).choices[0].finish_reason in ("stop", "length")
