@@ -310,6 +310,46 @@ def test_a_tokenizer_used_by_many_threads_gives_the_ids_it_gives_alone(family):
             pending.result(timeout=10)
 
 
+def test_tokenizers_are_read_once_each_and_one_at_a_time(family, tmp_path, monkeypatch):
+    """Threads asking at once for directories not read yet: each directory is read once (every asker
+    gets that tokenizer) and no two reads overlap (transformers' lazy imports are not thread-safe)."""
+    import threading
+
+    import transformers
+
+    real_read = transformers.AutoTokenizer.from_pretrained
+    guard, reading, most, reads = threading.Lock(), [0], [0], []
+
+    def counted_read(directory, *args, **kwargs):
+        with guard:
+            reading[0] += 1
+            most[0] = max(most[0], reading[0])
+            reads.append(str(directory))
+        try:
+            time.sleep(0.05)  # a slow disk: overlapping reads would overlap here
+            return real_read(directory, *args, **kwargs)
+        finally:
+            with guard:
+                reading[0] -= 1
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", counted_read)
+    directories = [tmp_path / f"copy{i}" for i in range(4)]
+    for directory in directories:
+        shutil.copytree(family["artifacts"]["chat"] / "expert", directory)
+    askers = directories * 4
+    start = threading.Barrier(len(askers))
+
+    def ask(directory):
+        start.wait()
+        return load_tokenizer(directory)
+
+    with ThreadPoolExecutor(max_workers=len(askers)) as pool:
+        got = list(pool.map(ask, askers))
+    assert sorted(reads) == sorted(map(str, directories)) and most[0] == 1
+    for directory, tokenizer in zip(askers, got):
+        assert tokenizer is load_tokenizer(directory) and tokenizer.directory == directory
+
+
 def test_stop_tokens_are_eos_the_generation_configs_and_the_templates_end_of_turn(family, tmp_path):
     from transformers import AutoTokenizer
 

@@ -9,8 +9,8 @@ prompts and render chat templates while the engine thread decodes each new token
 is per directory, so one expert's long prompt never delays another's tokens. A call that
 :class:`SharedTokenizer` does not wrap goes through :meth:`SharedTokenizer.locked`.
 
-Loading reads files, so it happens on the thread that first asks (never the event loop);
-two threads asking for one directory at once load it once.
+Loading reads files, so it happens on the thread that first asks (never the event loop),
+one directory at a time; two threads asking for one directory at once load it once.
 
 Also here, because it is read from the same files: the tokens that **end generation**
 (:attr:`SharedTokenizer.stop_token_ids`): the tokenizer's EOS, every ``eos_token_id`` of
@@ -149,38 +149,41 @@ def generation_config_eos(directory: Path) -> list[int]:
 
 
 class _TokenizerCache:
-    """Loaded tokenizers by directory; a directory being loaded is waited for, not loaded twice."""
+    """Loaded tokenizers by directory, read one at a time.
+
+    One at a time because transformers' lazy imports are not thread-safe: two threads
+    reading their first tokenizers at once can fail with ``ImportError: cannot import name
+    'AutoTokenizer'``. A thread finding its directory loaded meanwhile takes that one.
+    """
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._lock = threading.Lock()  # guards the two dicts, never held while a file is read
+        self._lock = threading.Lock()  # guards _loaded, never held while a file is read
+        self._reading = threading.Lock()  # held while a tokenizer is read
         self._loaded: OrderedDict[str, SharedTokenizer] = OrderedDict()
-        self._loading: dict[str, threading.Lock] = {}
 
-    def get(self, directory: str) -> SharedTokenizer:
+    def _cached(self, directory: str) -> SharedTokenizer | None:
         with self._lock:
             if directory in self._loaded:
                 self._loaded.move_to_end(directory)
-                return self._loaded[directory]
-            loading = self._loading.setdefault(directory, threading.Lock())
-        with loading:
-            with self._lock:
-                if directory in self._loaded:  # loaded by the thread this one waited for
-                    return self._loaded[directory]
+            return self._loaded.get(directory)
+
+    def get(self, directory: str) -> SharedTokenizer:
+        found = self._cached(directory)
+        if found is not None:
+            return found
+        with self._reading:
+            found = self._cached(directory)  # read by the thread this one waited for
+            if found is not None:
+                return found
             from transformers import AutoTokenizer
 
-            try:
-                shared = SharedTokenizer(AutoTokenizer.from_pretrained(directory), directory)
-            except BaseException:
-                with self._lock:
-                    self._loading.pop(directory, None)  # the next caller tries again
-                raise
-            with self._lock:
+            shared = SharedTokenizer(AutoTokenizer.from_pretrained(directory), directory)
+            with self._lock:  # published before the next reader looks
                 self._loaded[directory] = shared
-                self._loading.pop(directory, None)
                 while len(self._loaded) > self._size:
                     self._loaded.popitem(last=False)
-            return shared
+        return shared
 
 
 _CACHE = _TokenizerCache(CACHED_TOKENIZERS)
