@@ -299,15 +299,21 @@ def test_a_tokenizer_used_by_many_threads_gives_the_ids_it_gives_alone(family):
         else:
             assert value == alone[index][:8]
 
-    calls = [lambda: shared.encode("hello"), lambda: shared.decode([5, 6]),
-             lambda: shared.render_chat([{"role": "user", "content": "hi"}])]
+    calls = {"encode": (lambda: shared.encode("hello"), independent("hello")["input_ids"]),
+             "decode": (lambda: shared.decode([5, 6]), independent.decode([5, 6], skip_special_tokens=True)),
+             "render_chat": (lambda: shared.render_chat([{"role": "user", "content": "hi"}]),
+                             independent.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                             add_generation_prompt=True)),
+             "__call__": (lambda: shared("hello")["input_ids"], independent("hello")["input_ids"]),
+             "forwarded method": (lambda: shared.convert_ids_to_tokens([5, 4098]),
+                                  independent.convert_ids_to_tokens([5, 4098]))}
     with ThreadPoolExecutor(max_workers=1) as pool:
-        for call in calls:  # each waits for the lock
+        for name, (call, expected) in calls.items():  # each waits for the lock
             with shared.lock:
                 pending = pool.submit(call)
                 time.sleep(0.1)
-                assert not pending.done()
-            pending.result(timeout=10)
+                assert not pending.done(), f"{name} did not wait for the lock"
+            assert pending.result(timeout=10) == expected, name
 
 
 def test_tokenizers_are_read_once_each_and_one_at_a_time(family, tmp_path, monkeypatch):

@@ -6,8 +6,10 @@ lock. A fast tokenizer keeps its truncation and padding settings in its Rust cor
 call may change them for its own arguments, so two threads encoding at once can get each
 other's settings (ids cut short) or a "borrowed" error. The server's worker threads encode
 prompts and render chat templates while the engine thread decodes each new token; the lock
-is per directory, so one expert's long prompt never delays another's tokens. A call that
-:class:`SharedTokenizer` does not wrap goes through :meth:`SharedTokenizer.locked`.
+is per directory, so one expert's long prompt never delays another's tokens. Besides its
+own methods, a :class:`SharedTokenizer` is called like the Hugging Face tokenizer (``t(text)``,
+``t.decode(ids, skip_special_tokens=True)``, any other method or attribute), each call under
+the lock; several calls that must see one state go in one :meth:`SharedTokenizer.locked` block.
 
 Loading reads files, so it happens on the thread that first asks (never the event loop),
 one directory at a time; two threads asking for one directory at once load it once.
@@ -93,10 +95,31 @@ class SharedTokenizer:
         with self.lock:
             return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def decode(self, tokens: Sequence[int]) -> str:
-        """The text of ``tokens``, special tokens left out."""
+    def decode(self, tokens: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        """The text of ``tokens``, special tokens left out unless told otherwise."""
         with self.lock:
-            return self._tokenizer.decode(list(tokens), skip_special_tokens=True)
+            return self._tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The Hugging Face tokenizer's ``__call__`` (a ``BatchEncoding``), under the lock."""
+        with self.lock:
+            return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        """Any other attribute of the Hugging Face tokenizer, read under the lock; a method comes
+        back wrapped so that its calls hold the lock too."""
+        if name.startswith("_"):  # private state, and what copy/pickle probe for, is not forwarded
+            raise AttributeError(name)
+        with self.lock:
+            value = getattr(self._tokenizer, name)
+        if not callable(value):
+            return value
+
+        def locked_call(*args: Any, **kwargs: Any) -> Any:
+            with self.lock:
+                return value(*args, **kwargs)
+
+        return locked_call
 
     def render_chat(self, conversation: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
         """``conversation`` through the chat template as text (raises ``ValueError`` without one)."""
