@@ -299,21 +299,25 @@ def test_a_tokenizer_used_by_many_threads_gives_the_ids_it_gives_alone(family):
         else:
             assert value == alone[index][:8]
 
-    calls = {"encode": (lambda: shared.encode("hello"), independent("hello")["input_ids"]),
-             "decode": (lambda: shared.decode([5, 6]), independent.decode([5, 6], skip_special_tokens=True)),
-             "render_chat": (lambda: shared.render_chat([{"role": "user", "content": "hi"}]),
-                             independent.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                                             add_generation_prompt=True)),
-             "__call__": (lambda: shared("hello")["input_ids"], independent("hello")["input_ids"]),
+    hi = [{"role": "user", "content": "hi"}]
+    calls = {"encode": (lambda: shared.encode("hello"), independent("hello")["input_ids"], shared.lock),
+             "render_chat": (lambda: shared.render_chat(hi),
+                             independent.apply_chat_template(hi, tokenize=False, add_generation_prompt=True),
+                             shared.lock),
+             "__call__": (lambda: shared("hello")["input_ids"], independent("hello")["input_ids"], shared.lock),
              "forwarded method": (lambda: shared.convert_ids_to_tokens([5, 4098]),
-                                  independent.convert_ids_to_tokens([5, 4098]))}
+                                  independent.convert_ids_to_tokens([5, 4098]), shared.lock),
+             "decode": (lambda: shared.decode([5, 4098, 6]), independent.decode([5, 4098, 6], skip_special_tokens=True),
+                        shared.decode_lock)}
     with ThreadPoolExecutor(max_workers=1) as pool:
-        for name, (call, expected) in calls.items():  # each waits for the lock
-            with shared.lock:
+        for name, (call, expected, lock) in calls.items():  # each waits for its lock
+            with lock:
                 pending = pool.submit(call)
                 time.sleep(0.1)
-                assert not pending.done(), f"{name} did not wait for the lock"
+                assert not pending.done(), f"{name} did not wait for its lock"
             assert pending.result(timeout=10) == expected, name
+        with shared.lock:  # an encode in progress: decoding (the engine thread's) goes on
+            assert pool.submit(shared.decode, [5, 6]).result(timeout=10) == independent.decode([5, 6])
 
 
 def test_tokenizers_are_read_once_each_and_one_at_a_time(family, tmp_path, monkeypatch):
