@@ -5,8 +5,8 @@ or the router's pick for ``auto``), its expert held for its lifetime, its prompt
 the expert's own template, ``chat.py``) and submitted to the engine, which batches it with
 every other request in flight. Building and submitting run on a worker thread, never on the
 event loop: they read the expert's tokenizer from disk on its first use, run the chat
-template and tokenize (the tokenizer's own lock, ``tokenizer.py``, orders them with the
-engine's decoding). The answer is either one JSON body once the engine finishes
+template and tokenize (under the tokenizer's lock, ``tokenizer.py``, shared with every other
+thread that encodes with it). The answer is either one JSON body once the engine finishes
 or a server-sent event stream in OpenAI's chunk format ending with ``data: [DONE]``; both
 name the expert in the ``model`` field and the ``x-meswitch-expert`` header.
 
