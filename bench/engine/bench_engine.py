@@ -72,7 +72,7 @@ def run_engine(model: MultiExpertModel, clients: int, tokens: int, max_running: 
 def run_static(model: MultiExpertModel, clients: int, tokens: int, max_running: int) -> float:
     """Seconds for the same requests in hand-made batches of ``max_running`` through the model."""
     with Engine(model) as engine:
-        prompts = [list(engine.tokenizer(EXPERTS[i % len(EXPERTS)])(prompt(i))["input_ids"]) for i in range(clients)]
+        prompts = [engine.tokenizer(EXPERTS[i % len(EXPERTS)]).encode(prompt(i)) for i in range(clients)]
     start = time.perf_counter()
     for first in range(0, clients, max_running):
         batch = range(first, min(clients, first + max_running))

@@ -294,15 +294,16 @@ def baseline(jobs: list[Job], clients: int, max_tokens: int) -> dict[str, Any]:
     import transformers
     from meswitch.serve.chat import chat_prompt_tokens
     from meswitch.serve.protocol import ChatMessage
+    from meswitch.serve.tokenizer import load_tokenizer
 
     transformers.utils.logging.disable_progress_bar()
-    tokenizers = {name: transformers.AutoTokenizer.from_pretrained(FAMILY / name) for name in EXPERTS}
+    tokenizers = {name: load_tokenizer(FAMILY / name) for name in EXPERTS}
 
     def tokens_of(job: Job) -> list[int]:
         tokenizer = tokenizers[job.expert]
         if job.endpoint == "chat":
             return chat_prompt_tokens(tokenizer, [ChatMessage(**m) for m in job.prompt])
-        return list(tokenizer(job.prompt)["input_ids"])
+        return tokenizer.encode(job.prompt)
 
     class FirstToken(transformers.LogitsProcessor):
         """Records when the batch's first token is chosen (after the prefill)."""

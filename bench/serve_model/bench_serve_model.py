@@ -52,7 +52,7 @@ def _directory(expert: str | None) -> Path:
 
 
 def _prompts(model: MultiExpertModel, per_expert: int) -> dict[tuple[str | None, int], list[int]]:
-    return {(expert, i): list(expert_tokenizer(model, expert)(PROMPTS[expert] + " " * i)["input_ids"])
+    return {(expert, i): expert_tokenizer(model, expert).encode(PROMPTS[expert] + " " * i)
             for expert in EXPERTS for i in range(per_expert)}
 
 

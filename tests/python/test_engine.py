@@ -13,6 +13,7 @@ import math
 import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -231,7 +232,7 @@ def test_stop_strings_eos_and_max_tokens(model, references):
 def test_text_streams_in_whole_characters_and_holds_back_stop_prefixes(family):
     tokenizer = load_tokenizer(str(family["artifacts"]["chat"] / "expert"))
     text = "café au lait, 日本語 😀 ok"
-    tokens = tokenizer(text)["input_ids"]
+    tokens = tokenizer.encode(text)
     detokenizer = IncrementalDetokenizer(tokenizer)
     pieces = [detokenizer.push(token) for token in tokens] + [detokenizer.flush()]
     assert "".join(pieces) == text and not any("\ufffd" in piece for piece in pieces)
@@ -247,6 +248,160 @@ def test_text_streams_in_whole_characters_and_holds_back_stop_prefixes(family):
     assert stops.feed("y") == ("", False) and stops.flush() == "xy"
     stops = StopStrings(["world"])
     assert stops.feed("a wo") == ("a ", False) and stops.feed("rld b") == ("", True)
+
+
+def test_special_tokens_are_matched_by_stop_strings_but_never_shown():
+    stops = StopStrings(["<|end|>"])
+    assert stops.feed("Bye") == ("Bye", False)
+    assert stops.feed("<|end|>", shown=False) == ("", True)
+    stops = StopStrings(["Bye<|end|>", "zz"])
+    assert stops.feed("ok Bye") == ("ok ", False)  # "Bye" could begin "Bye<|end|>"
+    assert stops.feed("<|pad|>", shown=False) == ("Bye", False)  # no stop string: released, the token unshown
+    assert stops.feed("Bye") == ("", False) and stops.feed("<|end|>", shown=False) == ("", True)
+    stops = StopStrings(["<|end|>!"])
+    assert stops.feed("a") == ("a", False) and stops.feed("<|end|>", shown=False) == ("", False)
+    assert stops.flush() == ""  # held back but never shown
+
+
+def test_a_tokenizer_used_by_many_threads_gives_the_ids_it_gives_alone(family):
+    """Every call holds the tokenizer's lock. One thread truncating (through ``locked()``, as the
+    rule says) while others encode: without the lock in ``encode`` its setting leaks into theirs."""
+    from transformers import AutoTokenizer
+
+    directory = family["artifacts"]["chat"] / "expert"
+    shared = load_tokenizer(directory)
+    assert load_tokenizer(str(directory)) is shared  # loaded once per directory
+    texts = [f"line {i}: " + "the river runs past the old mill and on to the sea " * (40 + 7 * i) for i in range(12)]
+    alone = [shared.encode(text) for text in texts]
+    independent = AutoTokenizer.from_pretrained(directory)
+    assert alone == [independent(text)["input_ids"] for text in texts]
+
+    def truncating(index: int) -> list[int]:
+        with shared.locked() as tokenizer:
+            return tokenizer(texts[index], truncation=True, max_length=8)["input_ids"]
+
+    def work(job: int) -> tuple[str, list[int] | str]:
+        index = job % len(texts)
+        if job % 4 == 0:
+            return "truncated", truncating(index)
+        if job % 4 == 1:
+            return "decoded", shared.decode(alone[index])
+        return "encoded", shared.encode(texts[index])
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(work, range(480)))
+    for job, (kind, value) in enumerate(results):
+        index = job % len(texts)
+        if kind == "encoded":
+            assert value == alone[index], f"job {job}: {len(value)} ids, alone {len(alone[index])}"
+        elif kind == "decoded":
+            assert value == independent.decode(alone[index], skip_special_tokens=True)
+        else:
+            assert value == alone[index][:8]
+
+    hi = [{"role": "user", "content": "hi"}]
+    calls = {"encode": (lambda: shared.encode("hello"), independent("hello")["input_ids"], shared.lock),
+             "render_chat": (lambda: shared.render_chat(hi),
+                             independent.apply_chat_template(hi, tokenize=False, add_generation_prompt=True),
+                             shared.lock),
+             "__call__": (lambda: shared("hello")["input_ids"], independent("hello")["input_ids"], shared.lock),
+             "forwarded method": (lambda: shared.convert_ids_to_tokens([5, 4098]),
+                                  independent.convert_ids_to_tokens([5, 4098]), shared.lock),
+             "decode": (lambda: shared.decode([5, 4098, 6]), independent.decode([5, 4098, 6], skip_special_tokens=True),
+                        shared.decode_lock)}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for name, (call, expected, lock) in calls.items():  # each waits for its lock
+            with lock:
+                pending = pool.submit(call)
+                time.sleep(0.1)
+                assert not pending.done(), f"{name} did not wait for its lock"
+            assert pending.result(timeout=10) == expected, name
+        with shared.lock:  # an encode in progress: decoding (the engine thread's) goes on
+            assert pool.submit(shared.decode, [5, 6]).result(timeout=10) == independent.decode([5, 6])
+
+
+def test_tokenizers_are_read_once_each_and_one_at_a_time(family, tmp_path, monkeypatch):
+    """Threads asking at once for directories not read yet: each directory is read once (every asker
+    gets that tokenizer) and no two reads overlap (transformers' lazy imports are not thread-safe)."""
+    import threading
+
+    import transformers
+
+    real_read = transformers.AutoTokenizer.from_pretrained
+    guard, reading, most, reads = threading.Lock(), [0], [0], []
+
+    def counted_read(directory, *args, **kwargs):
+        with guard:
+            reading[0] += 1
+            most[0] = max(most[0], reading[0])
+            reads.append(str(directory))
+        try:
+            time.sleep(0.05)  # a slow disk: overlapping reads would overlap here
+            return real_read(directory, *args, **kwargs)
+        finally:
+            with guard:
+                reading[0] -= 1
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", counted_read)
+    directories = [tmp_path / f"copy{i}" for i in range(4)]
+    for directory in directories:
+        shutil.copytree(family["artifacts"]["chat"] / "expert", directory)
+    askers = directories * 4
+    start = threading.Barrier(len(askers))
+
+    def ask(directory):
+        start.wait()
+        return load_tokenizer(directory)
+
+    with ThreadPoolExecutor(max_workers=len(askers)) as pool:
+        got = list(pool.map(ask, askers))
+    assert sorted(reads) == sorted(map(str, directories)) and most[0] == 1
+    for directory, tokenizer in zip(askers, got):
+        assert tokenizer is load_tokenizer(directory) and tokenizer.directory == directory
+
+
+def test_stop_tokens_are_eos_the_generation_configs_and_the_templates_end_of_turn(family, tmp_path):
+    from transformers import AutoTokenizer
+
+    chat = family["artifacts"]["chat"] / "expert"
+    independent = AutoTokenizer.from_pretrained(chat)
+    end_of_turn = independent.convert_tokens_to_ids("<|end|>")
+    assert end_of_turn != independent.unk_token_id and end_of_turn != independent.eos_token_id
+    assert load_tokenizer(chat).stop_token_ids == {independent.eos_token_id, end_of_turn}
+    assert load_tokenizer(family["base"]).stop_token_ids == {independent.eos_token_id}  # no chat template
+
+    listed = tmp_path / "listed"
+    shutil.copytree(chat, listed)
+    (listed / "chat_template.jinja").unlink()
+    (listed / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 7, 4097]}))
+    tokenizer = load_tokenizer(listed)
+    assert not tokenizer.has_chat_template and tokenizer.stop_token_ids == {0, 7, 4097}
+
+    broken = tmp_path / "broken"
+    shutil.copytree(listed, broken)
+    (broken / "generation_config.json").write_text(json.dumps({"eos_token_id": "<|end|>"}))
+    with pytest.raises(ValueError, match=r"generation_config.json: eos_token_id must be a token id or a list"):
+        load_tokenizer(broken)
+
+
+def test_a_chat_turn_ends_at_its_end_of_turn_token(family, model):
+    from transformers import AutoTokenizer
+
+    end_of_turn = AutoTokenizer.from_pretrained(family["artifacts"]["chat"] / "expert").convert_tokens_to_ids("<|end|>")
+    prompt = "<|user|>do you like hiking in the mountains?<|end|>\n<|assistant|>"
+    with Engine(model) as engine:
+        turn, on, stopped = (engine.submit("chat", prompt, SamplingParams(max_tokens=120, temperature=0, **extra))
+                             for extra in ({}, {"ignore_eos": True}, {"ignore_eos": True, "stop": "<|end|>"}))
+        turn, on, stopped = turn.result(timeout=60), on.result(timeout=60), stopped.result(timeout=60)
+        assert_idle(engine, model)
+    assert on.finish_reason == "length" and end_of_turn in on.token_ids  # the expert does end its turn ...
+    cut = on.token_ids.index(end_of_turn)
+    assert on.text.startswith(turn.text) and len(on.text) > len(turn.text)  # ... and goes on past it, if let
+    assert turn.finish_reason == "stop" and turn.token_ids == on.token_ids[:cut] and turn.text.strip()
+    assert turn.usage["completion_tokens"] == cut + 1  # the end of turn is counted, not returned
+    # a stop string naming the special token ends at it as well; the token's text is never shown
+    assert stopped.finish_reason == "stop" and stopped.text == turn.text
+    assert stopped.token_ids == on.token_ids[:cut + 1]
 
 
 def test_cancel_and_close_free_everything(model):

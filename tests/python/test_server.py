@@ -18,7 +18,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -104,6 +106,34 @@ def raw(live):
 
 
 @pytest.fixture(scope="module")
+def hf_tokenizer(artifacts):
+    """Each expert's own tokenizer, loaded by transformers (an independent path from the server's)."""
+    from transformers import AutoTokenizer
+
+    return {name: AutoTokenizer.from_pretrained(artifacts[name] / "expert") for name in EXPERTS}
+
+
+def _end_ids(tokenizer) -> set[int]:
+    """The bundled chat expert's end tokens, named by hand: its EOS and the ``<|end|>`` its template ends turns with."""
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    assert end != tokenizer.unk_token_id
+    return {tokenizer.eos_token_id, end}
+
+
+def _samples(text: str) -> dict[str, float]:
+    """The samples of a Prometheus exposition (read by prometheus_client's parser), keyed
+    ``name{label="value",...}`` with the labels sorted."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{key}="{value}"' for key, value in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+@pytest.fixture(scope="module")
 def reference(artifacts):
     """An independent path: one sequence at a time through its own multi-expert model."""
     from meswitch.serve import MultiExpertModel
@@ -147,17 +177,15 @@ def test_health_and_metrics_need_no_key(live):
     assert metrics.status_code == 200 and "meswitch_kv_blocks_total" in metrics.text
 
 
-def test_chat_uses_the_experts_chat_template(client, live):
-    from meswitch.serve.chat import has_chat_template
-
+def test_chat_uses_the_experts_chat_template(client, hf_tokenizer):
     raw = client.chat.completions.with_raw_response.create(model="chat", messages=CHAT_PROMPT, max_tokens=12,
                                                            temperature=0)
     reply = raw.parse()
     assert raw.headers["x-meswitch-expert"] == "chat" and reply.model == "chat"
     assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
     assert reply.choices[0].message.role == "assistant" and reply.choices[0].finish_reason in ("stop", "length")
-    tokenizer = live.service.engine.tokenizer("chat")
-    assert has_chat_template(tokenizer)  # chat_template.jinja, carried in the artifact
+    tokenizer = hf_tokenizer["chat"]
+    assert tokenizer.chat_template  # chat_template.jinja, carried in the artifact
     templated = tokenizer.apply_chat_template(CHAT_PROMPT, tokenize=False, add_generation_prompt=True)
     assert templated.endswith("<|assistant|>")
     assert reply.usage.prompt_tokens == len(tokenizer(templated, add_special_tokens=False)["input_ids"])
@@ -165,12 +193,12 @@ def test_chat_uses_the_experts_chat_template(client, live):
     assert 1 <= reply.usage.completion_tokens <= 12
 
 
-def test_chat_without_a_template_uses_the_plain_format_and_matches_the_reference(client, live, reference):
+def test_chat_without_a_template_uses_the_plain_format_and_matches_the_reference(client, hf_tokenizer, reference):
     from meswitch.serve.generate import generate
 
     reply = client.chat.completions.create(model="math", messages=[{"role": "user", "content": MATH_QUESTION}],
                                            max_completion_tokens=24, temperature=0)
-    tokenizer = live.service.engine.tokenizer("math")
+    tokenizer = hf_tokenizer["math"]
     assert not getattr(tokenizer, "chat_template", None)
     assert reply.usage.prompt_tokens == len(tokenizer(MATH_QUESTION + "\n")["input_ids"])
     expected = generate(reference, "math", MATH_QUESTION + "\n", max_tokens=24)
@@ -190,8 +218,8 @@ def test_completion_matches_the_reference(client, reference):
     assert base.choices[0].text == generate(reference, None, "The river runs past the old mill and", max_tokens=8)
 
 
-def test_completion_with_token_ids_and_several_prompts(client, live):
-    tokenizer = live.service.engine.tokenizer("math")
+def test_completion_with_token_ids_and_several_prompts(client, hf_tokenizer):
+    tokenizer = hf_tokenizer["math"]
     ids = tokenizer(MATH_QUESTION + "\n")["input_ids"]
     by_ids = client.completions.create(model="math", prompt=ids, max_tokens=10, temperature=0)
     by_text = client.completions.create(model="math", prompt=MATH_QUESTION + "\n", max_tokens=10, temperature=0)
@@ -203,18 +231,69 @@ def test_completion_with_token_ids_and_several_prompts(client, live):
     assert both.usage.prompt_tokens == by_text.usage.prompt_tokens + len(tokenizer("Sam has 4 apples.\n")["input_ids"])
 
 
-def test_seeded_sampling_repeats_and_sampling_fields_apply(client):
-    def sample(seed: int) -> str:
-        return client.completions.create(model="chat", prompt="<|user|>tell me about your day<|end|>\n<|assistant|>",
-                                         max_tokens=16, temperature=1.0, top_p=0.9, seed=seed,
-                                         extra_body={"top_k": 40}).choices[0].text
+def test_seeded_sampling_repeats_and_other_seeds_differ(client, reference):
+    from meswitch.serve.generate import generate
 
-    assert sample(7) == sample(7)
-    stopped = client.completions.create(model="code", prompt=CODE_PROMPT, max_tokens=40, temperature=0, stop=["\n"])
-    assert "\n" not in stopped.choices[0].text and stopped.choices[0].finish_reason in ("stop", "length")
+    prompt = "<|user|>tell me about your day<|end|>\n<|assistant|>"
+
+    def sample(seed: int) -> str:
+        reply = client.completions.create(model="chat", prompt=prompt, max_tokens=16, temperature=1.0, top_p=0.9,
+                                          seed=seed, extra_body={"top_k": 40, "ignore_eos": True})
+        assert reply.usage.completion_tokens == 16
+        return reply.choices[0].text
+
+    seeded = {seed: sample(seed) for seed in (7, 8, 9, 10)}
+    assert sample(7) == seeded[7]
+    # 16 tokens drawn from the filtered distribution: four seeds agreeing would mean the seed is ignored
+    assert len(set(seeded.values())) == 4, seeded
+    # the seed seeds the draws themselves: without filters, the same draws as an independent sampler
+    unfiltered = client.completions.create(model="chat", prompt=prompt, max_tokens=12, temperature=0.8, seed=3)
+    assert unfiltered.choices[0].text == generate(reference, "chat", prompt, max_tokens=12, temperature=0.8, seed=3)
+
+
+def test_a_stop_string_ends_the_text_just_before_it(client):
+    full = client.completions.create(model="code", prompt=CODE_PROMPT, max_tokens=40, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    for stop in ("\n", full[12:16]):  # a newline, and four characters from the middle of the text
+        assert stop in full[1:], (stop, full)
+        stopped = client.completions.create(model="code", prompt=CODE_PROMPT, max_tokens=40, temperature=0,
+                                            stop=["never written", stop], extra_body={"ignore_eos": True})
+        assert stopped.choices[0].finish_reason == "stop"
+        assert stopped.choices[0].text == full[:full.index(stop)]
     long = client.completions.create(model="code", prompt=CODE_PROMPT, max_tokens=5, temperature=0,
                                      extra_body={"ignore_eos": True})
     assert long.usage.completion_tokens == 5 and long.choices[0].finish_reason == "length"
+
+
+def test_a_chat_reply_ends_with_its_turn(client, hf_tokenizer, reference):
+    """The bundled chat expert ends a turn with ``<|end|>``, which is not its EOS: the reply stops there
+    (finish_reason "stop"), without the next turns it would otherwise go on to invent."""
+    from meswitch.serve.generate import generate
+
+    tokenizer = hf_tokenizer["chat"]
+    templated = tokenizer.apply_chat_template(CHAT_PROMPT, tokenize=False, add_generation_prompt=True)
+    expected = generate(reference, "chat", templated, max_tokens=200, stop_token_ids=_end_ids(tokenizer))
+    reply = client.chat.completions.create(model="chat", messages=CHAT_PROMPT, max_tokens=200, temperature=0)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop" and reply.usage.completion_tokens < 200
+    assert choice.message.content == expected and expected.strip()
+    assert "<|" not in choice.message.content  # special tokens are never shown
+    # past its end of turn the expert writes more (the next turns): the reply is a strict prefix of that
+    on = client.chat.completions.create(model="chat", messages=CHAT_PROMPT, temperature=0,
+                                        max_tokens=reply.usage.completion_tokens + 30, extra_body={"ignore_eos": True})
+    assert on.choices[0].finish_reason == "length"
+    assert on.choices[0].message.content.startswith(choice.message.content)
+    assert on.choices[0].message.content[len(choice.message.content):].strip()
+
+    # a client's own stop string naming the special token ends the reply at it too
+    stopped = client.chat.completions.create(model="chat", messages=CHAT_PROMPT, max_tokens=200, temperature=0,
+                                             stop=["<|end|>"], extra_body={"ignore_eos": True})
+    assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].message.content == expected
+    streamed = client.chat.completions.create(model="chat", messages=CHAT_PROMPT, max_tokens=200, temperature=0,
+                                              stream=True)
+    chunks = list(streamed)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 # -- streaming ---------------------------------------------------------------------------------
@@ -430,7 +509,7 @@ def test_unknown_path_and_method_are_openai_errors(raw):
 def test_concurrent_requests_to_different_experts(client, live):
     jobs = [("chat", None), ("math", None), ("code", None), ("base", None), ("auto", "math"), ("auto", "code")] * 2
 
-    def run(job: tuple[str, str | None]) -> tuple[str, str, int]:
+    def run(job: tuple[str, str | None]) -> tuple[str, int, str]:
         model, kind = job
         if kind == "math" or model == "math":
             messages = [{"role": "user", "content": MATH_QUESTION}]
@@ -440,29 +519,173 @@ def test_concurrent_requests_to_different_experts(client, live):
             messages = CHAT_PROMPT
         reply = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0,
                                                extra_body={"ignore_eos": True})
-        return model, reply.model, reply.usage.completion_tokens
+        return reply.model, reply.usage.completion_tokens, reply.choices[0].message.content
 
+    alone = {job: run(job) for job in dict.fromkeys(jobs)}  # each request by itself, one after another
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        results = list(pool.map(run, jobs))
-    for (model, kind), (_, answered, tokens) in zip(jobs, results):
-        assert answered == (kind or model) and tokens == 12
+        together = list(pool.map(run, jobs))
+    for job, result in zip(jobs, together):
+        model, kind = job
+        assert result == alone[job] and result[0] == (kind or model) and result[1] == 12, (job, result, alone[job])
+    assert len({alone[job][2] for job in alone}) >= 4  # the experts answer differently
     _engine_idle(live)
 
 
-def test_metrics_count_requests_tokens_and_latency(live):
-    text = httpx.get(f"{live.url}/metrics", timeout=10).text
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    assert samples['meswitch_requests_total{endpoint="chat",expert="chat"}'] >= 1
-    assert samples['meswitch_generation_tokens_total{expert="math"}'] >= 1
-    assert samples['meswitch_time_to_first_token_seconds_count{expert="code"}'] >= 1
-    assert samples['meswitch_inter_token_latency_seconds_count{expert="code"}'] >= 1
-    assert samples['meswitch_routed_total{expert="math",fallback="false"}'] >= 1
-    assert samples['meswitch_request_errors_total{status="400"}'] >= 1
-    assert samples["meswitch_requests_waiting"] >= 0 and samples["meswitch_requests_running"] >= 0
+@contextmanager
+def _held_up(monkeypatch, owner, attribute: str, applies=lambda *args: True) -> Iterator[threading.Event]:
+    """Calls of the real ``owner.attribute`` (those its arguments make ``applies`` true for) wait
+    until the block ends; yields an event set once such a call waits."""
+    entered, release = threading.Event(), threading.Event()
+    real = getattr(owner, attribute)
+
+    def held(*args, **kwargs):
+        if applies(*args):
+            entered.set()
+            assert release.wait(60), "never released"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, attribute, held)
+    try:
+        yield entered
+    finally:
+        release.set()
+
+
+def _other_experts_are_served(live, quick) -> None:
+    """The event loop is free: /health answers and a request for the math expert completes."""
+    assert httpx.get(f"{live.url}/health", timeout=10).json()["status"] == "ok"
+    reply = quick.completions.create(model="math", prompt=MATH_QUESTION, max_tokens=3, temperature=0)
+    assert reply.model == "math" and reply.usage.completion_tokens >= 1
+
+
+@pytest.fixture(scope="module")
+def quick(live):
+    """A client that gives up after 20 s (a request stuck behind a blocked event loop fails)."""
+    return openai.OpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0, timeout=20)
+
+
+def test_adding_an_expert_blocks_no_request_for_another(live, quick, artifacts, monkeypatch):
+    """The store opening and checking a new artifact (held up here, in the real store) delays no
+    request for other experts; a second add of the same name is refused at once."""
+    store = live.service.app.state.meswitch.catalog.store
+    headers = {"Authorization": f"Bearer {KEY}"}
+    path = {"path": str(artifacts["code2"])}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        with _held_up(monkeypatch, store, "add") as entered:
+            adding = pool.submit(httpx.post, f"{live.url}/v1/experts", json=path, headers=headers, timeout=90)
+            assert entered.wait(30), "the add did not reach the store"
+            _other_experts_are_served(live, quick)
+            assert [m.id for m in quick.models.list()] == ["chat", "code", "math", "auto", "base"]
+            again = httpx.post(f"{live.url}/v1/experts", json=path, headers=headers, timeout=20)
+            assert _error(again, 409, "path")["code"] == "expert_changing"
+            assert not adding.done()
+        added = adding.result(timeout=60)
+    assert added.status_code == 201 and added.json()["id"] == "code2"
+    assert httpx.delete(f"{live.url}/v1/experts/code2", headers=headers, timeout=20).status_code == 200
+
+
+def test_removing_an_expert_blocks_no_request_for_another(client, raw, live, quick, artifacts, monkeypatch):
+    """While the store frees an expert (held up here), other experts are served, the expert being
+    removed is not (404), and a second DELETE of it is refused at once."""
+    assert raw.post("/v1/experts", json={"path": str(artifacts["code2"])}).status_code == 201
+    store = live.service.app.state.meswitch.catalog.store
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        with _held_up(monkeypatch, store, "remove") as entered:
+            removing = pool.submit(httpx.delete, f"{live.url}/v1/experts/code2", headers=headers, timeout=90)
+            assert entered.wait(30), "the removal did not reach the store"
+            _other_experts_are_served(live, quick)
+            with pytest.raises(openai.NotFoundError):
+                quick.completions.create(model="code2", prompt=CODE_PROMPT, max_tokens=3)
+            again = httpx.delete(f"{live.url}/v1/experts/code2", headers=headers, timeout=20)
+            assert _error(again, 409)["code"] == "expert_changing"
+            assert not removing.done()
+        assert removing.result(timeout=60).status_code == 200
+    assert "code2" not in [m.id for m in client.models.list()]
+
+
+def test_a_tokenizer_is_first_read_off_the_event_loop(client, raw, live, quick, artifacts, tmp_path, monkeypatch):
+    """An expert's first request reads its tokenizer from disk on a worker thread: while that read
+    (transformers' own) is held up, the event loop serves other experts; the request then completes."""
+    import transformers
+
+    copy = tmp_path / "code2.meswitch"  # a directory no tokenizer was read from yet
+    shutil.copytree(artifacts["code2"], copy)
+    assert raw.post("/v1/experts", json={"path": str(copy)}).status_code == 201
+    expected = client.completions.create(model="code", prompt=CODE_PROMPT, max_tokens=4, temperature=0)
+
+    def reads_copy(directory, *args) -> bool:
+        return str(directory).startswith(str(copy))
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        with _held_up(monkeypatch, transformers.AutoTokenizer, "from_pretrained", reads_copy) as entered:
+            first = pool.submit(client.completions.create, model="code2", prompt=CODE_PROMPT, max_tokens=4,
+                                temperature=0)
+            assert entered.wait(30), "the tokenizer was not read"
+            _other_experts_are_served(live, quick)
+            assert not first.done()
+        assert first.result(timeout=60).choices[0].text == expected.choices[0].text
+    _engine_idle(live)
+    deadline = time.monotonic() + 20
+    while (removed := raw.delete("/v1/experts/code2")).status_code == 409:  # until the engine lets go of it
+        assert time.monotonic() < deadline, removed.text
+        time.sleep(0.05)
+    assert removed.status_code == 200
+
+
+def test_a_busy_tokenizer_blocks_no_request_for_another_expert(client, live, quick):
+    """Requests tokenize on worker threads: while the chat expert's tokenizer is taken (its lock held
+    here), the event loop serves the math expert and /health, and the chat request waits, then finishes."""
+    tokenizer = live.service.engine.tokenizer("chat")
+    expected = client.completions.create(model="chat", prompt="<|user|>hi<|end|>\n<|assistant|>", max_tokens=6,
+                                         temperature=0).choices[0].text
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        with tokenizer.lock:
+            waiting = pool.submit(client.completions.create, model="chat", prompt="<|user|>hi<|end|>\n<|assistant|>",
+                                  max_tokens=6, temperature=0)
+            chatting = pool.submit(client.chat.completions.create, model="chat", messages=CHAT_PROMPT, max_tokens=4)
+            time.sleep(0.3)
+            _other_experts_are_served(live, quick)
+            assert not waiting.done() and not chatting.done()
+        assert waiting.result(timeout=60).choices[0].text == expected
+        assert chatting.result(timeout=60).choices[0].finish_reason in ("stop", "length")
+
+
+def test_metrics_count_requests_tokens_and_latency(client, raw, live):
+    """Each counter read before and after this test's own requests rises by exactly what they did."""
+    _engine_idle(live)
+    before = _samples(httpx.get(f"{live.url}/metrics", timeout=10).text)
+    for _ in range(2):
+        client.chat.completions.create(model="chat", messages=CHAT_PROMPT, max_tokens=3, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    math = client.completions.create(model="math", prompt=MATH_QUESTION, max_tokens=5, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    list(client.completions.create(model="code", prompt=CODE_PROMPT, max_tokens=7, temperature=0, stream=True,
+                                   extra_body={"ignore_eos": True}))
+    routed = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": MATH_QUESTION}],
+                                            max_tokens=2, temperature=0, extra_body={"ignore_eos": True})
+    assert routed.model == "math"
+    _error(raw.post("/v1/completions", json={"model": "math", "prompt": ""}), 400, "prompt")
+    _engine_idle(live)
+    samples = _samples(httpx.get(f"{live.url}/metrics", timeout=10).text)
+
+    def increase(name: str) -> float:
+        return samples[name] - before.get(name, 0.0)
+
+    assert increase('meswitch_requests_total{endpoint="chat",expert="chat"}') == 2
+    assert increase('meswitch_requests_finished_total{expert="chat",finish_reason="length"}') == 2
+    assert increase('meswitch_generation_tokens_total{expert="chat"}') == 6
+    assert increase('meswitch_requests_total{endpoint="completions",expert="math"}') == 1
+    assert increase('meswitch_requests_total{endpoint="chat",expert="math"}') == 1
+    assert increase('meswitch_generation_tokens_total{expert="math"}') == 5 + 2
+    math_prompts = math.usage.prompt_tokens + routed.usage.prompt_tokens
+    assert increase('meswitch_prompt_tokens_total{expert="math"}') == math_prompts
+    assert increase('meswitch_time_to_first_token_seconds_count{expert="code"}') == 1
+    assert increase('meswitch_inter_token_latency_seconds_count{expert="code"}') == 6  # no gap before the first
+    assert increase('meswitch_request_duration_seconds_count{expert="code"}') == 1
+    assert increase('meswitch_routed_total{expert="math",fallback="false"}') == 1
+    assert increase('meswitch_request_errors_total{status="400"}') == 1
+    assert samples["meswitch_requests_waiting"] == samples["meswitch_requests_running"] == 0
     host = live.service.store.memory_report()["tiers"]["host"]
     assert samples['meswitch_store_budget_bytes{tier="host"}'] == host["budget_bytes"] == 64 * 10**6
     assert 0 < samples['meswitch_store_bytes{tier="host"}'] <= host["budget_bytes"]

@@ -21,6 +21,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meswitch import __version__
@@ -122,15 +123,13 @@ def create_app(engine: Any, store: Any, router: Any = None, *, api_key: str | No
 
     @v1.post("/experts", status_code=201)
     async def add_expert(body: AddExpertRequest) -> ModelCard:
-        from starlette.concurrency import run_in_threadpool
-
         name = await run_in_threadpool(catalog.add, body.path)  # the store checks the artifact against the base
         created = dict(catalog.models())[name]
         return ModelCard(id=name, created=created)
 
     @v1.delete("/experts/{name}")
     async def remove_expert(name: str) -> JSONResponse:
-        catalog.remove(name)
+        await run_in_threadpool(catalog.remove, name)  # the store frees the expert's memory
         return JSONResponse({"id": name, "object": "model", "deleted": True})
 
     app.include_router(v1)

@@ -12,6 +12,13 @@ Experts come and go at run time through :meth:`ModelCatalog.add` and
 from before it is submitted until its last token; removing an expert that a request
 holds is refused (409) rather than waited for, so a DELETE never hangs behind a long
 generation and never pulls an expert from under one.
+
+The catalog's lock guards only its own bookkeeping (holds, names changing, when each
+expert was added) and is never held while the store works: an add opens and checks the
+artifact (reads its manifest and shard headers, compares it with the base) and a removal
+frees an expert's memory, and requests for other experts go on meanwhile. A name being
+added or removed is reserved under the lock first, so two adds of one name, or an add and
+a removal, never run at once: the second is refused with 409 at once.
 """
 
 from __future__ import annotations
@@ -72,6 +79,7 @@ class ModelCatalog:
         self.router = router
         self._lock = threading.Lock()
         self._in_use: Counter[str] = Counter()
+        self._changing: dict[str, str] = {}  # name -> "added" or "removed": the store is at work on it
         self.started = int(time.time())
         self._added: dict[str, int] = {name: self.started for name in store.names()}
         for name in store.names():
@@ -140,7 +148,7 @@ class ModelCatalog:
             yield
             return
         with self._lock:
-            if name not in self.store.names():
+            if name not in self.store.names() or self._changing.get(name) == "removed":
                 raise APIError(404, f"the model '{name}' does not exist (it was just removed)", param="model",
                                code="model_not_found")
             self._in_use[name] += 1
@@ -160,11 +168,15 @@ class ModelCatalog:
     def add(self, path: str | os.PathLike[str]) -> str:
         """Serve the ``NAME.meswitch`` artifact at ``path``; returns its name.
 
+        Blocking (the store reads and checks the artifact): call it off the event loop.
+        Requests for other experts are served meanwhile.
+
         Raises
         ------
         APIError
             400 for a path that is no artifact, a malformed one, one compressed against
-            another base, or a reserved name; 409 for a name already served.
+            another base, or a reserved name; 409 for a name already served or being
+            added or removed.
         """
         from meswitch import _core
 
@@ -174,7 +186,7 @@ class ModelCatalog:
             check_expert_name(name)
         except ValueError as error:
             raise APIError(400, f"path: {directory}: {error}", param="path", code="invalid_expert") from None
-        with self._lock:
+        with self._changes(name, "added"):
             if name is not None and name in self.store.names():
                 raise APIError(409, f"an expert named '{name}' is already served; DELETE /v1/experts/{name} first",
                                param="path", code="expert_exists")
@@ -184,34 +196,61 @@ class ModelCatalog:
                 raise APIError(400, f"path: {one_line(error)}", param="path", code="invalid_expert") from None
             except RuntimeError as error:  # the store's "already has an expert of that name"
                 raise APIError(409, f"path: {one_line(error)}", param="path", code="expert_exists") from None
-            self._added[added] = int(time.time())
+            with self._lock:
+                self._added[added] = int(time.time())
         return added
+
+    @contextmanager
+    def _changes(self, name: str | None, change: str) -> Iterator[None]:
+        """Reserve ``name`` while the store adds or removes it (409 while another change of it runs).
+
+        ``None`` (an artifact whose manifest names nobody) reserves nothing: the store refuses it.
+        """
+        if name is None:
+            yield
+            return
+        with self._lock:
+            if name in self._changing:
+                raise APIError(409, f"expert '{name}' is being {self._changing[name]} by another request; "
+                                    "retry when that has finished", param="path" if change == "added" else None,
+                               code="expert_changing")
+            self._changing[name] = change
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._changing[name]
 
     def remove(self, name: str) -> None:
         """Stop serving ``name``.
+
+        Blocking (the store frees the expert's memory): call it off the event loop. From
+        the moment it is accepted, new requests for ``name`` get 404.
 
         Raises
         ------
         APIError
             404 for an expert not served, 400 for ``base`` or ``auto``, 409 while requests
-            use it (or the store is still loading it).
+            use it (or the store is still loading it), or while it is being added or removed.
         """
         if name in RESERVED:
             raise APIError(400, f"'{name}' is not an expert and cannot be removed", code="invalid_expert")
-        with self._lock:
-            if name not in self.store.names():
-                raise APIError(404, f"the model '{name}' does not exist; served experts: "
-                                    f"{', '.join(self.store.names()) or 'none'}", code="model_not_found")
-            users = self._in_use.get(name, 0)
-            if users:
-                raise APIError(409, f"expert '{name}' is answering {users} request(s); remove it when they "
-                                    "have finished", code="expert_in_use")
+        with self._changes(name, "removed"):
+            with self._lock:  # with "removed" reserved, use() admits no new holder from here on
+                if name not in self.store.names():
+                    raise APIError(404, f"the model '{name}' does not exist; served experts: "
+                                        f"{', '.join(self.store.names()) or 'none'}", code="model_not_found")
+                users = self._in_use.get(name, 0)
+                if users:
+                    raise APIError(409, f"expert '{name}' is answering {users} request(s); remove it when they "
+                                        "have finished", code="expert_in_use")
             try:
                 self.store.remove(name)
             except RuntimeError as error:  # held by the engine a moment longer, or a prefetch still loading
                 raise APIError(409, f"expert '{name}' is in use: {one_line(error)}; retry shortly",
                                code="expert_in_use") from None
-            self._added.pop(name, None)
+            with self._lock:
+                self._added.pop(name, None)
 
 
 def check_expert_name(name: str | None) -> None:

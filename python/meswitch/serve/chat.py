@@ -20,14 +20,9 @@ never saw. System and developer messages are part of the text like the others.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from meswitch.serve.protocol import ChatMessage
-
-
-def has_chat_template(tokenizer: Any) -> bool:
-    """Whether ``tokenizer`` carries a chat template."""
-    return bool(getattr(tokenizer, "chat_template", None))
+from meswitch.serve.tokenizer import SharedTokenizer
 
 
 def plain_prompt(messages: Sequence[ChatMessage]) -> str:
@@ -35,28 +30,29 @@ def plain_prompt(messages: Sequence[ChatMessage]) -> str:
     return "".join(f"{message.text()}\n" for message in messages)
 
 
-def chat_prompt_tokens(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[int]:
+def chat_prompt_tokens(tokenizer: SharedTokenizer, messages: Sequence[ChatMessage]) -> list[int]:
     """The token ids of ``messages`` prompted for the assistant's next turn.
+
+    Reads no file but runs the template and the tokenizer: call it off the event loop.
 
     Parameters
     ----------
     tokenizer
-        The expert's HF tokenizer.
+        The expert's tokenizer.
     messages
         The conversation so far.
 
     Returns
     -------
     list of int
-        With a chat template: ``apply_chat_template(..., add_generation_prompt=True)``;
-        without: the plain format. Either way tokenized without adding special tokens
-        again (a template writes the ones it wants).
+        With a chat template: the template's text with the generation prompt added,
+        tokenized without adding special tokens again (the template writes the ones it
+        wants); without: the plain format, tokenized as a text prompt is.
     """
-    if has_chat_template(tokenizer):
-        conversation = [{"role": m.role, "content": m.text()} for m in messages]
-        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(plain_prompt(messages))["input_ids"])
+    if tokenizer.has_chat_template:
+        text = tokenizer.render_chat([{"role": m.role, "content": m.text()} for m in messages])
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(plain_prompt(messages))
 
 
-__all__ = ["chat_prompt_tokens", "has_chat_template", "plain_prompt"]
+__all__ = ["chat_prompt_tokens", "plain_prompt"]

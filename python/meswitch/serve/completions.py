@@ -3,7 +3,10 @@
 A request is validated (``protocol.py``), its model chosen (``catalog.py``: a name, ``base``,
 or the router's pick for ``auto``), its expert held for its lifetime, its prompt built (chat:
 the expert's own template, ``chat.py``) and submitted to the engine, which batches it with
-every other request in flight. The answer is either one JSON body once the engine finishes
+every other request in flight. Building and submitting run on a worker thread, never on the
+event loop: they read the expert's tokenizer from disk on its first use, run the chat
+template and tokenize (under the tokenizer's lock, ``tokenizer.py``, shared with every other
+thread that encodes with it). The answer is either one JSON body once the engine finishes
 or a server-sent event stream in OpenAI's chunk format ending with ``data: [DONE]``; both
 name the expert in the ``model`` field and the ``x-meswitch-expert`` header.
 
@@ -46,6 +49,7 @@ from meswitch.serve.protocol import (
     new_id,
     now,
 )
+from meswitch.serve.tokenizer import SharedTokenizer
 
 #: The response header naming the expert that answered.
 EXPERT_HEADER = "x-meswitch-expert"
@@ -91,20 +95,47 @@ def _sampling_params(request: ChatCompletionRequest | CompletionRequest, max_tok
         raise APIError(400, message, param=field, code="invalid_value") from None
 
 
-def _submit(context: ServingContext, choice: Choice, prompt: str | list[int], params: Any, field: str) -> Any:
+def _submit_all(context: ServingContext, choice: Choice, prompts: Sequence[tuple[str | list[int], str]],
+                params: Any, handles: list[Any]) -> None:
+    """Submit each ``(prompt, field)`` to the engine, appending its handle to ``handles``.
+
+    Blocking (tokenizes; may read the tokenizer from disk): for a worker thread. The caller
+    owns ``handles`` and cancels them if anything fails, also after a refusal here.
+    """
     from meswitch.serve.engine import PromptTooLong
 
-    with _engine_errors(choice):
-        try:
-            return context.engine.submit(choice.expert, prompt, params)
-        except PromptTooLong as error:
-            raise APIError(400, f"{field}: {_about_prompt(error)}", param=field,
-                           code="context_length_exceeded") from None
-        except ValueError as error:
-            raise APIError(400, f"{field}: {_about_prompt(error)}", param=field, code="invalid_value") from None
+    for prompt, field in prompts:
+        with _engine_errors(choice):
+            try:
+                handles.append(context.engine.submit(choice.expert, prompt, params))
+            except PromptTooLong as error:
+                raise APIError(400, f"{field}: {_about_prompt(error)}", param=field,
+                               code="context_length_exceeded") from None
+            except ValueError as error:
+                raise APIError(400, f"{field}: {_about_prompt(error)}", param=field,
+                               code="invalid_value") from None
 
 
-def _tokenizer(context: ServingContext, choice: Choice) -> Any:
+async def _submitted(stack: ExitStack, work: Callable[[list[Any]], None]) -> list[Any]:
+    """The handles ``work`` submits on a worker thread; on any failure (or cancellation) they are
+    cancelled and the expert's hold in ``stack`` is let go."""
+    handles: list[Any] = []
+    try:
+        await run_in_threadpool(work, handles)
+    except BaseException:
+        for handle in handles:
+            handle.cancel()
+        stack.close()
+        raise
+    return handles
+
+
+def _prompt_field(prompts: Sequence[Any], index: int) -> str:
+    """The request field of prompt ``index``: ``prompt``, or ``prompt.N`` in a list of them."""
+    return "prompt" if len(prompts) == 1 else f"prompt.{index}"
+
+
+def _tokenizer(context: ServingContext, choice: Choice) -> SharedTokenizer:
     with _engine_errors(choice):
         return context.engine.tokenizer(choice.expert)
 
@@ -264,18 +295,14 @@ class Completions:
         messages = [m.model_dump() for m in body.messages]
         choice = context.catalog.choose(body.model, messages)
         stack = self._hold(choice)
-        handles: list[Any] = []
-        try:
-            # off the event loop: a tokenizer's first use reads it from disk, and templates run Jinja
-            prompt = await run_in_threadpool(
-                lambda: chat_prompt_tokens(_tokenizer(context, choice), body.messages))
+
+        def submit(handles: list[Any]) -> None:
+            prompt = chat_prompt_tokens(_tokenizer(context, choice), body.messages)
             limit = body.token_limit()
             max_tokens = limit if limit is not None else max(1, context.context_length - len(prompt))
-            params = _sampling_params(body, max_tokens)
-            handles.append(_submit(context, choice, prompt, params, "messages"))
-        except BaseException:
-            stack.close()
-            raise
+            _submit_all(context, choice, [(prompt, "messages")], _sampling_params(body, max_tokens), handles)
+
+        handles = await _submitted(stack, submit)
         self._accepted(choice, "chat")
         timer = RequestTimer(context.metrics, choice.model, received)
         headers = {EXPERT_HEADER: choice.model}
@@ -325,19 +352,15 @@ class Completions:
                            param="prompt")
         choice = context.catalog.choose(body.model, prompts[0] if isinstance(prompts[0], str) else None)
         stack = self._hold(choice)
-        handles: list[Any] = []
-        try:
+
+        def submit(handles: list[Any]) -> None:
             params = _sampling_params(body, body.max_tokens or COMPLETION_MAX_TOKENS)
             if any(not isinstance(p, str) for p in prompts):
                 self._check_token_ids(choice, prompts)
-            for index, prompt in enumerate(prompts):
-                field = "prompt" if len(prompts) == 1 else f"prompt.{index}"
-                handles.append(_submit(context, choice, prompt, params, field))
-        except BaseException:
-            for handle in handles:
-                handle.cancel()
-            stack.close()
-            raise
+            _submit_all(context, choice, [(p, _prompt_field(prompts, i)) for i, p in enumerate(prompts)], params,
+                        handles)
+
+        handles = await _submitted(stack, submit)
         self._accepted(choice, "completions")
         timers = [RequestTimer(context.metrics, choice.model, received) for _ in handles]
         headers = {EXPERT_HEADER: choice.model}
@@ -359,7 +382,7 @@ class Completions:
         for index, prompt in enumerate(prompts):
             bad = [t for t in prompt if not 0 <= t < vocabulary] if isinstance(prompt, list) else []
             if bad:
-                field = "prompt" if len(prompts) == 1 else f"prompt.{index}"
+                field = _prompt_field(prompts, index)
                 raise APIError(400, f"{field}: token id {bad[0]} is outside the vocabulary of '{choice.model}' "
                                     f"({vocabulary} tokens)", param=field, code="invalid_value")
 

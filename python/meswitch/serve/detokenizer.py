@@ -9,6 +9,13 @@ output; the released pieces concatenate to ``tokenizer.decode(all tokens)``.
 
 :class:`StopStrings` then holds back any tail of that text that could still grow into a
 stop string, and cuts the text where one appears.
+
+**Special tokens are matched, not shown.** The text a request returns never contains a
+special token (``<|end|>``, ``<|endoftext|>``: decoding skips them, as transformers'
+``skip_special_tokens=True`` does), but stop strings are matched against the text with
+each special token written out (:attr:`~meswitch.serve.tokenizer.SharedTokenizer.hidden_tokens`).
+So ``stop=["<|end|>"]`` ends a request at that token, and ``stop=["Bye<|end|>"]`` at the
+text ``Bye`` followed by it; either way the text returned ends just before the match.
 """
 
 from __future__ import annotations
@@ -26,8 +33,7 @@ class IncrementalDetokenizer:
     Parameters
     ----------
     tokenizer
-        A Hugging Face tokenizer; special tokens are skipped, as ``decode(...,
-        skip_special_tokens=True)`` does.
+        A :class:`~meswitch.serve.tokenizer.SharedTokenizer` (its ``decode`` skips special tokens).
     """
 
     def __init__(self, tokenizer: Any) -> None:
@@ -37,7 +43,7 @@ class IncrementalDetokenizer:
         self._read = 0  # tokens up to here are released as text
 
     def _decode(self, tokens: Sequence[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return self.tokenizer.decode(tokens)
 
     def push(self, token: int) -> str:
         """Add ``token``; return the new text it completes (``""`` while a character is incomplete)."""
@@ -62,32 +68,44 @@ class StopStrings:
 
     No text released ever contains the start of a stop string occurrence: any suffix that
     is a prefix of a stop string waits for the next text. So each search looks only at the
-    text held back plus the new text, a few characters.
+    text held back plus the new text, a few characters. Text fed with ``shown=False`` (a
+    special token's) is matched like any other but never released.
     """
 
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = tuple(stops)
         self._held = ""
+        self._shown: list[bool] = []  # per held character: released as text, or only matched
 
-    def feed(self, text: str) -> tuple[str, bool]:
+    def feed(self, text: str, *, shown: bool = True) -> tuple[str, bool]:
         """Add ``text``; return the text safe to release and whether a stop string appeared.
 
         After a stop, the released text ends just before it and nothing more comes.
         """
         held = self._held + text
+        mask = self._shown + [shown] * len(text)
         found = [index for index in (held.find(stop) for stop in self.stops) if index >= 0]
         if found:
-            self._held = ""
-            return held[:min(found)], True
+            self._held, self._shown = "", []
+            return _visible(held[:min(found)], mask), True
         keep = 0
         for size in range(min(len(held), max(map(len, self.stops), default=1) - 1), 0, -1):
             if any(stop.startswith(held[-size:]) for stop in self.stops):
                 keep = size
                 break
-        self._held = held[len(held) - keep:]
-        return held[:len(held) - keep], False
+        cut = len(held) - keep
+        self._held, self._shown = held[cut:], mask[cut:]
+        return _visible(held[:cut], mask), False
 
     def flush(self) -> str:
         """The text held back (the output ended without completing a stop string)."""
-        held, self._held = self._held, ""
-        return held
+        held, mask = self._held, self._shown
+        self._held, self._shown = "", []
+        return _visible(held, mask)
+
+
+def _visible(text: str, shown: Sequence[bool]) -> str:
+    """The characters of ``text`` marked shown (``shown`` may run past its end)."""
+    if all(shown[:len(text)]):
+        return text
+    return "".join(character for character, keep in zip(text, shown) if keep)

@@ -37,7 +37,7 @@ from meswitch.serve.request import Request, RequestHandle, RequestStatus
 from meswitch.serve.residency import RETRY_SECONDS, ExpertResidency
 from meswitch.serve.sampling import SamplingParams, sample
 from meswitch.serve.scheduler import Admission, Scheduler, StepPlan
-from meswitch.serve.tokenizer import load_tokenizer
+from meswitch.serve.tokenizer import SharedTokenizer, load_tokenizer
 
 LOGGER = logging.getLogger(__name__)
 
@@ -104,7 +104,6 @@ class Engine:
         self._residency = ExpertResidency(model, source, self._wake)
         self._scheduler = Scheduler(model.cache, model.free, self._gate, max_running=max_running,
                                     max_batch_tokens=max_batch_tokens)
-        self._encode_lock = threading.Lock()  # a fast tokenizer is not safe to encode from two threads
         self._counters_lock = threading.Lock()
         self._finished_total = 0
         self._tokens_generated: dict[str | None, int] = {}
@@ -151,8 +150,10 @@ class Engine:
 
     # -- requests --------------------------------------------------------------------------
 
-    def tokenizer(self, expert: str | None) -> Any:
+    def tokenizer(self, expert: str | None) -> SharedTokenizer:
         """The tokenizer of ``expert`` (the base's for ``None``), read without loading the expert.
+
+        Its first use reads files: call it (and :meth:`submit`) off an event loop.
 
         Raises
         ------
@@ -180,6 +181,9 @@ class Engine:
     def submit(self, expert: str | None, prompt: str | Sequence[int], params: SamplingParams | None = None,
                request_id: str | None = None) -> RequestHandle:
         """Queue a request and return its handle; it runs once the loop admits it.
+
+        Thread-safe. It tokenizes a text prompt, and reads the expert's tokenizer from disk
+        on its first use, so an asyncio server calls it from a worker thread.
 
         Parameters
         ----------
@@ -228,10 +232,10 @@ class Engine:
             self._prompt_tokens[expert] = self._prompt_tokens.get(expert, 0) + len(tokens)
         return handle
 
-    def _prompt_tokens_of(self, expert: str | None, prompt: str | Sequence[int], tokenizer: Any) -> list[int]:
+    def _prompt_tokens_of(self, expert: str | None, prompt: str | Sequence[int],
+                          tokenizer: SharedTokenizer) -> list[int]:
         if isinstance(prompt, str):
-            with self._encode_lock:
-                tokens = list(tokenizer(prompt)["input_ids"])
+            tokens = tokenizer.encode(prompt)
             if not tokens:
                 raise ValueError("prompt: the text encodes to no tokens")
             return tokens
@@ -406,13 +410,17 @@ class Engine:
         request.completion_tokens += 1
         with self._counters_lock:
             self._tokens_generated[request.expert] = self._tokens_generated.get(request.expert, 0) + 1
-        if token == request.eos_token_id:
+        if token in request.stop_token_ids:
             self._finish(request, "stop", flush=True)
             return
         request.tokens.append(token)
         text = request.detokenizer.push(token)
-        if request.stop_strings is not None and text:
+        if request.stop_strings is not None:
             text, stopped = request.stop_strings.feed(text)
+            hidden = request.hidden_tokens.get(token)
+            if hidden is not None and not stopped:  # a special token: matched, never shown
+                more, stopped = request.stop_strings.feed(hidden, shown=False)
+                text += more
             if stopped:
                 self._finish(request, "stop", text=text, token_ids=[token])
                 return

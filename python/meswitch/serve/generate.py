@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from meswitch.serve.model import MultiExpertModel, SequenceInput
-from meswitch.serve.tokenizer import load_tokenizer
+from meswitch.serve.tokenizer import SharedTokenizer, load_tokenizer
 
 
-def expert_tokenizer(model: MultiExpertModel, expert: str | None) -> Any:
+def expert_tokenizer(model: MultiExpertModel, expert: str | None) -> SharedTokenizer:
     """The tokenizer of ``expert`` (its artifact's ``expert/`` directory) or of the base (``None``)."""
     if expert is None:
         return load_tokenizer(str(model.base_dir))
@@ -20,7 +20,8 @@ def expert_tokenizer(model: MultiExpertModel, expert: str | None) -> Any:
 
 
 def generate(model: MultiExpertModel, expert: str | None, prompt: str, max_tokens: int = 64, *,
-             temperature: float = 0.0, seed: int | None = None, stop_at_eos: bool = True) -> str:
+             temperature: float = 0.0, seed: int | None = None, stop_at_eos: bool = True,
+             stop_token_ids: Collection[int] | None = None) -> str:
     """The text ``expert`` (``None``: the base) continues ``prompt`` with.
 
     Parameters
@@ -38,7 +39,10 @@ def generate(model: MultiExpertModel, expert: str | None, prompt: str, max_token
     seed
         Seed of the sampler (only with ``temperature > 0``).
     stop_at_eos
-        Stop at the tokenizer's end-of-sequence token (not included in the text).
+        Stop at a stop token (not included in the text).
+    stop_token_ids
+        The stop tokens; ``None``: the expert's own (its EOS and its chat template's end
+        of turn, :attr:`~meswitch.serve.tokenizer.SharedTokenizer.stop_token_ids`).
 
     Returns
     -------
@@ -47,7 +51,8 @@ def generate(model: MultiExpertModel, expert: str | None, prompt: str, max_token
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     tokenizer = expert_tokenizer(model, expert)
-    tokens = list(tokenizer(prompt)["input_ids"])
+    stops = frozenset(tokenizer.stop_token_ids if stop_token_ids is None else stop_token_ids) if stop_at_eos else ()
+    tokens = tokenizer.encode(prompt)
     if not tokens:
         raise ValueError("the prompt encodes to no tokens")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -61,10 +66,10 @@ def generate(model: MultiExpertModel, expert: str | None, prompt: str, max_token
             else:
                 probabilities = torch.softmax(logits / temperature, dim=-1)
                 token = int(torch.multinomial(probabilities.cpu(), 1, generator=generator))  # the host RNG on any device
-            if stop_at_eos and token == tokenizer.eos_token_id:
+            if token in stops:
                 break
             new.append(token)
             step = [token]
     finally:
         model.free(sequence)
-    return tokenizer.decode(new, skip_special_tokens=True)
+    return tokenizer.decode(new)

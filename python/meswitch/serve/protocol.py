@@ -58,7 +58,8 @@ class _SamplingFields(_Request):
     n: int | None = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    ignore_eos: bool = Field(default=False, description="extension: generate max_tokens tokens, past end-of-text")
+    ignore_eos: bool = Field(default=False,
+                             description="extension: generate max_tokens tokens, past end-of-text and end-of-turn")
     user: str | None = None  # OpenAI's end-user id: accepted, not used
     frequency_penalty: float | None = None
     presence_penalty: float | None = None

@@ -23,9 +23,11 @@ import torch
 
 from meswitch.serve.detokenizer import IncrementalDetokenizer, StopStrings
 from meswitch.serve.sampling import SamplingParams
+from meswitch.serve.tokenizer import SharedTokenizer
 
-#: Why a request ended: its EOS or a stop string, max_tokens (or the KV pool could not hold
-#: it any longer), its cancel(), a failure of its own, the engine's close().
+#: Why a request ended: one of its stop tokens (EOS, end of turn) or a stop string, max_tokens
+#: (or the KV pool could not hold it any longer), its cancel(), a failure of its own, the
+#: engine's close().
 FINISH_REASONS = ("stop", "length", "cancelled", "error", "abort")
 
 
@@ -39,7 +41,7 @@ class RequestEvent:
         New text (held back while it could still begin a stop string; never a broken
         UTF-8 character). May be empty while a character or a stop string is incomplete.
     token_ids
-        The new tokens (an end-of-sequence token that ended the request is not included).
+        The new tokens (a stop token, EOS or end of turn, that ended the request is not included).
     finish_reason
         ``None`` while running, then one of ``"stop"``, ``"length"``, ``"cancelled"``,
         ``"error"``, ``"abort"`` (the last event).
@@ -221,7 +223,7 @@ class Request:
     """
 
     def __init__(self, request_id: str, sequence: int, expert: str | None, prompt: list[int],
-                 params: SamplingParams, tokenizer: Any, handle: RequestHandle) -> None:
+                 params: SamplingParams, tokenizer: SharedTokenizer, handle: RequestHandle) -> None:
         self.request_id = request_id
         self.sequence = sequence  # the KV cache's key for this request (ids may repeat)
         self.expert = expert
@@ -232,10 +234,12 @@ class Request:
         self.num_computed = 0
         self.completion_tokens = 0  # sampled, an ending EOS included
         self.status = RequestStatus.WAITING
-        self.eos_token_id: int | None = None if params.ignore_eos else tokenizer.eos_token_id
+        # EOS and the chat template's end of turn end the request unless it ignores them
+        self.stop_token_ids: frozenset[int] = frozenset() if params.ignore_eos else tokenizer.stop_token_ids
         self.generator: torch.Generator | None = params.generator()
         self.detokenizer = IncrementalDetokenizer(tokenizer)
         self.stop_strings = StopStrings(params.stop) if params.stop else None
+        self.hidden_tokens: dict[int, str] = tokenizer.hidden_tokens  # matched by stop strings, never shown
         self.handle = handle
         self.error: str | None = None  # why the admission gate refused it
 

@@ -51,7 +51,7 @@ class SamplingParams:
         At most four non-empty strings; generation ends before the first one to appear,
         which is not part of the text. A single string is taken as one stop string.
     ignore_eos
-        Keep generating past the tokenizer's end-of-sequence token.
+        Keep generating past the expert's stop tokens (its EOS and its chat template's end of turn).
 
     Raises
     ------
