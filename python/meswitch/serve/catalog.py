@@ -42,6 +42,8 @@ from meswitch.serve.metrics import BASE
 AUTO = "auto"
 #: Names an expert cannot have: they mean something else here.
 RESERVED = (AUTO, BASE)
+#: Seconds a removal waits for the engine to let go of an expert no request uses any more.
+REMOVE_DRAIN_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -225,13 +227,17 @@ class ModelCatalog:
         """Stop serving ``name``.
 
         Blocking (the store frees the expert's memory): call it off the event loop. From
-        the moment it is accepted, new requests for ``name`` get 404.
+        the moment it is accepted, new requests for ``name`` get 404. A request that just
+        ended (a client that closed its stream, say) may leave the engine holding the expert
+        until its next step: the store drains it, waiting up to :data:`REMOVE_DRAIN_SECONDS`
+        for that hold to end, so the removal succeeds without the client retrying.
 
         Raises
         ------
         APIError
             404 for an expert not served, 400 for ``base`` or ``auto``, 409 while requests
-            use it (or the store is still loading it), or while it is being added or removed.
+            use it (naming how many), when a hold outlasts the drain or the store is still
+            loading it, or while it is being added or removed.
         """
         if name in RESERVED:
             raise APIError(400, f"'{name}' is not an expert and cannot be removed", code="invalid_expert")
@@ -245,8 +251,8 @@ class ModelCatalog:
                     raise APIError(409, f"expert '{name}' is answering {users} request(s); remove it when they "
                                         "have finished", code="expert_in_use")
             try:
-                self.store.remove(name)
-            except RuntimeError as error:  # held by the engine a moment longer, or a prefetch still loading
+                self.store.remove(name, drain=REMOVE_DRAIN_SECONDS)
+            except RuntimeError as error:  # still held after the drain, or a prefetch still loading
                 raise APIError(409, f"expert '{name}' is in use: {one_line(error)}; retry shortly",
                                code="expert_in_use") from None
             with self._lock:
