@@ -1,5 +1,6 @@
-// Bindings for the fused CPU delta GEMM (cpu/delta_gemm.hpp): argument checks and
-// forwarding only; the kernels run with the GIL released.
+// Bindings for the CPU GEMMs, the fused delta GEMM (cpu/delta_gemm.hpp) and the dense
+// GEMM (cpu/dense_gemm.hpp): argument checks and forwarding only; the kernels run with
+// the GIL released.
 //
 // Tensors come in without copies (bindings::host_tensor); `out` is written in place.
 // Wrong dtypes, shapes or devices raise ValueError naming the argument; the delta's
@@ -16,6 +17,7 @@
 
 #include "bindings_common.hpp"
 #include "meswitch/cpu/delta_gemm.hpp"
+#include "meswitch/cpu/dense_gemm.hpp"
 
 namespace py = pybind11;
 using namespace meswitch;
@@ -116,6 +118,19 @@ void multi_delta_matmul(py::handle x, const std::vector<py::tuple>& experts, con
   without_gil([&] { cpu::multi_delta_matmul(deltas, input.view, segment_starts.data(), y, stride); });
 }
 
+// out = x @ weight^T, written; weight and x are checked by the kernel's own rule
+// (cpu::detail::check_dense_operands), whose errors name them.
+void dense_matmul(py::handle x, py::handle weight, py::handle out) {
+  const HostTensor input = host_tensor(x, "x");
+  const HostTensor matrix = host_tensor(weight, "weight");
+  without_gil([&] { cpu::detail::check_dense_operands(matrix.view, input.view); });
+  const std::int64_t tokens = input.view.shape[0], rows = matrix.view.shape[0];
+  const HostTensor result = output(out, tokens, rows);
+  float* y = result.view.data_as<float>();
+  const std::int64_t stride = tokens > 1 ? result.view.strides[0] : rows;
+  without_gil([&] { cpu::dense_matmul(matrix.view, input.view, y, stride); });
+}
+
 }  // namespace
 
 void bind_ops(py::module_& m) {
@@ -124,6 +139,8 @@ void bind_ops(py::module_& m) {
         "out[t] += x[t] @ dequant(delta)^T, in place (see meswitch.ops.delta_matmul)");
   m.def("multi_delta_matmul", &multi_delta_matmul, py::arg("x"), py::arg("experts"), py::arg("segment_starts"),
         py::arg("out"), "per-segment delta_matmul over tokens sorted by expert (see meswitch.ops.multi_delta_matmul)");
+  m.def("dense_matmul", &dense_matmul, py::arg("x"), py::arg("weight"), py::arg("out"),
+        "out = x @ weight^T, written in place (see meswitch.ops.dense_matmul)");
   m.def("cpu_kernel_path", [] { return std::string(cpu::cpu_path_name(cpu::resolve_cpu_path())); },
         "the CPU kernel path delta_matmul uses now (MESWITCH_CPU_PATH or the best this CPU has)");
 }

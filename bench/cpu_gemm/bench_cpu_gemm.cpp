@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_support.hpp"
 #include "meswitch/cpu/delta_gemm.hpp"
 
 // GCC 12's false -Wmaybe-uninitialized inside AVX-512 intrinsics (see delta_gemm_x86.hpp).
@@ -29,29 +30,9 @@
 
 using namespace meswitch;
 using namespace meswitch::cpu;
+using namespace meswitch::bench;
 
 namespace {
-
-constexpr std::size_t kStreamBytes = std::size_t(1) << 30;
-constexpr std::size_t kRotateBytes = std::size_t(192) << 20;  // > 6x the 32 MiB L3 of the machine we report on
-
-double now_seconds() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-// Median seconds per call of `call(copy)`, cycling through `copies` weight copies.
-double time_calls(int copies, const std::function<void(int)>& call, double min_seconds = 0.4, int min_calls = 20) {
-  for (int i = 0; i < copies; ++i) call(i);  // warm-up: page faults, thread start
-  std::vector<double> samples;
-  const double start = now_seconds();
-  for (int i = 0; (now_seconds() - start < min_seconds || int(samples.size()) < min_calls) && i < 100000; ++i) {
-    const double t0 = now_seconds();
-    call(i % copies);
-    samples.push_back(now_seconds() - t0);
-  }
-  std::sort(samples.begin(), samples.end());
-  return samples[samples.size() / 2];
-}
 
 // ---------------------------------------------------------------- dense bf16 baseline
 
@@ -178,47 +159,7 @@ void dense_bf16_matmul(DenseKernel kernel, int threads, const std::uint16_t* w, 
   });
 }
 
-// ---------------------------------------------------------------- bandwidth
-
-MESWITCH_TARGET_AVX2 float read_sum(const float* data, std::size_t n) {
-  __m256 a = _mm256_setzero_ps(), b = a, c = a, d = a;
-  for (std::size_t i = 0; i < n; i += 32) {
-    a = _mm256_add_ps(a, _mm256_loadu_ps(data + i));
-    b = _mm256_add_ps(b, _mm256_loadu_ps(data + i + 8));
-    c = _mm256_add_ps(c, _mm256_loadu_ps(data + i + 16));
-    d = _mm256_add_ps(d, _mm256_loadu_ps(data + i + 24));
-  }
-  return cpu::detail::avx2_reduce_add(_mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)));
-}
 #endif
-
-struct Bandwidth { double read_gbs, copy_gbs; };
-
-Bandwidth measure_bandwidth(int threads) {
-  std::vector<float> source(kStreamBytes / sizeof(float), 1.0f), destination(source.size(), 0.0f);
-  const std::int64_t chunks = 256;
-  const std::size_t per_chunk = source.size() / chunks;
-  std::vector<float> sums(static_cast<std::size_t>(chunks));
-  double best_read = 1e9, best_copy = 1e9;
-  for (int repeat = 0; repeat < 5; ++repeat) {
-    double t0 = now_seconds();
-    parallel_for(chunks, threads, [&](int, std::int64_t i) {
-#if MESWITCH_X86_KERNELS
-      sums[std::size_t(i)] = read_sum(source.data() + std::size_t(i) * per_chunk, per_chunk);
-#endif
-    });
-    best_read = std::min(best_read, now_seconds() - t0);
-    t0 = now_seconds();
-    parallel_for(chunks, threads, [&](int, std::int64_t i) {
-      std::memcpy(destination.data() + std::size_t(i) * per_chunk, source.data() + std::size_t(i) * per_chunk,
-                  per_chunk * sizeof(float));
-    });
-    best_copy = std::min(best_copy, now_seconds() - t0);
-  }
-  if (sums[0] != float(per_chunk)) std::fprintf(stderr, "read check failed\n");
-  // Copy moves each byte twice (read + write); STREAM counts both.
-  return {double(kStreamBytes) / best_read / 1e9, 2.0 * double(kStreamBytes) / best_copy / 1e9};
-}
 
 // ---------------------------------------------------------------- random deltas
 
@@ -269,17 +210,10 @@ struct Row {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string json_path;
-  bool quick = false;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg == "--json" && i + 1 < argc) json_path = argv[++i];
-    else if (arg == "--quick") quick = true;
-    else {
-      std::fprintf(stderr, "usage: %s [--json out.json] [--quick]\n", argv[0]);
-      return 2;
-    }
-  }
+  BenchArguments arguments;
+  if (!parse_arguments(argc, argv, arguments)) return 2;
+  const std::string& json_path = arguments.json_path;
+  const bool quick = arguments.quick;
   const CpuPath path = resolve_cpu_path();
   const int threads = resolve_num_threads(0);
 #if !MESWITCH_X86_KERNELS

@@ -20,10 +20,12 @@
 #include <string>
 #include <vector>
 
+#include "cpu_paths.hpp"
 #include "meswitch/cpu/delta_gemm.hpp"
 
 using namespace meswitch;
 using namespace meswitch::cpu;
+using meswitch_test::cpu_runs;
 
 namespace {
 
@@ -175,25 +177,6 @@ struct Kernel {
 std::vector<Kernel> kernels_of(CpuPath path) {
   if (path == CpuPath::Avx512Vnni) return {{path, 2}, {path, 1}};
   return {{path}};
-}
-
-// The instructions a path needs beyond baseline x86-64 (simd.hpp, cpu_supports).
-const char* instructions_of(CpuPath path) {
-  switch (path) {
-    case CpuPath::Avx2: return "AVX2/FMA/F16C/BMI2";
-    case CpuPath::Avx512: return "AVX-512 F/VL/BW/DQ";
-    case CpuPath::Avx512Vnni: return "AVX-512 VNNI/GFNI";
-    default: return "nothing";
-  }
-}
-
-// Catch2 v2 has no skip: a path this CPU lacks prints "SKIPPED: <path>: <reason>" and
-// its test case returns; ctest reports such a test as skipped, not passed
-// (SKIP_REGULAR_EXPRESSION in tests/cpp/CMakeLists.txt).
-bool cpu_runs(CpuPath path) {
-  if (cpu_supports(path)) return true;
-  WARN("SKIPPED: " << cpu_path_name(path) << ": this CPU lacks " << instructions_of(path));
-  return false;
 }
 
 std::vector<double> allowed_error(const Kernel& kernel, int bits, const std::vector<double>& bound,

@@ -72,6 +72,8 @@
 #include <vector>
 
 #include "meswitch/compressed_delta.hpp"
+#include "meswitch/cpu/aligned_vector.hpp"
+#include "meswitch/cpu/kernel_options.hpp"
 #include "meswitch/cpu/simd.hpp"
 #include "meswitch/cpu/threading.hpp"
 #include "meswitch/dispatch.hpp"
@@ -80,29 +82,6 @@
 #include "meswitch/tensor.hpp"
 
 namespace meswitch::cpu {
-
-struct KernelOptions {
-  int num_threads = 0;              // 0: MESWITCH_NUM_THREADS, else hardware threads
-  CpuPath path = CpuPath::Auto;     // Auto: MESWITCH_CPU_PATH, else the best this CPU has
-  std::int64_t row_tile = 0;        // output rows per work item; 0 picks 16
-  // VNNI path only: x as 1 int8 digit (within max|x| / 254 of its block) or 2 (within
-  // max|x| / 32512); 0: MESWITCH_ACTIVATION_DIGITS, else 2.
-  int activation_digits = 0;
-};
-
-// `requested` (1 or 2) wins over MESWITCH_ACTIVATION_DIGITS, which wins over 2.
-inline int resolve_activation_digits(int requested) {
-  if (requested == 0) {
-    const char* text = std::getenv("MESWITCH_ACTIVATION_DIGITS");
-    if (text == nullptr || *text == '\0') return 2;
-    if (std::string(text) != "1" && std::string(text) != "2")
-      throw Error(std::string("MESWITCH_ACTIVATION_DIGITS='") + text + "' must be 1 or 2");
-    return text[0] - '0';
-  }
-  if (requested != 1 && requested != 2)
-    throw Error("activation_digits must be 0 (default), 1 or 2, got " + std::to_string(requested));
-  return requested;
-}
 
 namespace detail {
 
@@ -164,26 +143,6 @@ struct Unit {
 };
 
 inline int unit_codes(int bits) { return bits == 3 ? 32 : 32 / bits; }
-
-// Cache-line aligned storage for what the SIMD kernels load a whole vector at a time:
-// a 64-byte load from a 16-byte aligned malloc block splits across two cache lines,
-// which costs the integer kernel about a quarter of its speed.
-template <typename T>
-struct CacheLineAllocator {
-  using value_type = T;
-  static constexpr std::size_t kAlignment = 64;
-  CacheLineAllocator() = default;
-  template <typename U>
-  CacheLineAllocator(const CacheLineAllocator<U>&) {}
-  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(kAlignment))); }
-  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(kAlignment)); }
-  template <typename U>
-  bool operator==(const CacheLineAllocator<U>&) const { return true; }
-  template <typename U>
-  bool operator!=(const CacheLineAllocator<U>&) const { return false; }
-};
-template <typename T>
-using AlignedVector = std::vector<T, CacheLineAllocator<T>>;
 
 // x of one segment's tokens, in every form the SIMD kernels read.
 struct PreparedTokens {
