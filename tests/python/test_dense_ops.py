@@ -96,3 +96,15 @@ def test_dense_matmul_rejects_bad_input_by_name(rng):
     read_only.flags.writeable = False
     with pytest.raises(ValueError, match=r"out: array is read-only"):
         ops.dense_matmul(x, weight, out=read_only)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", ["torch-bfloat16", "float16", "float32"])
+def test_a_tokens_output_is_the_same_bits_alone_and_in_a_batch(path, kind, force_cpu_path, rng):
+    """Every token count sums in one order, so a sequence's logits do not depend on its batch."""
+    force_cpu_path(path)
+    weight, _ = make_weight(kind, 67, 1031, rng)
+    x = rng.standard_normal((17, 1031)).astype(np.float32)
+    together = ops.dense_matmul(x, weight)
+    for first, count in [(0, 1), (3, 1), (16, 1), (0, 2), (5, 3), (2, 7), (0, 16)]:
+        np.testing.assert_array_equal(ops.dense_matmul(x[first:first + count], weight), together[first:first + count])

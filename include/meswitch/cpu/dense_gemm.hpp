@@ -41,7 +41,8 @@
 // Accuracy: float32 products and sums. Each lane accumulates ceil(cols / L) products in
 // order and the L lanes are then added, so |y - exact| <= (cols / L + L) * 2^-24 *
 // sum_c |W[r, c] x[t, c]| (to first order); the tests check (cols / 8 + 17) * 2^-24 * that
-// sum, which covers L = 8 and 16.
+// sum, which covers L = 8 and 16. The order is the same whatever the token count, so a
+// token's outputs are the same bits alone or beside others (tested).
 //
 // Paths (cpu/simd.hpp, the delta kernel's rule): reference (the spec below, double
 // accumulation), avx2, avx512 (also used by avx512vnni, which has nothing for floats).

@@ -45,8 +45,6 @@ struct Avx2DenseOps {
     return v;
   }
   MESWITCH_TARGET_AVX2 static MESWITCH_DENSE_INLINE void store(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-  MESWITCH_TARGET_AVX2 static MESWITCH_DENSE_INLINE __m256 zero() { return _mm256_setzero_ps(); }
-  MESWITCH_TARGET_AVX2 static MESWITCH_DENSE_INLINE __m256 add(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
   MESWITCH_TARGET_AVX2 static MESWITCH_DENSE_INLINE __m256 fma(__m256 a, __m256 b, __m256 c) {
     return _mm256_fmadd_ps(a, b, c);
   }
@@ -80,8 +78,6 @@ struct Avx512DenseOps {
     return v;
   }
   MESWITCH_TARGET_AVX512 static MESWITCH_DENSE_INLINE void store(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-  MESWITCH_TARGET_AVX512 static MESWITCH_DENSE_INLINE __m512 zero() { return _mm512_setzero_ps(); }
-  MESWITCH_TARGET_AVX512 static MESWITCH_DENSE_INLINE __m512 add(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
   MESWITCH_TARGET_AVX512 static MESWITCH_DENSE_INLINE __m512 fma(__m512 a, __m512 b, __m512 c) {
     return _mm512_fmadd_ps(a, b, c);
   }
