@@ -109,6 +109,7 @@ PYBIND11_MODULE(_core, m) {
 
   static py::exception<FormatError> format_error(m, "FormatError", PyExc_ValueError);
   static py::exception<OutputPathError> output_path_error(m, "OutputPathError", PyExc_FileExistsError);
+  static py::exception<TierFull> tier_full(m, "TierFull", PyExc_RuntimeError);
   py::register_exception_translator([](std::exception_ptr pointer) {
     try {
       if (pointer) std::rethrow_exception(pointer);
@@ -116,6 +117,8 @@ PYBIND11_MODULE(_core, m) {
       py::set_error(format_error, error.what());
     } catch (const OutputPathError& error) {
       py::set_error(output_path_error, error.what());
+    } catch (const TierFull& error) {
+      py::set_error(tier_full, error.what());
     } catch (const IoError& error) {
       PyErr_SetString(PyExc_OSError, error.what());
     }

@@ -7,7 +7,10 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <tuple>
+#include <vector>
 
+#include "meswitch/eviction.hpp"
 #include "meswitch/store.hpp"
 
 namespace py = pybind11;
@@ -58,6 +61,15 @@ py::dict report_dict(const StoreReport& report) {
 }  // namespace
 
 void bind_store(py::module_& m) {
+  m.def(
+      "choose_evictions",
+      [](const std::string& tier, const std::string& expert, std::uint64_t bytes, std::uint64_t used,
+         std::uint64_t budget, const std::vector<std::tuple<std::string, std::uint64_t, std::string>>& residents) {
+        std::vector<TierResident> converted;
+        for (const auto& [name, size, busy] : residents) converted.push_back({name, size, busy});
+        return choose_evictions(tier, expert, bytes, used, budget, converted);
+      },
+      py::arg("tier"), py::arg("expert"), py::arg("bytes"), py::arg("used"), py::arg("budget"), py::arg("residents"));
   using Handle = ExpertStore::Handle;
   py::class_<Handle>(m, "ExpertHandle")
       .def_property_readonly("name", &Handle::name)

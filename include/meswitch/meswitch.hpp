@@ -6,6 +6,7 @@
 #include "meswitch/dispatch.hpp"
 #include "meswitch/dlpack.hpp"
 #include "meswitch/error.hpp"
+#include "meswitch/eviction.hpp"
 #include "meswitch/half.hpp"
 #include "meswitch/mapped_file.hpp"
 #include "meswitch/pack.hpp"

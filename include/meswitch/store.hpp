@@ -22,8 +22,8 @@
 // already made, which costs more than the copy).
 //   device  kept beside this store, in python/meswitch/serve/device_tier.py (CUDA builds):
 //           the packed pieces repacked into the kernel's tile layout through pinned buffers
-//           and copied asynchronously into a device byte budget kept by the same rules
-//           (LRU, holds); not yet run on a GPU.
+//           and copied asynchronously into a device byte budget kept by the same eviction
+//           rule (eviction.hpp, through the bindings); not yet run on a GPU.
 //
 // What a host byte is: an expert counts the sizes of its shard files, each rounded up to
 // whole pages, which is what its buffers take. The parsed manifest and shard headers
@@ -36,11 +36,11 @@
 //
 // Budget: bytes resident plus bytes of loads in flight never pass the host budget. A
 // load reserves its bytes before it reads anything, evicting experts nobody holds and
-// nobody pinned, least recently acquired first. When that is not enough (everything
-// resident is held, pinned or loading) the load fails at once with an Error naming the
-// expert, its bytes, the budget and who holds the tier; it does not wait, because a caller
-// holding one expert while acquiring another could wait forever. An expert larger than the
-// budget is refused the same way.
+// nobody pinned, least recently acquired first (eviction.hpp, the rule of every tier).
+// When that is not enough (everything resident is held, pinned or loading) the load fails
+// at once with TierFull naming the expert, its bytes, the budget and who holds the tier;
+// it does not wait, because a caller holding one expert while acquiring another could
+// wait forever. An expert larger than the budget is refused with an Error.
 //
 // Holding: acquire() returns a Handle; while any Handle of an expert lives (a running batch
 // uses it) the expert is never evicted. pin() loads an expert and keeps it resident until
@@ -90,6 +90,7 @@
 
 #include "meswitch/artifact.hpp"
 #include "meswitch/error.hpp"
+#include "meswitch/eviction.hpp"
 #include "meswitch/sharded_safetensors.hpp"
 
 namespace meswitch {
@@ -398,7 +399,7 @@ class ExpertStore {
       const std::shared_ptr<Entry> entry = find(name);
       refuse_if_draining(*entry);
       if (entry->artifact || entry->loading || entry->queued) return;
-      check_fits_budget(*entry);
+      check_fits_tier("host", entry->name, entry->bytes, state_->budget);
       entry->failed = nullptr;  // this attempt replaces the one that failed
       entry->queued = true;
       state_->queue.push_back(entry);
@@ -487,35 +488,23 @@ class ExpertStore {
       throw Error("expert '" + entry.name + "' is being removed: it takes no new requests");
   }
 
-  // Under the lock: makes room for `entry` on the host tier and counts its bytes as used,
-  // marking it loading. Returns the evicted experts' bytes, to be freed after the lock.
+  // Under the lock: makes room for `entry` on the host tier (eviction.hpp: the rule every
+  // tier keeps) and counts its bytes as used, marking it loading. Returns the evicted
+  // experts' bytes, to be freed after the lock.
   std::vector<std::shared_ptr<const ExpertArtifact>> reserve(Entry& entry) {
     State& state = *state_;
-    check_fits_budget(entry);
-    // Fail before evicting anything: a load that cannot fit leaves the tier as it was.
-    std::uint64_t evictable = 0;
+    std::vector<Entry*> order;  // what the host tier counts, least recently used first
     for (const auto& item : state.entries)
-      if (evictable_now(*item.second)) evictable += item.second->bytes;
-    if (state.used - evictable + entry.bytes > state.budget) {
-      std::string busy;
-      for (const auto& item : state.entries) {
-        const Entry& other = *item.second;
-        if ((other.artifact || other.loading) && !evictable_now(other))
-          busy += (busy.empty() ? "" : ", ") + other.name + " (" + std::to_string(other.bytes) + " bytes, " +
-                  (other.loading ? "loading" : other.holders > 0 ? "held" : "pinned") + ")";
-      }
-      throw Error("cannot load expert '" + entry.name + "' (" + std::to_string(entry.bytes) +
-                  " bytes): the host tier's budget is " + std::to_string(state.budget) + " bytes and " +
-                  std::to_string(state.used - evictable) + " of them are held, pinned or loading: " + busy);
-    }
+      if (item.second->artifact || item.second->loading) order.push_back(item.second.get());
+    std::sort(order.begin(), order.end(), [](const Entry* a, const Entry* b) { return a->last_used < b->last_used; });
+    std::vector<TierResident> residents;
+    for (const Entry* other : order)
+      residents.push_back({other->name, other->bytes,
+                           other->loading ? "loading" : other->holders > 0 ? "held" : other->pinned ? "pinned" : ""});
     std::vector<std::shared_ptr<const ExpertArtifact>> evicted;
-    while (state.used + entry.bytes > state.budget) {
-      Entry* victim = nullptr;
-      for (const auto& item : state.entries)
-        if (evictable_now(*item.second) && (victim == nullptr || item.second->last_used < victim->last_used))
-          victim = item.second.get();
-      state.used -= victim->bytes;
-      evicted.push_back(std::move(victim->artifact));
+    for (const std::size_t victim : choose_evictions("host", entry.name, entry.bytes, state.used, state.budget, residents)) {
+      state.used -= order[victim]->bytes;
+      evicted.push_back(std::move(order[victim]->artifact));
       ++state.counters.evictions;
     }
     state.used += entry.bytes;
@@ -529,18 +518,9 @@ class ExpertStore {
     state_->queue.erase(std::find(state_->queue.begin(), state_->queue.end(), entry));
   }
 
-  void check_fits_budget(const Entry& entry) const {
-    if (entry.bytes > state_->budget)
-      throw Error("expert '" + entry.name + "' needs " + std::to_string(entry.bytes) +
-                  " bytes of host memory, more than the host tier's whole budget of " +
-                  std::to_string(state_->budget) + " bytes");
-  }
-
   static StoreTier tier_of(const Entry& entry) {
     return entry.artifact ? StoreTier::Host : entry.loading ? StoreTier::Loading : StoreTier::Disk;
   }
-
-  static bool evictable_now(const Entry& entry) { return entry.artifact && entry.holders == 0 && !entry.pinned; }
 
   // Under the lock: ends the entry's load in flight and wakes its waiters.
   static void finish_load(Entry& entry, std::exception_ptr error) {
