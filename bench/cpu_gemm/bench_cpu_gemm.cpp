@@ -1,14 +1,17 @@
 // Fused CPU delta GEMM against baselines measured in the same run:
-//   (a) a dense bf16 GEMV/GEMM of the same shape, bf16 weights widened to float on
-//       the fly (our AVX-512 / AVX2 loop, same threads and row tiling as the delta
-//       kernel; Eigen has no vectorised bf16 x f32 product, so it would be an
-//       unfairly slow baseline);
+//   (a) a dense bf16 GEMV/GEMM of the same shape, the faster of two: a plain loop here
+//       (bf16 weights widened to float on the fly, AVX-512 BF16 where the CPU has it;
+//       same threads and row tiling as the delta kernel) and the project's dense kernel
+//       (cpu/dense_gemm.hpp, meswitch.ops.dense_matmul);
 //   (b) memory bandwidth: a STREAM-like parallel read (sum) and copy of 1 GiB.
 // Every kernel cycles through enough copies of its weights to exceed the last-level
 // cache, so each call streams its weights from DRAM as in serving, where a layer's
 // weights are long evicted by the time it runs again.
 //
-//   MESWITCH_NUM_THREADS=1 ./bench_cpu_gemm [--json out.json] [--quick]
+//   MESWITCH_NUM_THREADS=1 ./bench_cpu_gemm [--json out.json] [--quick] [--group G] [--fastest]
+//
+// --group: the delta's group size (default 64); --fastest: every time is a case's fastest
+// call instead of its median (on a shared machine the median also measures the neighbours).
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -21,6 +24,7 @@
 
 #include "bench_support.hpp"
 #include "meswitch/cpu/delta_gemm.hpp"
+#include "meswitch/cpu/dense_gemm.hpp"
 
 // GCC 12's false -Wmaybe-uninitialized inside AVX-512 intrinsics (see delta_gemm_x86.hpp).
 #if defined(__GNUC__) && !defined(__clang__)
@@ -102,7 +106,7 @@ MESWITCH_TARGET_AVX2 void dense_row_avx2(const std::uint16_t* w, const float* x,
 enum class DenseKernel { Avx2, Avx512, Avx512Bf16 };
 
 DenseKernel best_dense_kernel(CpuPath path) {
-  if (path == CpuPath::Avx2) return DenseKernel::Avx2;
+  if (path == CpuPath::Avx2 || path == CpuPath::Avx2Int) return DenseKernel::Avx2;
   return has_avx512_bf16() ? DenseKernel::Avx512Bf16 : DenseKernel::Avx512;
 }
 
@@ -204,7 +208,10 @@ struct Row {
   std::string kind, shape;
   int bits = 0;
   std::int64_t tokens = 0;
-  double delta_ms = 0, dense_ms = 0, delta_gbs = 0, dense_gbs = 0;
+  double delta_ms = 0, loop_ms = 0, dense_gemm_ms = 0, delta_gbs = 0;
+  // The faster dense baseline (the loop here or dense_matmul) and its bandwidth.
+  double dense_ms() const { return std::min(loop_ms, dense_gemm_ms); }
+  double dense_gbs = 0;
 };
 
 }  // namespace
@@ -214,6 +221,10 @@ int main(int argc, char** argv) {
   if (!parse_arguments(argc, argv, arguments)) return 2;
   const std::string& json_path = arguments.json_path;
   const bool quick = arguments.quick;
+  const std::int64_t group = arguments.group > 0 ? arguments.group : 64;
+  const auto time_ms = [&](int copies, const std::function<void(int)>& call) {
+    return 1e3 * time_calls(copies, call, 0.4, 20, arguments.fastest);
+  };
   const CpuPath path = resolve_cpu_path();
   const int threads = resolve_num_threads(0);
 #if !MESWITCH_X86_KERNELS
@@ -227,9 +238,11 @@ int main(int argc, char** argv) {
   const Bandwidth bandwidth = measure_bandwidth(threads);
   const int digits = resolve_activation_digits(0);
   const DenseKernel dense_kernel = best_dense_kernel(path);
-  std::printf("delta: path %s (activation digits %d); dense baseline: %s; threads %d; read bandwidth %.1f GB/s, "
-              "copy bandwidth %.1f GB/s\n\n",
-              cpu_path_name(path), digits, dense_kernel_name(dense_kernel), threads, bandwidth.read_gbs, bandwidth.copy_gbs);
+  const std::string model = cpu_model();
+  std::printf("CPU: %s; delta: path %s (activation digits %d), group %lld; dense baselines: %s and dense_matmul; "
+              "threads %d; read bandwidth %.1f GB/s, copy bandwidth %.1f GB/s; times: %s\n\n",
+              model.c_str(), cpu_path_name(path), digits, (long long)group, dense_kernel_name(dense_kernel), threads,
+              bandwidth.read_gbs, bandwidth.copy_gbs, arguments.fastest ? "fastest call" : "median call");
 
   struct Shape { std::int64_t rows, cols; };
   std::vector<Shape> shapes = {{4096, 4096}, {14336, 4096}, {4096, 14336}};
@@ -253,10 +266,10 @@ int main(int argc, char** argv) {
       for (auto& v : w) v = float_to_bf16(normal(rng) * 0.02f);
     }
     for (int bits : {2, 4}) {
-      const DeltaStorage probe = random_delta(shape.rows, shape.cols, bits, 64, k, 1);
+      const DeltaStorage probe = random_delta(shape.rows, shape.cols, bits, group, k, 1);
       const int delta_copies = int(std::max<std::size_t>(2, kRotateBytes / probe.bytes + 1));
       std::vector<DeltaStorage> deltas;
-      for (int i = 0; i < delta_copies; ++i) deltas.push_back(random_delta(shape.rows, shape.cols, bits, 64, k, unsigned(100 + i)));
+      for (int i = 0; i < delta_copies; ++i) deltas.push_back(random_delta(shape.rows, shape.cols, bits, group, k, unsigned(100 + i)));
       for (std::int64_t tokens : {1, 4, 16}) {
         if (bits == 4 && tokens != 1) continue;
         std::vector<float> x(std::size_t(tokens * shape.cols)), y(std::size_t(tokens * shape.rows), 0.0f);
@@ -267,15 +280,19 @@ int main(int argc, char** argv) {
         row.shape = name;
         row.bits = bits;
         row.tokens = tokens;
-        row.delta_ms = 1e3 * time_calls(delta_copies, [&](int i) { delta_matmul(deltas[std::size_t(i)].view, xv, y.data(), shape.rows, options); });
-        row.dense_ms = 1e3 * time_calls(dense_copies, [&](int i) {
+        row.delta_ms = time_ms(delta_copies, [&](int i) { delta_matmul(deltas[std::size_t(i)].view, xv, y.data(), shape.rows, options); });
+        row.loop_ms = time_ms(dense_copies, [&](int i) {
           dense_bf16_matmul(dense_kernel, threads, dense[std::size_t(i)].data(), shape.rows, shape.cols, x.data(), tokens, y.data(), shape.rows);
         });
+        row.dense_gemm_ms = time_ms(dense_copies, [&](int i) {
+          dense_matmul(TensorView(dense[std::size_t(i)].data(), DType::BF16, {shape.rows, shape.cols}), xv, y.data(),
+                       shape.rows, options);
+        });
         row.delta_gbs = double(probe.bytes) / (row.delta_ms * 1e-3) / 1e9;
-        row.dense_gbs = double(dense_bytes) / (row.dense_ms * 1e-3) / 1e9;
+        row.dense_gbs = double(dense_bytes) / (row.dense_ms() * 1e-3) / 1e9;
         rows.push_back(row);
-        std::fprintf(stderr, "%s %d-bit T=%lld: delta %.3f ms, dense %.3f ms\n", name.c_str(), bits, (long long)tokens,
-                     row.delta_ms, row.dense_ms);
+        std::fprintf(stderr, "%s %d-bit T=%lld: delta %.3f ms, dense loop %.3f ms, dense_matmul %.3f ms\n", name.c_str(),
+                     bits, (long long)tokens, row.delta_ms, row.loop_ms, row.dense_gemm_ms);
       }
       if (bits == 2) {
         // 8 tokens over 4 experts (2 each): one multi_delta_matmul vs four dense GEMMs
@@ -291,32 +308,42 @@ int main(int argc, char** argv) {
         row.shape = name;
         row.bits = bits;
         row.tokens = tokens;
-        row.delta_ms = 1e3 * time_calls(groups_of_four, [&](int i) {
+        row.delta_ms = time_ms(groups_of_four, [&](int i) {
           std::vector<CompressedDelta> experts;
           for (int e = 0; e < 4; ++e) experts.push_back(deltas[std::size_t((4 * i + e) % delta_copies)].view);
           multi_delta_matmul(experts, xv, starts.data(), y.data(), shape.rows, options);
         });
-        row.dense_ms = 1e3 * time_calls(dense_copies, [&](int i) {
+        row.loop_ms = time_ms(dense_copies, [&](int i) {
           for (int e = 0; e < 4; ++e)
             dense_bf16_matmul(dense_kernel, threads, dense[std::size_t((i + e) % dense_copies)].data(), shape.rows, shape.cols,
                               x.data() + 2 * e * shape.cols, 2, y.data() + 2 * e * shape.rows, shape.rows);
         });
+        row.dense_gemm_ms = time_ms(dense_copies, [&](int i) {
+          for (int e = 0; e < 4; ++e) {
+            const TensorView w(dense[std::size_t((i + e) % dense_copies)].data(), DType::BF16, {shape.rows, shape.cols});
+            const TensorView xe(x.data() + 2 * e * shape.cols, DType::F32, {2, shape.cols});
+            dense_matmul(w, xe, y.data() + 2 * e * shape.rows, shape.rows, options);
+          }
+        });
         row.delta_gbs = 4.0 * double(probe.bytes) / (row.delta_ms * 1e-3) / 1e9;
-        row.dense_gbs = 4.0 * double(dense_bytes) / (row.dense_ms * 1e-3) / 1e9;
+        row.dense_gbs = 4.0 * double(dense_bytes) / (row.dense_ms() * 1e-3) / 1e9;
         rows.push_back(row);
-        std::fprintf(stderr, "%s multi 8 tokens / 4 experts: delta %.3f ms, dense %.3f ms\n", name.c_str(), row.delta_ms,
-                     row.dense_ms);
+        std::fprintf(stderr, "%s multi 8 tokens / 4 experts: delta %.3f ms, dense loop %.3f ms, dense_matmul %.3f ms\n",
+                     name.c_str(), row.delta_ms, row.loop_ms, row.dense_gemm_ms);
       }
     }
   }
 
-  std::printf("| case | shape (out x in) | bits | tokens | delta ms | dense bf16 ms | delta / dense | delta GB/s | %% of read BW | dense GB/s |\n");
-  std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  std::printf("| case | shape (out x in) | bits | tokens | path | delta ms | dense loop ms | dense_matmul ms | "
+              "delta / faster dense | delta GB/s | %% of read BW | dense GB/s |\n");
+  std::printf("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const Row& row : rows) {
     const std::string kind = row.kind == "multi" ? "8 tokens / 4 experts" : "one expert";
-    std::printf("| %s | %s | %d | %lld | %.3f | %.3f | %.3fx | %.1f | %.0f %% | %.1f |\n", kind.c_str(), row.shape.c_str(),
-                row.bits, (long long)row.tokens, row.delta_ms, row.dense_ms, row.delta_ms / row.dense_ms, row.delta_gbs,
-                100.0 * row.delta_gbs / bandwidth.read_gbs, row.dense_gbs);
+    // 3-bit deltas on an integer path run its float kernel (cpu/simd.hpp).
+    std::printf("| %s | %s | %d | %lld | %s | %.3f | %.3f | %.3f | %.3fx | %.1f | %.0f %% | %.1f |\n", kind.c_str(),
+                row.shape.c_str(), row.bits, (long long)row.tokens, cpu_path_name(path), row.delta_ms, row.loop_ms,
+                row.dense_gemm_ms, row.delta_ms / row.dense_ms(), row.delta_gbs, 100.0 * row.delta_gbs / bandwidth.read_gbs,
+                row.dense_gbs);
   }
   if (!json_path.empty()) {
     FILE* file = std::fopen(json_path.c_str(), "w");
@@ -325,16 +352,18 @@ int main(int argc, char** argv) {
       return 1;
     }
     std::fprintf(file,
-                 "{\"path\": \"%s\", \"activation_digits\": %d, \"dense\": \"%s\", \"threads\": %d, \"read_gbs\": %.3f, "
-                 "\"copy_gbs\": %.3f, \"rows\": [\n",
-                 cpu_path_name(path), digits, dense_kernel_name(dense_kernel), threads, bandwidth.read_gbs, bandwidth.copy_gbs);
+                 "{\"cpu\": \"%s\", \"path\": \"%s\", \"activation_digits\": %d, \"group\": %lld, \"dense\": \"%s\", "
+                 "\"threads\": %d, \"read_gbs\": %.3f, \"copy_gbs\": %.3f, \"timing\": \"%s\", \"rows\": [\n",
+                 model.c_str(), cpu_path_name(path), digits, (long long)group, dense_kernel_name(dense_kernel), threads,
+                 bandwidth.read_gbs, bandwidth.copy_gbs, arguments.fastest ? "fastest" : "median");
     for (std::size_t i = 0; i < rows.size(); ++i) {
       const Row& row = rows[i];
       std::fprintf(file,
                    "  {\"kind\": \"%s\", \"shape\": \"%s\", \"bits\": %d, \"tokens\": %lld, \"delta_ms\": %.5f, "
-                   "\"dense_ms\": %.5f, \"delta_gbs\": %.3f, \"dense_gbs\": %.3f}%s\n",
-                   row.kind.c_str(), row.shape.c_str(), row.bits, (long long)row.tokens, row.delta_ms, row.dense_ms,
-                   row.delta_gbs, row.dense_gbs, i + 1 < rows.size() ? "," : "");
+                   "\"dense_ms\": %.5f, \"dense_loop_ms\": %.5f, \"dense_matmul_ms\": %.5f, \"delta_gbs\": %.3f, "
+                   "\"dense_gbs\": %.3f}%s\n",
+                   row.kind.c_str(), row.shape.c_str(), row.bits, (long long)row.tokens, row.delta_ms, row.dense_ms(),
+                   row.loop_ms, row.dense_gemm_ms, row.delta_gbs, row.dense_gbs, i + 1 < rows.size() ? "," : "");
     }
     std::fprintf(file, "]}\n");
     std::fclose(file);

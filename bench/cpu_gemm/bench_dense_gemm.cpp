@@ -12,7 +12,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
-#include <fstream>
 #include <random>
 #include <string>
 #include <vector>
@@ -31,13 +30,6 @@ using namespace meswitch::cpu;
 using namespace meswitch::bench;
 
 namespace {
-
-std::string cpu_model() {
-  std::ifstream info("/proc/cpuinfo");
-  for (std::string line; std::getline(info, line);)
-    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
-  return "unknown CPU";
-}
 
 #if MESWITCH_X86_KERNELS
 constexpr int kChains = 10;  // > FMA latency x FMA units, so the units never wait on a result
@@ -106,8 +98,10 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "the reference path is the spec, not a kernel to benchmark; pick avx2 or avx512\n");
     return 1;
   }
-  // The dense GEMM runs avx512vnni as avx512 (dense_gemm.hpp); name what runs.
-  const CpuPath path = requested == CpuPath::Avx512Vnni ? CpuPath::Avx512 : requested;
+  // The dense GEMM runs avx512vnni as avx512 and avx2int as avx2 (dense_gemm.hpp); name what runs.
+  const CpuPath path = requested == CpuPath::Avx512Vnni ? CpuPath::Avx512
+                       : requested == CpuPath::Avx2Int  ? CpuPath::Avx2
+                                                        : requested;
   const int lanes = path == CpuPath::Avx2 ? 8 : 16;
   const std::string model = cpu_model();
   const Bandwidth bandwidth = measure_bandwidth(threads);

@@ -5,7 +5,9 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <functional>
 #include <string>
 #include <vector>
@@ -28,6 +30,8 @@ constexpr std::size_t kRotateBytes = std::size_t(192) << 20;
 struct BenchArguments {
   std::string json_path;  // --json PATH: write the results here
   bool quick = false;     // --quick: the first shape only
+  int group = 0;          // --group G: the delta's group size (bench_cpu_gemm; 0: its default)
+  bool fastest = false;   // --fastest: a call's time is its fastest call, not the median (bench_cpu_gemm)
 };
 
 // False (after printing the usage) for anything else.
@@ -38,12 +42,24 @@ inline bool parse_arguments(int argc, char** argv, BenchArguments& out) {
       out.json_path = argv[++i];
     } else if (arg == "--quick") {
       out.quick = true;
+    } else if (arg == "--group" && i + 1 < argc && std::atoi(argv[i + 1]) > 0) {
+      out.group = std::atoi(argv[++i]);
+    } else if (arg == "--fastest") {
+      out.fastest = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--json out.json] [--quick]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--json out.json] [--quick] [--group G] [--fastest]\n", argv[0]);
       return false;
     }
   }
   return true;
+}
+
+// The CPU's model name as /proc/cpuinfo (lscpu) gives it.
+inline std::string cpu_model() {
+  std::ifstream info("/proc/cpuinfo");
+  for (std::string line; std::getline(info, line);)
+    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
+  return "unknown CPU";
 }
 
 inline double now_seconds() {

@@ -33,7 +33,7 @@ def label(row: dict) -> str:
 def run_name(run: dict) -> str:
     threads = f"{run['threads']} thread{'s' if run['threads'] > 1 else ''}"
     digits = f", {run['activation_digits']} digit{'s' if run['activation_digits'] > 1 else ''}" \
-        if run["path"] == "avx512vnni" else ""
+        if run["path"] in ("avx512vnni", "avx2int") else ""
     return f"{threads}, {run['path']}{digits}"
 
 

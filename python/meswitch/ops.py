@@ -11,17 +11,18 @@ Dispatch by device: activations in CUDA memory (torch CUDA tensors) run the CUDA
 :mod:`meswitch.cuda`, with the deltas already on the device (:func:`meswitch.cuda.to_device`);
 a build without CUDA says so instead.
 
-The kernel path is chosen at run time: AVX-512 VNNI (integer dot products of the codes
-with x held as two int8 digits, each x within max|x| / 32512 of its block; 3-bit deltas run
-the float kernel there), AVX-512 or AVX2 (float32 throughout), or the portable reference.
-``MESWITCH_CPU_PATH=reference|avx2|avx512|avx512vnni`` forces one,
+The kernel path is chosen at run time: AVX-512 VNNI or, on AVX2 CPUs without AVX-512,
+AVX2 integer (integer dot products of the codes with x held as two int8 digits, each x
+within max|x| / 32512 of its block; 3-bit deltas run the float kernel there), AVX-512 or
+AVX2 (float32 throughout), or the portable reference.
+``MESWITCH_CPU_PATH=reference|avx2|avx2int|avx512|avx512vnni`` forces one,
 ``MESWITCH_NUM_THREADS`` sets the thread count (a pool started on first use) and
-``MESWITCH_ACTIVATION_DIGITS=1`` trades the VNNI path's precision for speed: x as one
-int8 digit (within max|x| / 254 of its block; about 1.5x faster from two tokens on, and
-about 2e-3 of the largest logit on the bundled family instead of 3e-5).
+``MESWITCH_ACTIVATION_DIGITS=1`` trades the integer paths' precision for speed: x as one
+int8 digit (within max|x| / 254 of its block; about 1.5x faster, and about 2e-3 of the
+largest logit on the bundled family instead of 3e-5).
 
-:func:`dense_matmul` takes the same paths (avx512vnni runs its avx512 kernel), float32
-products and sums throughout.
+:func:`dense_matmul` takes the same paths (avx512vnni runs its avx512 kernel, avx2int its
+avx2 kernel), float32 products and sums throughout.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ __all__ = ["delta_matmul", "multi_delta_matmul", "dense_matmul", "cpu_kernel_pat
 
 
 def cpu_kernel_path() -> str:
-    """The CPU kernel path in use now: ``"avx512vnni"``, ``"avx512"``, ``"avx2"`` or ``"reference"``."""
+    """The CPU kernel path in use now: ``"avx512vnni"``, ``"avx512"``, ``"avx2int"``, ``"avx2"`` or ``"reference"``."""
     from meswitch import _core
 
     return _core.cpu_kernel_path()

@@ -11,7 +11,8 @@ namespace meswitch_test {
 inline const char* instructions_of(meswitch::cpu::CpuPath path) {
   using meswitch::cpu::CpuPath;
   switch (path) {
-    case CpuPath::Avx2: return "AVX2/FMA/F16C/BMI2";
+    case CpuPath::Avx2:
+    case CpuPath::Avx2Int: return "AVX2/FMA/F16C/BMI2";
     case CpuPath::Avx512: return "AVX-512 F/VL/BW/DQ";
     case CpuPath::Avx512Vnni: return "AVX-512 VNNI/GFNI";
     default: return "nothing";

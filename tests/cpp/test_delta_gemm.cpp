@@ -6,9 +6,9 @@
 // + sum_j |x_idx_j * S_j| is the magnitude of what is accumulated. The fast paths
 // reorder sums (per-lane partial sums, the group trick's s * (sum code x - z X_g)),
 // so each term's rounding is bounded by float epsilon times that magnitude, not by
-// the (possibly much smaller) result. The VNNI path also rounds each x of the code
-// dot products to within max|x| / 32512 of its 64-byte block with two int8 digits
-// (max|x| / 254 with one), so it may be off by a further
+// the (possibly much smaller) result. The integer paths (avx512vnni, avx2int) also round
+// each x of the code dot products to within max|x| / 32512 of its block of code bytes with
+// two int8 digits (max|x| / 254 with one), so they may be off by a further
 // sum_c |s| * (code + z) * max_c |x_t| / 32512 (or / 254).
 #include <algorithm>
 #include <catch2/catch.hpp>
@@ -153,7 +153,9 @@ void dense_reference(const TestDelta& d, const std::vector<float>& x, std::int64
   }
 }
 
-// A CPU path, and on the VNNI path the int8 digits per activation.
+bool integer_path(CpuPath path) { return path == CpuPath::Avx512Vnni || path == CpuPath::Avx2Int; }
+
+// A CPU path, and on the integer paths the int8 digits per activation.
 struct Kernel {
   CpuPath path;
   int digits = 0;
@@ -164,18 +166,18 @@ struct Kernel {
     o.num_threads = threads;
     return o;
   }
-  // Largest error of x in the code dot products, relative to max|x|: the VNNI path
-  // rounds x for 1, 2 and 4 bits (3-bit deltas run the float kernel there).
+  // Largest error of x in the code dot products, relative to max|x|: the integer paths
+  // round x for 1, 2 and 4 bits (3-bit deltas run the float kernels there).
   double resolution(int bits) const {
-    if (path != CpuPath::Avx512Vnni || bits == 3) return 0;
+    if (!integer_path(path) || bits == 3) return 0;
     return (digits == 1 ? 1.0 / 254 : 1.0 / 32512) * (1 + 1e-3);
   }
   std::string name() const { return std::string(cpu_path_name(path)) + (digits ? " digits " + std::to_string(digits) : ""); }
 };
 
-// The kernels of one path: the VNNI path once per number of int8 digits.
+// The kernels of one path: an integer path once per number of int8 digits.
 std::vector<Kernel> kernels_of(CpuPath path) {
-  if (path == CpuPath::Avx512Vnni) return {{path, 2}, {path, 1}};
+  if (integer_path(path)) return {{path, 2}, {path, 1}};
   return {{path}};
 }
 
@@ -421,13 +423,16 @@ TEST_CASE("delta_matmul on the avx512 path", "[delta_gemm][avx512]") { check_pat
 
 TEST_CASE("delta_matmul on the avx512vnni path", "[delta_gemm][avx512vnni]") { check_path(CpuPath::Avx512Vnni); }
 
-TEST_CASE("the avx512vnni path multiplies int8 digits of x, one or two as asked", "[delta_gemm][avx512vnni]") {
-  // The float kernels stay within the float bound of the dense loop; one int8 digit per x
-  // rounds x to max|x| / 254 of its block, far beyond that bound on most outputs, and two
-  // digits land between (largest errors measured: float 1e-6, two digits 3e-4, one digit
-  // 4e-2; 304 of 320 one-digit outputs beyond the float bound). So these errors show
-  // that the int8 kernel ran, with the digits asked.
-  if (!cpu_runs(CpuPath::Avx512Vnni)) return;
+TEST_CASE("delta_matmul on the avx2int path", "[delta_gemm][avx2int]") { check_path(CpuPath::Avx2Int); }
+
+namespace {
+
+// The float kernels stay within the float bound of the dense loop; one int8 digit per x
+// rounds x to max|x| / 254 of its block, far beyond that bound on most outputs, and two
+// digits land between (largest errors measured on avx512vnni: float 1e-6, two digits 3e-4,
+// one digit 4e-2; 304 of 320 one-digit outputs beyond the float bound; the same on
+// avx2int). So these errors show that the int8 kernel ran, with the digits asked.
+void check_digits_asked(CpuPath integer, CpuPath floating) {
   const TestDelta d = random_delta(64, 1024, 2, 64, 10, 71);
   const std::int64_t tokens = 5;
   const std::vector<float> x = random_values(std::size_t(tokens * d.cols), 72);
@@ -441,8 +446,8 @@ TEST_CASE("the avx512vnni path multiplies int8 digits of x, one or two as asked"
     for (std::size_t i = 0; i < y.size(); ++i) error[i] = std::fabs(double(y[i]) - expected[i]);
     return error;
   };
-  const std::vector<double> float_error = error_of({CpuPath::Avx512}), one_digit = error_of({CpuPath::Avx512Vnni, 1}),
-                            two_digits = error_of({CpuPath::Avx512Vnni, 2});
+  const std::vector<double> float_error = error_of({floating}), one_digit = error_of({integer, 1}),
+                            two_digits = error_of({integer, 2});
   std::size_t one_digit_beyond_float_bound = 0;
   double largest_float = 0, largest_one = 0, largest_two = 0;
   for (std::size_t i = 0; i < expected.size(); ++i) {
@@ -457,6 +462,79 @@ TEST_CASE("the avx512vnni path multiplies int8 digits of x, one or two as asked"
   REQUIRE(largest_two > 30 * largest_float);
   REQUIRE(largest_one > 30 * largest_two);
 }
+
+}  // namespace
+
+TEST_CASE("the avx512vnni path multiplies int8 digits of x, one or two as asked", "[delta_gemm][avx512vnni]") {
+  if (cpu_runs(CpuPath::Avx512Vnni)) check_digits_asked(CpuPath::Avx512Vnni, CpuPath::Avx512);
+}
+
+TEST_CASE("the avx2int path multiplies int8 digits of x, one or two as asked", "[delta_gemm][avx2int]") {
+  if (cpu_runs(CpuPath::Avx2Int)) check_digits_asked(CpuPath::Avx2Int, CpuPath::Avx2);
+}
+
+#if MESWITCH_X86_KERNELS
+TEST_CASE("int8 digits of x follow the rule and layout both integer paths read", "[delta_gemm][avx2int][avx512vnni]") {
+  // The quantizer is AVX2 code shared by both paths; here it is checked for both block
+  // widths (64 code bytes for avx512vnni, 32 for avx2int) against the rule written out
+  // per value (cpu/delta_gemm_digits.hpp): scale max|x| / 127 (/ 128 with two digits),
+  // hi = round(x / scale'), lo = round((x / scale' - hi) * 128), byte j of position p
+  // holding column (8 / bits) * j + p; and against the stated bound.
+  if (!cpu_runs(CpuPath::Avx2)) return;
+  unsigned seed = 80;
+  for (const int lanes : {8, 16})
+    for (const int bits : {1, 2, 4})
+      for (const int digit_count : {1, 2})
+        for (const std::int64_t cols : {64, 688, 1056}) {
+          const TestDelta d = random_delta(1, cols, bits, cols, 0, seed);
+          const std::int64_t tokens = 3;
+          std::vector<float> x = random_values(std::size_t(tokens * cols), seed + 1, 3.0f);
+          for (std::int64_t c = 0; c < std::min<std::int64_t>(cols, 64); ++c) x[std::size_t(cols + c)] = 0.0f;  // a zero block
+          x[std::size_t(2 * cols + cols - 1)] = std::numeric_limits<float>::infinity();  // a poisoned last block
+          ++seed;
+          cpu::detail::PreparedTokens prep;
+          cpu::detail::prepare_tokens(d.view(), TensorView(x.data(), DType::F32, {tokens, cols}), 0, tokens, lanes, prep, false);
+          cpu::detail::quantize_digits(bits, digit_count, prep);
+          const int per_byte = 8 / bits;
+          const std::int64_t block_bytes = 4 * lanes, block_cols = block_bytes * per_byte;
+          REQUIRE(prep.block_cols == block_cols);
+          INFO("lanes " << lanes << " bits " << bits << " digits " << digit_count << " cols " << cols);
+          for (std::int64_t b = 0; b < prep.blocks; ++b)
+            for (std::int64_t t = 0; t < tokens; ++t) {
+              float largest = 0;
+              bool finite = true;
+              for (std::int64_t c = b * block_cols; c < std::min(cols, (b + 1) * block_cols); ++c) {
+                largest = std::max(largest, std::fabs(x[std::size_t(t * cols + c)]));
+                finite = finite && std::isfinite(x[std::size_t(t * cols + c)]);
+              }
+              const float scale = prep.digit_scales[std::size_t(b * tokens + t)];
+              const std::int8_t* digits = prep.digits.data() + (b * tokens + t) * digit_count * block_cols;
+              if (!finite) {
+                REQUIRE(std::isnan(scale));
+                continue;
+              }
+              REQUIRE(scale == largest / 127.0f / float(digit_count == 2 ? 128 : 1));
+              for (std::int64_t j = 0; j < block_bytes; ++j)
+                for (int p = 0; p < per_byte; ++p) {
+                  const std::int64_t c = b * block_cols + per_byte * j + p;
+                  const float value = c < cols ? x[std::size_t(t * cols + c)] : 0.0f;
+                  const int hi = digits[p * block_bytes + j];
+                  const int lo = digit_count == 2 ? digits[(per_byte + p) * block_bytes + j] : 0;
+                  if (largest == 0) {
+                    REQUIRE(hi == 0);
+                    REQUIRE(lo == 0);
+                    continue;
+                  }
+                  const float v = std::min(127.0f, std::max(-127.0f, value * (127.0f / largest)));
+                  REQUIRE(hi == int(std::nearbyint(v)));
+                  if (digit_count == 2) REQUIRE(lo == int(std::nearbyint((v - std::nearbyint(v)) * 128.0f)));
+                  const double represented = double(scale) * (digit_count == 2 ? 128.0 * hi + lo : double(hi));
+                  REQUIRE(std::fabs(represented - value) <= largest / (digit_count == 2 ? 32512.0 : 254.0) * (1 + 1e-3));
+                }
+            }
+        }
+}
+#endif
 
 TEST_CASE("a delta over tensor views and the kernels reject bad input with context", "[delta_gemm]") {
   TestDelta d = random_delta(4, 128, 2, 32, 2, 51);

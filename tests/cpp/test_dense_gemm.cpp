@@ -139,6 +139,10 @@ TEST_CASE("dense_matmul on the avx512vnni path (the avx512 float kernel)", "[den
   check_path(CpuPath::Avx512Vnni);
 }
 
+TEST_CASE("dense_matmul on the avx2int path (the avx2 float kernel)", "[dense_gemm][avx2int]") {
+  check_path(CpuPath::Avx2Int);
+}
+
 TEST_CASE("dense_matmul: a wrong bf16 widening order shows as error beyond the bound", "[dense_gemm]") {
   // Guards the bound itself: the same weights read as F16 instead of BF16 (the bits are
   // valid for both) give results far outside it, so the check above can fail.

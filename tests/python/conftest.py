@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 # What each CPU kernel path needs beyond baseline x86-64 (include/meswitch/cpu/simd.hpp).
-CPU_PATH_INSTRUCTIONS = {"reference": "nothing", "avx2": "AVX2/FMA/F16C/BMI2", "avx512": "AVX-512 F/VL/BW/DQ",
-                         "avx512vnni": "AVX-512 VNNI/GFNI"}
+CPU_PATH_INSTRUCTIONS = {"reference": "nothing", "avx2": "AVX2/FMA/F16C/BMI2", "avx2int": "AVX2/FMA/F16C/BMI2",
+                         "avx512": "AVX-512 F/VL/BW/DQ", "avx512vnni": "AVX-512 VNNI/GFNI"}
 
 
 @pytest.fixture

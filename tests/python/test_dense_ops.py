@@ -16,7 +16,7 @@ from meswitch import ops
 
 torch = pytest.importorskip("torch")
 
-PATHS = ["reference", "avx2", "avx512", "avx512vnni"]
+PATHS = ["reference", "avx2", "avx2int", "avx512", "avx512vnni"]
 WEIGHT_KINDS = ["torch-bfloat16", "ml_dtypes-bfloat16", "float16", "float32"]
 
 

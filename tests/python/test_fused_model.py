@@ -62,11 +62,12 @@ def test_fused_logits_match_the_decompressed_model(tmp_path, domain):
     assert (fused_logits.argmax(-1) == dense_logits.argmax(-1)).float().mean().item() >= 0.95
 
 
-def test_fused_logits_with_int8_activations(tmp_path, monkeypatch, force_cpu_path):
-    """MESWITCH_ACTIVATION_DIGITS=1 (x as one int8 digit per value on the VNNI path):
+@pytest.mark.parametrize("path", ["avx512vnni", "avx2int"])
+def test_fused_logits_with_int8_activations(tmp_path, monkeypatch, force_cpu_path, path):
+    """MESWITCH_ACTIVATION_DIGITS=1 (x as one int8 digit per value on an integer path):
     measured about 2e-3 of the largest logit on the bundled family; bound 1e-2. Skipped
-    where the CPU lacks the VNNI path (elsewhere the float kernels would run instead)."""
-    force_cpu_path("avx512vnni")
+    where the CPU lacks the path (elsewhere the float kernels would run instead)."""
+    force_cpu_path(path)
     monkeypatch.setenv("MESWITCH_ACTIVATION_DIGITS", "1")
     family = family_dir()
     out = tmp_path / "math.meswitch"
@@ -78,7 +79,7 @@ def test_fused_logits_with_int8_activations(tmp_path, monkeypatch, force_cpu_pat
     with torch.no_grad():
         fused_logits = fused(input_ids=ids).logits
         dense_logits = dense(input_ids=ids).logits
-    assert ops.cpu_kernel_path() == "avx512vnni"
+    assert ops.cpu_kernel_path() == path
     scale = dense_logits.abs().max().item()
     difference = (fused_logits - dense_logits).abs().max().item()
     assert difference <= 1e-2 * scale

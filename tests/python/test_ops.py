@@ -2,9 +2,9 @@
 
 Tolerance: |out - ref| <= 1e-5 * M, with M = |x| @ (|s| * (code + zero))^T + |x[:, idx]| @ |S|^T the
 magnitude of what is accumulated (the kernel reorders float32 sums; the reference is float64 on
-the same, already rounded, activations). The avx512vnni path multiplies 1/2/4-bit codes with x
-held as two int8 digits, each x within max|x| / 32512 of its 64-byte block (max|x| / 254 with
-MESWITCH_ACTIVATION_DIGITS=1), so there the bound grows by that resolution times
+the same, already rounded, activations). The integer paths (avx512vnni, avx2int) multiply 1/2/4-bit
+codes with x held as two int8 digits, each x within max|x| / 32512 of its block of code bytes
+(max|x| / 254 with MESWITCH_ACTIVATION_DIGITS=1), so there the bound grows by that resolution times
 max_c |x_t| * sum_c |s| * (code + zero) (docs/benchmarks.md, include/meswitch/cpu).
 """
 
@@ -21,8 +21,12 @@ from meswitch import ops
 torch = pytest.importorskip("torch")
 
 RTOL = 1e-5
-# avx512vnni: |x - digits| <= max|x of the block| / (127 * 256) with two digits, / 254 with one
+# avx512vnni, avx2int: |x - digits| <= max|x of the block| / (127 * 256) with two digits, / 254 with one
 DIGIT_RESOLUTION = {"1": 1 / 254, "2": 1 / 32512}
+INTEGER_PATHS = ("avx512vnni", "avx2int")
+# Every kernel: a path and, on the integer paths, MESWITCH_ACTIVATION_DIGITS.
+KERNELS = [("reference", ""), ("avx2", ""), ("avx512", ""), ("avx512vnni", "2"), ("avx512vnni", "1"), ("avx2int", "2"),
+           ("avx2int", "1")]
 
 
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -71,7 +75,7 @@ def reference(x: np.ndarray, d: dict, path: str) -> tuple[np.ndarray, np.ndarray
     weight_mag[:, d["salient_idx"]] += np.abs(sal)
     x = x.astype(np.float64)
     allowed = RTOL * (np.abs(x) @ weight_mag.T)
-    if path == "avx512vnni" and d["bits"] != 3:  # 3-bit deltas run the float kernel there
+    if path in INTEGER_PATHS and d["bits"] != 3:  # 3-bit deltas run the float kernels there
         resolution = DIGIT_RESOLUTION[os.environ.get("MESWITCH_ACTIVATION_DIGITS") or "2"]
         allowed += np.abs(x).max(1, keepdims=True) * resolution * code_mag[None, :] * (1 + 1e-3)
     return x @ dense.T, allowed
@@ -222,11 +226,10 @@ def test_multi_delta_matmul_single_token_batch():
 
 
 def test_kernel_path_is_reported():
-    assert ops.cpu_kernel_path() in ("avx512vnni", "avx512", "avx2", "reference")
+    assert ops.cpu_kernel_path() in ("avx512vnni", "avx512", "avx2int", "avx2", "reference")
 
 
-@pytest.mark.parametrize(("path", "digits"),
-                         [("reference", ""), ("avx2", ""), ("avx512", ""), ("avx512vnni", "2"), ("avx512vnni", "1")])
+@pytest.mark.parametrize(("path", "digits"), KERNELS)
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_every_kernel_path(monkeypatch, force_cpu_path, path, digits, bits):
     force_cpu_path(path)  # skips, with the reason, where this CPU lacks the path
@@ -238,7 +241,7 @@ def test_every_kernel_path(monkeypatch, force_cpu_path, path, digits, bits):
     check(out, x, d)
     expected, float_bound = reference(x, d, "reference")
     beyond = (np.abs(out - expected) > float_bound + 1e-6).mean()
-    if path == "avx512vnni" and bits != 3 and digits == "1":
+    if path in INTEGER_PATHS and bits != 3 and digits == "1":
         # One int8 digit per x: the rounding shows on most outputs (measured: 95-97 %),
         # so this is the int8 kernel and not a float one.
         assert beyond > 0.5, beyond
@@ -246,8 +249,7 @@ def test_every_kernel_path(monkeypatch, force_cpu_path, path, digits, bits):
         assert beyond == 0, beyond
 
 
-@pytest.mark.parametrize(("path", "digits"),
-                         [("reference", ""), ("avx2", ""), ("avx512", ""), ("avx512vnni", "2"), ("avx512vnni", "1")])
+@pytest.mark.parametrize(("path", "digits"), KERNELS)
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize(("cols", "group"), [(688, 64), (320, 128), (64 * 7 + 24, 32)])
 def test_every_kernel_path_on_widths_ending_inside_a_block(monkeypatch, force_cpu_path, path, digits, bits, cols,

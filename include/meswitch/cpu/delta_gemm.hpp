@@ -48,10 +48,11 @@
 // a multiple of the unit, whose lanes would straddle groups, take the scalar path.
 //
 // Paths (cpu/simd.hpp): the float kernels above (AVX-512, AVX2) are exact to float32
-// rounding; the AVX-512 VNNI path (delta_gemm_vnni.hpp, the default where the CPU has
-// VNNI + GFNI) takes the same lanes but multiplies the code bytes with x held as int8
-// digits, 64 codes per instruction, because the float kernels are bound by FMA
-// throughput at a fraction of memory bandwidth.
+// rounding; the integer paths take the same lanes but multiply the code bytes with x held
+// as int8 digits (delta_gemm_digits.hpp), because the float kernels are bound by FMA
+// throughput at a fraction of memory bandwidth: AVX-512 VNNI (delta_gemm_vnni.hpp, the
+// default where the CPU has VNNI + GFNI) 64 codes per vpdpbusd, AVX2
+// (delta_gemm_avx2int.hpp, the default on AVX2 CPUs without AVX-512) 32 per vpmaddubsw.
 //
 // Work split: output rows in tiles (16 rows) handed to threads (cpu/threading.hpp).
 // Inside a tile the columns are walked in chunks small enough that the chunk of x for
@@ -154,14 +155,14 @@ struct PreparedTokens {
   std::vector<float> group_sums;  // [tokens, groups] X_g
   std::vector<float> salient_x;   // [tokens, k] x[t, salient_idx]
   AlignedVector<float> permuted;  // [blocks, tokens, codes-per-unit, lanes], scaled by x_factor
-  int digit_count = 2;                 // VNNI path: int8 digits per x value, 1 or 2 (delta_gemm_vnni.hpp)
-  AlignedVector<std::int8_t> digits;   // VNNI path: [blocks, tokens, digit_count, 8 / bits, 64]
-  std::vector<float> digit_scales;     // VNNI path: [blocks, tokens] value of one unit of the last digit
+  int digit_count = 2;                 // integer paths: int8 digits per x value, 1 or 2 (delta_gemm_digits.hpp)
+  AlignedVector<std::int8_t> digits;   // integer paths: [blocks, tokens, digit_count, 8 / bits, 4 * lanes]
+  std::vector<float> digit_scales;     // integer paths: [blocks, tokens] value of one unit of the last digit
   std::vector<std::int32_t> first_group;  // [blocks] group of lane 0
   std::vector<std::int32_t> lane_group;   // [blocks, lanes] group of each lane minus first_group
 };
 
-// `permute` false leaves `permuted` empty (the VNNI path reads digits instead).
+// `permute` false leaves `permuted` empty (the integer paths read digits instead).
 inline void prepare_tokens(const CompressedDelta& delta, const TensorView& x, std::int64_t token_begin,
                            std::int64_t token_end, int lanes, PreparedTokens& out, bool permute = true) {
   const std::int64_t tokens = token_end - token_begin, cols = delta.cols, groups = delta.groups();
@@ -324,13 +325,14 @@ inline void run_segments(const CompressedDelta* experts, std::size_t count, cons
     if (y_row_stride < delta.rows)
       throw Error("y row stride " + std::to_string(y_row_stride) + " is smaller than the delta's " +
                   std::to_string(delta.rows) + " output rows");
-    if (path == CpuPath::Avx512Vnni && delta.bits != 3) {
+    const int lanes = path == CpuPath::Avx2 || path == CpuPath::Avx2Int ? 8 : 16;
+    if ((path == CpuPath::Avx512Vnni || path == CpuPath::Avx2Int) && delta.bits != 3) {
 #if MESWITCH_X86_KERNELS
-      prepare_tokens(delta, x, segment_starts[e], segment_starts[e + 1], 16, prepared[e], false);
+      prepare_tokens(delta, x, segment_starts[e], segment_starts[e + 1], lanes, prepared[e], false);
       quantize_digits(delta.bits, digits, prepared[e]);
 #endif
     } else if (path != CpuPath::Reference)
-      prepare_tokens(delta, x, segment_starts[e], segment_starts[e + 1], path == CpuPath::Avx2 ? 8 : 16, prepared[e]);
+      prepare_tokens(delta, x, segment_starts[e], segment_starts[e + 1], lanes, prepared[e]);
     for (std::int64_t r = 0; r < delta.rows; r += row_tile) items.push_back({e, r, std::min(delta.rows, r + row_tile)});
     max_groups = std::max(max_groups, delta.groups());
     max_k = std::max(max_k, delta.k);
@@ -364,6 +366,16 @@ inline void run_segments(const CompressedDelta* experts, std::size_t count, cons
                             scratch[std::size_t(worker)]);
         });
         break;
+      case CpuPath::Avx2Int:
+        if (delta.bits != 3) {
+          MESWITCH_DISPATCH_BITS(delta.bits, BITS, {
+            if constexpr (BITS != 3)
+              avx2_rows<BITS, true>(delta, prepared[item.expert], item.row_begin, item.row_end, y_segment, y_row_stride,
+                                    scratch[std::size_t(worker)]);
+          });
+          break;
+        }
+        [[fallthrough]];  // 3-bit codes straddle bytes: the float AVX2 kernel
       case CpuPath::Avx2:
         MESWITCH_DISPATCH_BITS(delta.bits, BITS, {
           avx2_rows<BITS>(delta, prepared[item.expert], item.row_begin, item.row_end, y_segment, y_row_stride,

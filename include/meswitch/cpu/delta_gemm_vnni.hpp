@@ -7,93 +7,27 @@
 // can deliver. `vpdpbusd` multiplies 64 unsigned bytes by 64 signed bytes and adds
 // each group of four into an int32 lane: 64 codes per instruction.
 //
-// Activations as int8 digits. Per token and per block of 64 packed bytes (block_cols
-// columns), x is scaled by s = max|x| / 127 and, with two digits (the default), split as
+// Activations as int8 digits (delta_gemm_digits.hpp, shared with the AVX2 integer path):
+// per token and 64-byte block of codes, x as one or two int8 digits, within
+// max|x| / 32512 of its block with two (the default) and max|x| / 254 with one.
+// 128 * dot(codes, hi) + dot(codes, lo) is exact in int32 (at most 2e6 per lane per block).
 //
-//     x / s = hi + lo / 128,   hi = round(x / s) in [-127, 127],  lo in [-64, 64]
-//
-// so every x is represented to within s / 256 = max|x| / 32512 of its block: finer
-// than a bf16 activation (2^-9 relative to each value) for all values above 1/64 of
-// the block maximum. Both digits go through the same code bytes, and
-// 128 * dot(codes, hi) + dot(codes, lo) is exact in int32 (at most 2e6 per lane per
-// block). With one digit (MESWITCH_ACTIVATION_DIGITS=1) only hi is kept: within
-// s / 2 = max|x| / 254, half the instructions. The zero points use the exact float X_g
-// (the group trick), the salient channels and the scalar tail the exact float x; only
-// the code dot products see the digits. Non-finite x in a block makes that block's
-// contribution NaN.
-//
-// Layout. Byte j of a 64-byte block holds the codes of columns
-// block_cols * b + (8 / Bits) * j + p for positions p = 0 .. 8/Bits - 1, code p at bits
-// [p * Bits, (p + 1) * Bits). One GFNI affine transform (vgf2p8affineqb) extracts
-// position p of all 64 bytes: its bits moved to the bottom of each byte, the rest
-// cleared. The digits are stored per position in the same byte order ([block][token]
-// [digit][position][64]), so a lane's four bytes line up with the four x values they
+// Layout (delta_gemm_digits.hpp): byte j of a 64-byte block holds the codes of columns
+// (8 / Bits) * j + p, position p at bits [p * Bits, (p + 1) * Bits), and the digits of
+// position p are stored in the same byte order. One GFNI affine transform
+// (vgf2p8affineqb) extracts position p of all 64 bytes: its bits moved to the bottom of
+// each byte, the rest cleared, so a lane's four bytes line up with the four x digits they
 // multiply. Lane l (bytes 4l .. 4l+3) covers 32 / Bits consecutive columns: the same
 // lanes as the float paths, so the lane groups, scales and tails are shared.
 #pragma once
 
 #if MESWITCH_X86_KERNELS
 
-#include <cmath>
 #include <cstdint>
-#include <limits>
 
 namespace meswitch::cpu::detail {
 
-constexpr int kVnniDigitShift = 7;  // lo digit weight 1/128
-
 inline std::int64_t vnni_token_block(int digit_count) { return digit_count == 2 ? 4 : 8; }
-
-// Fills prep.digits and prep.digit_scales for the blocks in prep (see the layout above).
-// Vectorised by hand: this runs on every call, for every token.
-MESWITCH_TARGET_AVX512_VNNI inline void quantize_digits(int bits, int digit_count, PreparedTokens& prep) {
-  const int per_byte = 8 / bits;
-  const std::int64_t blocks = prep.blocks, tokens = prep.tokens, block_cols = prep.block_cols;
-  const std::int64_t block_bytes = digit_count * block_cols;
-  prep.digit_count = digit_count;
-  prep.digits.resize(std::size_t(blocks * tokens * block_bytes));
-  prep.digit_scales.resize(std::size_t(blocks * tokens));
-  const __m512 magnitude_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
-  const __m512 lo_weight = _mm512_set1_ps(float(1 << kVnniDigitShift));
-  const __m512 top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f);
-  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  const __m512i stride = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32(per_byte));  // lane i reads column per_byte * i
-  for (std::int64_t b = 0; b < blocks; ++b)
-    for (std::int64_t t = 0; t < tokens; ++t) {
-      const float* x = prep.x.data() + t * prep.x_stride + b * block_cols;  // zero past cols
-      std::int8_t* digits = prep.digits.data() + (b * tokens + t) * block_bytes;
-      __m512 largest = _mm512_setzero_ps(), poison = _mm512_setzero_ps();  // x * 0 is NaN for NaN and Inf
-      for (std::int64_t c = 0; c < block_cols; c += 16) {
-        const __m512 value = _mm512_loadu_ps(x + c);
-        largest = _mm512_max_ps(largest, _mm512_and_ps(value, magnitude_mask));
-        poison = _mm512_add_ps(poison, _mm512_mul_ps(value, _mm512_setzero_ps()));
-      }
-      const float block_max = _mm512_reduce_max_ps(largest);
-      const bool finite = _mm512_reduce_add_ps(poison) == 0.0f;
-      float& scale = prep.digit_scales[std::size_t(b * tokens + t)];
-      if (!finite || block_max == 0) {  // digits 0; non-finite x poisons the block with NaN
-        std::fill(digits, digits + block_bytes, std::int8_t(0));
-        scale = finite ? 0.0f : std::numeric_limits<float>::quiet_NaN();
-        continue;
-      }
-      scale = block_max / 127.0f / float(digit_count == 2 ? 1 << kVnniDigitShift : 1);
-      const __m512 inverse = _mm512_set1_ps(127.0f / block_max);
-      // Byte j of position p holds column per_byte * j + p: gather 16 such columns at a time.
-      for (int p = 0; p < per_byte; ++p)
-        for (int j = 0; j < 64; j += 16) {
-          const __m512i columns = _mm512_add_epi32(stride, _mm512_set1_epi32(per_byte * j + p));
-          const __m512 value =
-              _mm512_min_ps(top, _mm512_max_ps(bottom, _mm512_mul_ps(_mm512_i32gather_ps(columns, x, 4), inverse)));
-          const __m512 high = _mm512_roundscale_ps(value, kNearest);
-          const __m512 low = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(value, high), lo_weight), kNearest);
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(digits + p * 64 + j), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(high)));
-          if (digit_count == 2)
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(digits + (per_byte + p) * 64 + j),
-                             _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(low)));
-        }
-    }
-}
 
 // The GF(2) affine matrix that moves bits [p * Bits, (p + 1) * Bits) of every byte to
 // bits [0, Bits) and clears the rest: output bit b of a byte is the parity of (matrix
@@ -170,7 +104,7 @@ MESWITCH_TARGET_AVX512_VNNI MESWITCH_INLINE void vnni_row_group(const Compressed
 #pragma GCC unroll 8
       for (int t = 0; t < TB; ++t) {
         __m512i sum = hi[i][t];
-        if constexpr (Digits == 2) sum = _mm512_add_epi32(_mm512_slli_epi32(sum, kVnniDigitShift), lo[i][t]);
+        if constexpr (Digits == 2) sum = _mm512_add_epi32(_mm512_slli_epi32(sum, kDigitShift), lo[i][t]);
         total[i][t] = _mm512_fmadd_ps(avx512_to_float(sum), _mm512_mul_ps(lane_scale, _mm512_set1_ps(digit_scale[t])), total[i][t]);
       }
     }

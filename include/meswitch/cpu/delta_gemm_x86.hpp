@@ -379,7 +379,14 @@ MESWITCH_TARGET_AVX2 void avx2_chunk(const CompressedDelta& delta, const Prepare
   }
 }
 
+// delta_gemm_avx2int.hpp: blocks [b0, b1) of the tile's rows for n tokens from t0.
 template <int Bits>
+MESWITCH_TARGET_AVX2 void avx2int_chunk(const CompressedDelta& delta, const PreparedTokens& prep, std::int64_t row_begin,
+                                        std::int64_t row_end, std::int64_t t0, std::int64_t n, std::int64_t b0,
+                                        std::int64_t b1, TileScratch& scratch);
+
+// As avx512_rows with 8 lanes; with Int the integer kernel of delta_gemm_avx2int.hpp.
+template <int Bits, bool Int = false>
 MESWITCH_TARGET_AVX2 void avx2_rows(const CompressedDelta& delta, const PreparedTokens& prep, std::int64_t row_begin,
                                         std::int64_t row_end, float* y, std::int64_t y_row_stride, TileScratch& scratch) {
   constexpr std::int64_t kTokenBlock = 4;
@@ -399,12 +406,17 @@ MESWITCH_TARGET_AVX2 void avx2_rows(const CompressedDelta& delta, const Prepared
   }
   for (; g < tile_groups; ++g) scaled_zeros[g] = float(zeros[g]) * scales[g];
   if (delta.k > 0) avx2_widen_f16(delta.salient + row_begin * delta.k, (row_end - row_begin) * delta.k, scratch.salient.data());
+  prefetch_next_tile_constants(delta, row_begin, row_end);
   const std::int64_t blocks = prep.blocks, tail_begin = blocks * prep.block_cols;
   for (std::int64_t t0 = 0; t0 < prep.tokens; t0 += kTokenBlock) {
     const std::int64_t n = std::min(kTokenBlock, prep.tokens - t0);
-    const std::int64_t step = chunk_blocks(n, prep.block_cols * 4);
+    const std::int64_t step = chunk_blocks(n, Int ? prep.digit_count * (8 / Bits) * 32 : prep.block_cols * 4);
     for (std::int64_t b0 = 0; b0 < blocks; b0 += step) {
       const std::int64_t b1 = std::min(blocks, b0 + step);
+      if constexpr (Int) {
+        avx2int_chunk<Bits>(delta, prep, row_begin, row_end, t0, n, b0, b1, scratch);
+        continue;
+      }
       switch (n) {
         case 1: avx2_chunk<Bits, 1>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
         case 2: avx2_chunk<Bits, 2>(delta, prep, row_begin, row_end, t0, b0, b1, scratch); break;
@@ -430,7 +442,10 @@ MESWITCH_TARGET_AVX2 void avx2_rows(const CompressedDelta& delta, const Prepared
 
 }  // namespace meswitch::cpu::detail
 
-#include "meswitch/cpu/delta_gemm_vnni.hpp"  // inside this file's warning and MESWITCH_INLINE scope
+// Inside this file's warning and MESWITCH_INLINE scope:
+#include "meswitch/cpu/delta_gemm_digits.hpp"
+#include "meswitch/cpu/delta_gemm_vnni.hpp"
+#include "meswitch/cpu/delta_gemm_avx2int.hpp"
 
 #undef MESWITCH_INLINE
 

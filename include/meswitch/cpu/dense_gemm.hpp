@@ -45,7 +45,8 @@
 // token's outputs are the same bits alone or beside others (tested).
 //
 // Paths (cpu/simd.hpp, the delta kernel's rule): reference (the spec below, double
-// accumulation), avx2, avx512 (also used by avx512vnni, which has nothing for floats).
+// accumulation), avx2 (also used by avx2int), avx512 (also used by avx512vnni): the
+// integer paths have nothing for float weights.
 // AVX512-BF16's vdpbf16ps (twice the products per instruction) is not used: it needs x
 // rounded to bf16, a relative error of up to 2^-9 per x instead of float32's 2^-24.
 // Any token count runs; the token blocks make larger batches correct, not fast.
@@ -208,7 +209,8 @@ inline void dense_matmul(const TensorView& weight, const TensorView& x, float* y
     return;
   }
 #if MESWITCH_X86_KERNELS
-  const int lanes = path == CpuPath::Avx2 ? 8 : 16;
+  const bool avx2 = path == CpuPath::Avx2 || path == CpuPath::Avx2Int;  // avx2int: its float kernel
+  const int lanes = avx2 ? 8 : 16;
   detail::DenseTokens prepared;
   detail::prepare_dense_tokens(x, lanes, weight.dtype == DType::BF16, prepared);
   const detail::DenseWeight w{detail::dense_row(weight, 0), rows, cols,
@@ -222,7 +224,7 @@ inline void dense_matmul(const TensorView& weight, const TensorView& x, float* y
     const std::int64_t begin = tile * row_tile, end = std::min(rows, begin + row_tile);
     float* partial = scratch[std::size_t(worker)].data();
     float* widened = partial + partial_floats;
-    if (path == CpuPath::Avx2)
+    if (avx2)
       detail::avx2_dense::dense_tile(w, prepared, begin, end, y, y_row_stride, partial, widened);
     else
       detail::avx512_dense::dense_tile(w, prepared, begin, end, y, y_row_stride, partial, widened);

@@ -3,7 +3,7 @@
 // The library is compiled for baseline x86-64 so one binary runs everywhere; the
 // fast kernels are compiled per function with __attribute__((target(...))) and only
 // called after __builtin_cpu_supports says the CPU has those instructions.
-// MESWITCH_CPU_PATH=reference|avx2|avx512 forces a path (tests use it to compare
+// MESWITCH_CPU_PATH=reference|avx2|avx2int|avx512|avx512vnni forces a path (tests use it to compare
 // paths on one machine); asking for a path this CPU lacks is an error, not a
 // silent fallback, so a benchmark never reports the wrong kernel.
 #pragma once
@@ -26,11 +26,14 @@
 
 namespace meswitch::cpu {
 
-// Avx512Vnni (AVX-512 VNNI + GFNI: Ice Lake, Zen 4 and later) multiplies 1/2/4-bit
-// codes with x held as one or two int8 digits per value (cpu/delta_gemm_vnni.hpp: two,
-// the default, keep x within max|x| / 32512 of each 64-byte block, one within / 254);
-// 3-bit deltas on that path run the float AVX-512 kernel. The other paths are float32 throughout.
-enum class CpuPath { Auto, Reference, Avx2, Avx512, Avx512Vnni };
+// The integer paths multiply 1/2/4-bit codes with x held as one or two int8 digits per
+// value (cpu/delta_gemm_digits.hpp: two, the default, keep x within max|x| / 32512 of its
+// block, one within / 254); 3-bit deltas on them run the float kernel of the same width.
+// Avx512Vnni (AVX-512 VNNI + GFNI: Ice Lake, Zen 4 and later) uses vpdpbusd
+// (delta_gemm_vnni.hpp); Avx2Int (any AVX2 CPU, the default where AVX-512 is missing)
+// vpmaddubsw + vpmaddwd (delta_gemm_avx2int.hpp). The other paths are float32 throughout,
+// and the dense GEMM runs each integer path's float kernel.
+enum class CpuPath { Auto, Reference, Avx2, Avx512, Avx512Vnni, Avx2Int };
 
 inline const char* cpu_path_name(CpuPath path) {
   switch (path) {
@@ -39,6 +42,7 @@ inline const char* cpu_path_name(CpuPath path) {
     case CpuPath::Avx2: return "avx2";
     case CpuPath::Avx512: return "avx512";
     case CpuPath::Avx512Vnni: return "avx512vnni";
+    case CpuPath::Avx2Int: return "avx2int";
   }
   return "?";
 }
@@ -49,7 +53,8 @@ inline CpuPath parse_cpu_path(const std::string& name) {
   if (name == "avx2") return CpuPath::Avx2;
   if (name == "avx512") return CpuPath::Avx512;
   if (name == "avx512vnni") return CpuPath::Avx512Vnni;
-  throw Error("unknown CPU kernel path '" + name + "' (expected reference, avx2, avx512, avx512vnni or auto)");
+  if (name == "avx2int") return CpuPath::Avx2Int;
+  throw Error("unknown CPU kernel path '" + name + "' (expected reference, avx2, avx2int, avx512, avx512vnni or auto)");
 }
 
 #if MESWITCH_X86_KERNELS
@@ -70,6 +75,7 @@ inline bool cpu_supports(CpuPath path) {
     case CpuPath::Reference: return true;
 #if MESWITCH_X86_KERNELS
     case CpuPath::Avx2:
+    case CpuPath::Avx2Int:  // vpmaddubsw and vpmaddwd are AVX2
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c() &&
              __builtin_cpu_supports("bmi2");
     case CpuPath::Avx512:
@@ -80,6 +86,7 @@ inline bool cpu_supports(CpuPath path) {
       return cpu_supports(CpuPath::Avx512) && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("gfni");
 #else
     case CpuPath::Avx2:
+    case CpuPath::Avx2Int:
     case CpuPath::Avx512:
     case CpuPath::Avx512Vnni: return false;
 #endif
@@ -89,8 +96,10 @@ inline bool cpu_supports(CpuPath path) {
 
 inline CpuPath best_cpu_path() {
   if (cpu_supports(CpuPath::Avx512Vnni)) return CpuPath::Avx512Vnni;
+  // AVX-512 without VNNI (Skylake-X) keeps its float kernel: the AVX2 integer path was
+  // measured only against the float AVX2 kernel, on a CPU without AVX-512.
   if (cpu_supports(CpuPath::Avx512)) return CpuPath::Avx512;
-  if (cpu_supports(CpuPath::Avx2)) return CpuPath::Avx2;
+  if (cpu_supports(CpuPath::Avx2Int)) return CpuPath::Avx2Int;
   return CpuPath::Reference;
 }
 
