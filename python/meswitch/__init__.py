@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "FormatError": ("meswitch._core", "FormatError"),
+    "TierFull": ("meswitch._core", "TierFull"),
     "open_checkpoint": ("meswitch.checkpoint", "open_checkpoint"),
     "Checkpoint": ("meswitch.checkpoint", "Checkpoint"),
     "save_file": ("meswitch.checkpoint", "save_file"),

@@ -361,10 +361,10 @@ def test_a_batch_lease_holds_all_of_a_batch_or_none(artifacts):
             assert np.array_equal(out, ops.multi_delta_matmul(x, [(artifact, weight)], [0, 3]))
         with pytest.raises(KeyError, match="holds no expert named 'code'"):
             lease["code"]
-        with pytest.raises(RuntimeError, match="cannot load expert 'math3'"):
-            store.acquire_batch(["math3"])  # both resident ones held
+        with pytest.raises(meswitch.TierFull, match="cannot load expert 'math3'"):
+            store.acquire_batch(["math3"])  # both resident ones held: no room now, may fit later
     assert holders() == {"math": 0, "math2": 0, "math3": 0}
-    with store.acquire("math"), pytest.raises(RuntimeError, match="cannot load expert 'math3'"):
+    with store.acquire("math"), pytest.raises(meswitch.TierFull, match="cannot load expert 'math3'"):
         store.acquire_batch(["math2", "math3"])  # math2 fits beside math, math3 then cannot
     assert holders() == {"math": 0, "math2": 0, "math3": 0}  # the failed batch let math2 go
 

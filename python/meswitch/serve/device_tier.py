@@ -6,9 +6,10 @@ the CUDA kernel reads (``include/meswitch/cuda/tile_layout.hpp``), straight into
 (page-locked) buffers, and copied to the device asynchronously on the tier's own copy stream;
 the forward's stream waits for the copy with an event, not the host. Experts stay resident
 until the budget needs their bytes: the least recently used expert nobody holds goes first.
-An expert that does not fit because everything resident is held is refused with the names
-of the holders, never waited for (a forward holding one expert while loading another would
-wait forever), as the host tier does.
+An expert that does not fit because everything resident is held is refused
+(:class:`meswitch.TierFull`, naming the holders), never waited for (a forward holding one expert
+while loading another would wait forever): the host tier's rule, written once in C++
+(``include/meswitch/eviction.hpp``) and called here.
 
 A delta whose shape the kernel does not take (rows or columns not a multiple of 64, a group
 size that is not a multiple of 16) is kept dequantized instead, a dense float32 matrix that
@@ -27,14 +28,9 @@ from typing import Any
 
 import torch
 
-from meswitch import cuda
+from meswitch import _core, cuda
 
-__all__ = ["DeviceTier", "DeviceTierFull"]
-
-
-class DeviceTierFull(RuntimeError):
-    """An expert does not fit in the device budget (larger than it, or everything resident is held)."""
-
+__all__ = ["DeviceTier"]
 
 @dataclass
 class _Resident:
@@ -91,14 +87,16 @@ class DeviceTier:
 
         Raises
         ------
-        DeviceTierFull
-            The expert's deltas are larger than the budget, or do not fit beside the held ones.
+        meswitch.TierFull
+            The expert's deltas do not fit beside the held ones (now: a later try may fit).
+        RuntimeError
+            The expert's deltas are larger than the whole budget.
         """
         source = getattr(artifact, "_core", artifact)
         entry = self._resident.get(name)
         if entry is not None and entry.source is not source:  # the host tier reloaded it: stale
             if entry.holders:
-                raise DeviceTierFull(f"expert {name!r} was reloaded by its source while held on {self.device}")
+                raise RuntimeError(f"expert {name!r} was reloaded by its source while held on {self.device}")
             self._drop(name)
             entry = None
         if entry is None:
@@ -175,19 +173,12 @@ class DeviceTier:
         return entry
 
     def _make_room(self, name: str, nbytes: int) -> None:
-        if nbytes > self.budget_bytes:
-            raise DeviceTierFull(f"expert {name!r} takes {nbytes} device bytes, more than the device budget of "
-                                 f"{self.budget_bytes} on {self.device}")
-        for other in list(self._resident):
-            if self.used_bytes + nbytes <= self.budget_bytes:
-                return
-            if self._resident[other].holders == 0:
-                self._drop(other)
-                self.evictions += 1
-        if self.used_bytes + nbytes > self.budget_bytes:
-            held = ", ".join(f"{n} ({e.nbytes} bytes)" for n, e in self._resident.items() if e.holders)
-            raise DeviceTierFull(f"expert {name!r} ({nbytes} bytes) does not fit in the device budget of "
-                                 f"{self.budget_bytes} on {self.device}: held there are {held}")
+        """Evict by the rule of every tier (``include/meswitch/eviction.hpp``), least recently used first."""
+        residents = [(other, entry.nbytes, "held" if entry.holders else "") for other, entry in self._resident.items()]
+        victims = _core.choose_evictions(str(self.device), name, nbytes, self.used_bytes, self.budget_bytes, residents)
+        for index in victims:
+            self._drop(residents[index][0])
+            self.evictions += 1
 
     def _drop(self, name: str) -> None:
         self._resident.pop(name, None)

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from meswitch._core import TierFull
 from meswitch.artifact import ExpertArtifact
 from meswitch.serve.model import MultiExpertModel
 from meswitch.serve.scheduler import Admission
@@ -205,22 +206,11 @@ class ExpertResidency:
                 held = self.store.acquire(expert)  # resident now (or loads itself if the prefetch found no room)
             self.model.expert_weights(expert)
             return "ready", expert, (held, self.model.vocab_size(expert))
-        except Exception as error:  # noqa: BLE001 - a load's outcome, sorted below
+        except TierFull as error:  # no room beside what is held now (host or device tier): try again later
             if held is not None:
                 held.release()
-            if self._lacks_room(expert):
-                return "no room", expert, str(error)
+            return "no room", expert, str(error)
+        except Exception as error:  # noqa: BLE001 - any other failure ends the expert's waiting requests
+            if held is not None:
+                held.release()
             return "failed", expert, f"expert {expert!r} failed to load: {error}"
-
-    def _lacks_room(self, expert: str) -> bool:
-        """Whether ``expert`` fits the host budget but not beside what is held, pinned or loading now."""
-        if self.store is None:
-            return False
-        report = self.store.memory_report()
-        entry = next((item for item in report["experts"] if item["name"] == expert), None)
-        host = report["tiers"]["host"]
-        if entry is None or entry["bytes"] > host["budget_bytes"]:
-            return False
-        evictable = sum(item["bytes"] for item in report["experts"]
-                        if item["tier"] == "host" and item["holders"] == 0 and not item["pinned"])
-        return host["used_bytes"] - evictable + entry["bytes"] > host["budget_bytes"]

@@ -185,9 +185,11 @@ class ExpertStore:
         meswitch.FormatError
             The load found the artifact altered (a checksum mismatch names the shard),
             also when that load was a :meth:`prefetch` in the background.
+        meswitch.TierFull
+            It does not fit now because everything resident is held, pinned or loading (the
+            message says who); a later try, once a hold ends, may fit.
         RuntimeError
-            No such expert, the expert is larger than the host budget, or it does not fit
-            because everything resident is held or pinned (the message says who).
+            No such expert, or the expert is larger than the whole host budget.
         """
         handle = self._core.acquire(name)
         return HeldExpert(handle, self._manifest(name, handle.artifact))
