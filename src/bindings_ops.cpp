@@ -18,6 +18,7 @@
 #include "bindings_common.hpp"
 #include "meswitch/cpu/delta_gemm.hpp"
 #include "meswitch/cpu/dense_gemm.hpp"
+#include "meswitch/quantize.hpp"
 
 namespace py = pybind11;
 using namespace meswitch;
@@ -86,6 +87,21 @@ void delta_matmul(py::handle x, py::handle qweight, py::handle scales, py::handl
   without_gil([&] { cpu::delta_matmul(expert.delta, input.view, y, stride); });
 }
 
+// Rows of the dequantized delta (an embedding lookup): float32 [len(rows), cols].
+py::array_t<float> delta_rows(py::handle qweight, py::handle scales, py::handle zeros, py::handle salient_idx,
+                              py::handle salient, int bits, std::int64_t group_size, std::int64_t cols,
+                              py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> rows,
+                              const std::string& name) {
+  if (rows.ndim() != 1) throw py::value_error("rows: expected 1-D, got " + std::to_string(rows.ndim()) + "-D");
+  const BorrowedDelta expert = bindings::borrowed_delta({qweight, scales, zeros, salient_idx, salient}, name, -1, cols,
+                                                        bits, group_size, DeltaChecks::Layout);
+  py::array_t<float> out({py::ssize_t(rows.shape(0)), py::ssize_t(cols)});
+  float* destination = out.mutable_data();
+  const std::int64_t* wanted = rows.data();
+  without_gil([&] { dequantize_rows(expert.delta, wanted, rows.shape(0), destination); });
+  return out;
+}
+
 void multi_delta_matmul(py::handle x, const std::vector<py::tuple>& experts, const std::vector<std::int64_t>& segment_starts,
                         py::handle out) {
   const HostTensor input = activations(x);
@@ -137,6 +153,8 @@ void bind_ops(py::module_& m) {
   m.def("delta_matmul", &delta_matmul, py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
         py::arg("salient_idx"), py::arg("salient"), py::arg("bits"), py::arg("group_size"), py::arg("out"),
         "out[t] += x[t] @ dequant(delta)^T, in place (see meswitch.ops.delta_matmul)");
+  m.def("delta_rows", &delta_rows, py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("salient_idx"),
+        py::arg("salient"), py::arg("bits"), py::arg("group_size"), py::arg("cols"), py::arg("rows"), py::arg("name") = "");
   m.def("multi_delta_matmul", &multi_delta_matmul, py::arg("x"), py::arg("experts"), py::arg("segment_starts"),
         py::arg("out"), "per-segment delta_matmul over tokens sorted by expert (see meswitch.ops.multi_delta_matmul)");
   m.def("dense_matmul", &dense_matmul, py::arg("x"), py::arg("weight"), py::arg("out"),

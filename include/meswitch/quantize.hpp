@@ -334,6 +334,19 @@ inline void dequantize_row(const CompressedDelta& q, std::int64_t r, std::uint8_
   for (std::size_t i = 0; i < k; ++i) row[q.salient_idx[i]] += f16_to_float(q.salient[std::size_t(r) * k + i]);
 }
 
+// Rows `rows[0..count)` of the dequantized delta into out [count, cols], by the rule of
+// dequantize_row: an embedding lookup reads the codes of the rows it looks up and no
+// others. Throws Error for a row outside the delta. Callers validate q first.
+inline void dequantize_rows(const CompressedDelta& q, const std::int64_t* rows, std::int64_t count, float* out) {
+  std::vector<std::uint8_t> codes(static_cast<std::size_t>(q.cols));
+  for (std::int64_t i = 0; i < count; ++i) {
+    if (rows[i] < 0 || rows[i] >= q.rows)
+      throw Error("row " + std::to_string(rows[i]) + " is outside delta '" + q.name + "' (" + std::to_string(q.rows) +
+                  " rows)");
+    dequantize_row(q, rows[i], codes.data(), out + i * q.cols);
+  }
+}
+
 // out[r, c] = (code - zero) * scale, then out[r, salient_idx[i]] += salient[r, i]:
 // exactly what the fused kernels compute (y = x @ dequant(Q)^T + x[:, idx] @ S^T),
 // so this is the reference they are tested against.

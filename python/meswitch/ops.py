@@ -210,6 +210,24 @@ def multi_delta_matmul(x: Any, experts: Sequence[Any], segment_starts: Sequence[
     return out
 
 
+def delta_rows(delta: Any, rows: Any, *, bits: int | None = None, group_size: int | None = None) -> np.ndarray:
+    """Rows ``rows`` of the dequantized delta, float32 ``[len(rows), cols]``: an embedding lookup.
+
+    The rule the fused kernels apply (``include/meswitch/quantize.hpp``, ``dequantize_rows``),
+    reading the codes of those rows alone; equal bit for bit to the same rows of
+    :meth:`ExpertArtifact.delta`. ``delta`` as :func:`delta_matmul` takes it; ``rows`` integer
+    indices (NumPy or torch CPU).
+
+    Raises
+    ------
+    ValueError
+        A row outside the delta (the message names it), or pieces that do not fit the layout.
+    """
+    arrays, bits, group_size = _pieces(delta, bits, group_size)
+    _, cols, name = _delta_info(delta, arrays, bits)
+    return _core.delta_rows(*arrays, bits, group_size, cols, np.asarray(rows, dtype=np.int64), name)
+
+
 def dense_matmul(x: Any, weight: Any, *, out: Any = None) -> Any:
     """Write ``x @ weight^T`` into ``out``: the dense GEMM of a few tokens on the CPU.
 

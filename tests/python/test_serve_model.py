@@ -14,6 +14,7 @@ import torch
 from meswitch.artifact import decompress
 from meswitch.checkpoint import open_checkpoint, save_file
 from meswitch.compress import CompressionSettings, compress
+from meswitch import ops
 from meswitch.family import family_dir
 from meswitch.serve import KVCacheFull, MultiExpertModel, PagedKVCache, SequenceInput, generate
 from meswitch.serve.attention import AttentionBatch, paged_attention, reference_paged_attention
@@ -247,8 +248,6 @@ def test_a_store_holds_each_expert_for_the_whole_forward(family):
 def test_embedding_rows_are_the_dequantized_delta_rows(tmp_path, bits):
     """An embedding lookup dequantizes only the rows it reads: bit for bit the rows of the whole
     delta (3 bits: codes straddle words; a ragged last group; salient channels)."""
-    from meswitch.serve.experts import delta_rows
-
     source = family_dir()
     artifact_dir = tmp_path / "math.meswitch"
     compress(source / "base", source / "math", artifact_dir, progress=False,
@@ -260,7 +259,9 @@ def test_embedding_rows_are_the_dequantized_delta_rows(tmp_path, bits):
     for name in ("model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight"):
         whole = artifact.delta(name)
         picked = rows[rows < whole.shape[0]]
-        np.testing.assert_array_equal(delta_rows(artifact, name, picked), whole[picked])
+        np.testing.assert_array_equal(ops.delta_rows((artifact, name), picked), whole[picked])
+        with pytest.raises(ValueError, match=f"row {whole.shape[0]} is outside delta '{name}'"):
+            ops.delta_rows((artifact, name), [0, whole.shape[0]])
 
 
 def _tied(directory, out):

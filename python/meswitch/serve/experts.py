@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from meswitch.artifact import ExpertArtifact, load_artifact
+from meswitch.ops import delta_rows
 
 
 class ExpertSourceAdapter:
@@ -92,28 +93,6 @@ class _Holds:
 
 def _float32(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(array, dtype=np.float32))
-
-
-def delta_rows(artifact: ExpertArtifact, name: str, rows: np.ndarray) -> np.ndarray:
-    """Rows ``rows`` of the dequantized delta of ``name``, float32 ``[len(rows), cols]``.
-
-    The rule of docs/format.md applied to those rows alone, so an embedding lookup reads
-    a few rows of codes instead of holding the whole table dequantized; equal bit for bit
-    to the same rows of :meth:`ExpertArtifact.delta`.
-    """
-    entry = artifact.tensors[name]
-    bits, cols, group_size = entry["bits"], entry["cols"], entry["group_size"]
-    words = np.ascontiguousarray(artifact.stored(f"{name}.qweight")[rows])
-    # Stream bit i is bit i % 32 of word i / 32: the words' little-endian bytes, bits in little order.
-    stream = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :cols * bits]
-    codes = stream.reshape(len(rows), cols, bits).astype(np.uint8) @ (1 << np.arange(bits, dtype=np.uint8))
-    group = np.arange(cols) // group_size
-    scales = artifact.stored(f"{name}.scales")[rows].astype(np.float32)[:, group]
-    zeros = artifact.stored(f"{name}.zeros")[rows].astype(np.float32)[:, group]
-    values = (codes.astype(np.float32) - zeros) * scales
-    if entry["salient"]:  # salient channels carry code = zero, so they hold exactly their value
-        values[:, artifact.stored(f"{name}.salient_idx")] += artifact.stored(f"{name}.salient")[rows].astype(np.float32)
-    return values
 
 
 @dataclass
@@ -197,7 +176,7 @@ class ExpertWeights:
         out[own] = base_table[shared].float()  # a 16-bit base table, widened
         if name in self.deltas and shared.numel():
             # base + delta in float32, not rounded back to the stored dtype (as the linears do)
-            rows = delta_rows(self.artifact, name, shared.cpu().numpy())
+            rows = delta_rows((self.artifact, name), shared.cpu().numpy())
             out[own] += torch.from_numpy(rows).to(base_table.device)
         if not bool(own.all()):
             out[~own] = self.extra_rows[name][ids[~own] - base_table.shape[0]]
