@@ -7,9 +7,9 @@ bfloat16 paged cache of 16-token blocks, and two steps an engine runs:
   token each (one width class: one ``scaled_dot_product_attention`` call);
 * ``mixed``: the same decodes and one ``--chunk``-token prefill chunk (two width classes).
 
-It times (best of ``--repeats``) :func:`meswitch.serve.attention.paged_attention` with its
+It times (best of ``--repeats``) :func:`meswitch.serve.engine.attention.paged_attention` with its
 layout built once (as a forward builds it once for every layer; the build is timed apart)
-and :func:`~meswitch.serve.attention.reference_paged_attention`, and checks they agree.
+and :func:`~meswitch.serve.engine.attention.reference_paged_attention`, and checks they agree.
 
     python bench/attention/bench_attention.py --json bench/attention/results.json
 """
@@ -22,8 +22,8 @@ import timeit
 from pathlib import Path
 
 import torch
-from meswitch.serve.attention import AttentionBatch, paged_attention, reference_paged_attention
-from meswitch.serve.kv_cache import PagedKVCache
+from meswitch.serve.engine.attention import AttentionBatch, paged_attention, reference_paged_attention
+from meswitch.serve.engine.kv_cache import PagedKVCache
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 

@@ -3,7 +3,7 @@
 For a weight of ``--rows`` x ``--cols`` in bfloat16 and float16 and 1, 8 and 16 tokens, it
 times (best of ``--repeats``) and checks against a float64 product:
 
-* ``base_matmul``: ``meswitch.serve.base_matmul`` (the weight widened a cache-sized slab of
+* ``base_matmul``: ``meswitch.serve.engine.base_matmul`` (the weight widened a cache-sized slab of
   rows at a time, float32 GEMMs);
 * ``round_x``: ``(x.to(w.dtype) @ w.T).float()``, the activations rounded to 16 bit;
 * ``widen_all``: ``x @ w.float().T``, the whole weight widened per call;
@@ -24,9 +24,7 @@ import timeit
 from pathlib import Path
 
 import torch
-from meswitch.serve.base_matmul import base_matmul
-
-
+from meswitch.serve.engine.base_matmul import base_matmul
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from meswitch.serve import Engine, MultiExpertModel, SamplingParams, SequenceInput, generate
-from meswitch.serve.bundled import bundled_artifacts
+from meswitch.serve.server.bundled import bundled_artifacts
 
 EXPERTS = (None, "chat", "math", "code")
 

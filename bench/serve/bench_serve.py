@@ -292,9 +292,9 @@ def baseline(jobs: list[Job], clients: int, max_tokens: int) -> dict[str, Any]:
     """Waves of ``clients`` requests; per wave, each expert's whole HF model in turn, one batch each."""
     import torch
     import transformers
-    from meswitch.serve.chat import chat_prompt_tokens
-    from meswitch.serve.protocol import ChatMessage
-    from meswitch.serve.tokenizer import load_tokenizer
+    from meswitch.serve.engine.tokenizer import load_tokenizer
+    from meswitch.serve.server.chat import chat_prompt_tokens
+    from meswitch.serve.server.protocol import ChatMessage
 
     transformers.utils.logging.disable_progress_bar()
     tokenizers = {name: load_tokenizer(FAMILY / name) for name in EXPERTS}

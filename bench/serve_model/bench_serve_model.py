@@ -35,8 +35,8 @@ import transformers
 from meswitch.family import family_dir
 from meswitch.ops import cpu_kernel_path
 from meswitch.serve import MultiExpertModel, SequenceInput
-from meswitch.serve.bundled import bundled_artifacts
-from meswitch.serve.generate import expert_tokenizer
+from meswitch.serve.engine.generate import expert_tokenizer
+from meswitch.serve.server.bundled import bundled_artifacts
 
 EXPERTS = (None, "chat", "math", "code")
 PROMPTS = {

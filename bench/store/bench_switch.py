@@ -47,7 +47,7 @@ import numpy as np
 from meswitch import _core
 from meswitch.compress import CompressionSettings, compress
 from meswitch.family import family_dir
-from meswitch.serve import ExpertStore
+from meswitch.store import ExpertStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "compress"))
 from bench_compress import write_pair  # the synthetic 7B-shaped pair

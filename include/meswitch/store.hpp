@@ -20,7 +20,7 @@
 // (ExpertArtifact::read_side_file). A load hashes each shard while it reads it, and takes
 // over the buffers of the experts it evicts when nobody else holds them (their pages are
 // already made, which costs more than the copy).
-//   device  kept beside this store, in python/meswitch/serve/device_tier.py (CUDA builds):
+//   device  kept beside this store, in python/meswitch/store/device_tier.py (CUDA builds):
 //           the packed pieces repacked into the kernel's tile layout through pinned buffers
 //           and copied asynchronously into a device byte budget kept by the same eviction
 //           rule (eviction.hpp, through the bindings); not yet run on a GPU.

@@ -217,7 +217,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    from meswitch.serve.capacity import ExpertFormat, describe, plan_capacity
+    from meswitch.store.capacity import ExpertFormat, describe, plan_capacity
 
     fraction, count = args.salient
     expert_format = ExpertFormat(bits=args.bits, group_size=args.group_size, salient=fraction, salient_channels=count,
@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     from meswitch.route.cli import register_cli as register_route
 
     register_route(commands)
-    from meswitch.serve.cli import register_cli as register_serve
+    from meswitch.serve.server.cli import register_cli as register_serve
 
     register_serve(commands)
     return parser

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from meswitch import _core
+from meswitch.delta_pieces import delta_info, delta_pieces
 
 __all__ = ["DeviceDelta", "SegmentTable", "build_segments", "delta_matmul", "dequantize", "is_available",
            "is_built", "is_cuda_tensor", "multi_delta_matmul", "require_cuda_build", "segments_from_starts",
@@ -142,10 +143,8 @@ def tile_on_host(delta: Any, *, bits: int | None = None, group_size: int | None 
     ValueError
         The delta's shape or group size is one the kernels do not take (the message says which).
     """
-    from meswitch.ops import _delta_info, _pieces
-
-    arrays, bits, group_size = _pieces(delta, bits, group_size)
-    rows, cols, label = _delta_info(delta, arrays, bits)
+    arrays, bits, group_size = delta_pieces(delta, bits, group_size)
+    rows, cols, label = delta_info(delta, arrays, bits)
     name = label if name is None else name
     k = int(arrays[3].shape[0])
     sizes = _core.tiled_sizes(rows, cols, bits, group_size, k, name)

@@ -27,17 +27,16 @@ avx2 kernel), float32 products and sums throughout.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from meswitch import _core
+from meswitch.delta_pieces import delta_info as _delta_info
+from meswitch.delta_pieces import delta_pieces as _pieces
 
-#: The stored pieces of a compressed delta, in their stored order (from the C++ type).
-_PIECES = tuple(piece for piece, _ in _core.DELTA_PIECES)
-
-__all__ = ["delta_matmul", "multi_delta_matmul", "dense_matmul", "cpu_kernel_path"]
+__all__ = ["cpu_kernel_path", "delta_matmul", "dense_matmul", "multi_delta_matmul"]
 
 
 def cpu_kernel_path() -> str:
@@ -49,46 +48,6 @@ def cpu_kernel_path() -> str:
 
 def _is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch")
-
-
-def _pieces(delta: Any, bits: int | None, group_size: int | None) -> tuple[list[Any], int, int]:
-    """The five arrays, bits and group size of ``delta`` (a mapping or ``(artifact, weight)``)."""
-    entry: Mapping[str, Any] = {}
-    if isinstance(delta, tuple) and len(delta) == 2 and hasattr(delta[0], "stored"):
-        artifact, weight = delta
-        entry = artifact.tensors[weight]
-        if entry.get("kind") != "delta":
-            raise ValueError(f"tensor '{weight}' is stored as '{entry.get('kind')}', not as a delta")
-        arrays = [artifact.stored(f"{weight}.{key}") for key in _PIECES]
-    elif isinstance(delta, Mapping):
-        entry = delta
-        arrays = []
-        for key in _PIECES:
-            matches = [name for name in delta if name == key or str(name).endswith("." + key)]
-            if len(matches) != 1:
-                found = matches or "none"
-                raise ValueError(f"delta pieces: expected exactly one '{key}' entry, found {found}")
-            arrays.append(delta[matches[0]])
-    else:
-        kind = type(delta).__name__
-        raise TypeError(f"delta must be a mapping of pieces or an (artifact, weight) pair, got {kind}")
-    bits = bits if bits is not None else entry.get("bits")
-    group_size = group_size if group_size is not None else entry.get("group_size")
-    if bits is None or group_size is None:
-        raise ValueError("bits and group_size are required (pass them or include them in the delta mapping)")
-    return arrays, int(bits), int(group_size)
-
-
-def _delta_info(delta: Any, arrays: list[Any], bits: int) -> tuple[int, int, str]:
-    """``(rows, cols, name)`` of a delta given as :func:`_pieces` takes it."""
-    rows = int(arrays[0].shape[0])
-    if isinstance(delta, tuple) and len(delta) == 2 and hasattr(delta[0], "stored"):
-        entry, name = delta[0].tensors[delta[1]], str(delta[1])
-    else:
-        entry, name = delta, ""
-    cols = entry.get("cols")
-    # words per row hold whole codes for every width the GPU takes (cols a multiple of 64)
-    return rows, int(cols) if cols is not None else int(arrays[0].shape[1]) * 32 // bits, name
 
 
 def _cuda_dispatch(x: Any, deltas: Sequence[Any]) -> Any:

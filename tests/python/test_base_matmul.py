@@ -7,8 +7,7 @@ per output (the dense kernel's stated bound; the slabs' BLAS sums stay well insi
 
 import pytest
 import torch
-
-from meswitch.serve.base_matmul import FEW_TOKENS, base_matmul
+from meswitch.serve.engine.base_matmul import FEW_TOKENS, base_matmul
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -11,7 +11,7 @@ import pytest
 from meswitch.checkpoint import open_checkpoint
 from meswitch.compress import CompressionSettings, compress
 from meswitch.family import family_dir
-from meswitch.serve.capacity import ExpertFormat, decoder_tensor_shapes, plan_capacity
+from meswitch.store.capacity import ExpertFormat, decoder_tensor_shapes, plan_capacity
 
 # A Mistral-7B-shaped config (its published sizes), for the estimate at real widths.
 MISTRAL_7B = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,

@@ -23,16 +23,16 @@ from meswitch.family import family_dir
 from meswitch.serve import (
     Engine,
     EngineError,
-    ExpertStore,
     ExpertUnavailable,
     MultiExpertModel,
     PromptTooLong,
     SamplingParams,
     generate,
 )
-from meswitch.serve.detokenizer import IncrementalDetokenizer, StopStrings
-from meswitch.serve.sampling import filtered_probabilities, sample
-from meswitch.serve.tokenizer import load_tokenizer
+from meswitch.serve.engine.detokenizer import IncrementalDetokenizer, StopStrings
+from meswitch.serve.engine.sampling import filtered_probabilities, sample
+from meswitch.serve.engine.tokenizer import load_tokenizer
+from meswitch.store import ExpertStore
 
 pytest.importorskip("transformers")
 

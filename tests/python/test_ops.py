@@ -15,8 +15,8 @@ import os
 import ml_dtypes
 import numpy as np
 import pytest
-
 from meswitch import ops
+from meswitch.delta_pieces import PIECES
 
 torch = pytest.importorskip("torch")
 
@@ -131,7 +131,7 @@ def test_torch_activations_and_in_place_output(dtype, tokens):
     x = torch.randn(tokens, 1024).to(dtype)
     out = torch.zeros(tokens, 37)
     pointer = out.data_ptr()
-    pieces = {f"layer.w.{key}": value for key, value in d.items() if key in ops._PIECES}
+    pieces = {f"layer.w.{key}": value for key, value in d.items() if key in PIECES}
     pieces["layer.w.scales"] = torch.from_numpy(d["scales"])  # torch float16 pieces work too
     result = ops.delta_matmul(x, pieces, out, bits=2, group_size=64)
     assert result is out and out.data_ptr() == pointer
@@ -151,7 +151,7 @@ def test_numpy_activations(dtype):
 
 def test_read_only_pieces_are_accepted():
     d = make_delta(6, 128, 3, 32, k=2, seed=9)
-    for key in ops._PIECES:
+    for key in PIECES:
         d[key].setflags(write=False)  # as ExpertArtifact.stored() returns them
     x = np.random.default_rng(4).standard_normal((2, 128)).astype(np.float32)
     check(ops.delta_matmul(x, d), x, d)

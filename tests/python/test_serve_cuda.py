@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from meswitch import TierFull
 from meswitch.compress import CompressionSettings, compress
 from meswitch.family import family_dir
 from meswitch.serve import MultiExpertModel, SequenceInput
-from meswitch import TierFull
-from meswitch.serve.device_tier import DeviceTier
+from meswitch.store.device_tier import DeviceTier
 
 pytestmark = pytest.mark.cuda
 

@@ -11,15 +11,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from meswitch import ops
 from meswitch.artifact import decompress
 from meswitch.checkpoint import open_checkpoint, save_file
 from meswitch.compress import CompressionSettings, compress
-from meswitch import ops
 from meswitch.family import family_dir
 from meswitch.serve import KVCacheFull, MultiExpertModel, PagedKVCache, SequenceInput, generate
-from meswitch.serve.attention import AttentionBatch, paged_attention, reference_paged_attention
-from meswitch.serve.generate import expert_tokenizer
-from meswitch.serve.rope import inverse_frequencies
+from meswitch.serve.engine.attention import AttentionBatch, paged_attention, reference_paged_attention
+from meswitch.serve.engine.generate import expert_tokenizer
+from meswitch.serve.engine.rope import inverse_frequencies
 
 transformers = pytest.importorskip("transformers")
 
@@ -461,7 +461,7 @@ def test_the_serve_dtype_reaches_the_model(capsys):
     """``meswitch serve --dtype`` takes the names of DTYPE_NAMES and 'auto' and refuses others
     before anything loads; open_service (what it calls) builds the model in the dtype given."""
     from meswitch.cli import main
-    from meswitch.serve.launch import open_service
+    from meswitch.serve.server.launch import open_service
 
     assert main(["serve", "--dtype", "float64"]) == 2
     assert "--dtype: invalid choice: 'float64' (choose from 'auto', 'float16', 'bfloat16', 'float32')" in \

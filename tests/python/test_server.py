@@ -3,7 +3,7 @@ client would not send what is tested) against a live uvicorn on a loopback socke
 bundled family's three experts, compressed once for the module, through the engine.
 
 Answers are cross-checked against an independent path: greedy completions equal what
-``meswitch.serve.generate`` (one sequence through a separate ``MultiExpertModel``) writes for
+``meswitch.serve.engine.generate`` (one sequence through a separate ``MultiExpertModel``) writes for
 the same prompt, and the prompt token counts equal those of the expert's own tokenizer and
 chat template (transformers).
 """
@@ -62,7 +62,7 @@ class LiveServer:
     """uvicorn serving the app on a real loopback socket, in a background thread."""
 
     def __init__(self, service) -> None:
-        from meswitch.serve.launch import bind, url_of, uvicorn_server
+        from meswitch.serve.server.launch import bind, url_of, uvicorn_server
 
         self.service = service
         self.sock = bind("127.0.0.1", 0)
@@ -85,7 +85,7 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def live(artifacts):
-    from meswitch.serve.launch import open_service
+    from meswitch.serve.server.launch import open_service
 
     service = open_service(BASE, [artifacts[name] for name in EXPERTS], host_budget="64MB", kv_cache_bytes=8 << 20,
                            max_running=16, api_key=KEY, report=lambda line: None)
@@ -194,7 +194,7 @@ def test_chat_uses_the_experts_chat_template(client, hf_tokenizer):
 
 
 def test_chat_without_a_template_uses_the_plain_format_and_matches_the_reference(client, hf_tokenizer, reference):
-    from meswitch.serve.generate import generate
+    from meswitch.serve.engine.generate import generate
 
     reply = client.chat.completions.create(model="math", messages=[{"role": "user", "content": MATH_QUESTION}],
                                            max_completion_tokens=24, temperature=0)
@@ -206,7 +206,7 @@ def test_chat_without_a_template_uses_the_plain_format_and_matches_the_reference
 
 
 def test_completion_matches_the_reference(client, reference):
-    from meswitch.serve.generate import generate
+    from meswitch.serve.engine.generate import generate
 
     raw = client.completions.with_raw_response.create(model="code", prompt=CODE_PROMPT, max_tokens=20, temperature=0)
     reply = raw.parse()
@@ -232,7 +232,7 @@ def test_completion_with_token_ids_and_several_prompts(client, hf_tokenizer):
 
 
 def test_seeded_sampling_repeats_and_other_seeds_differ(client, reference):
-    from meswitch.serve.generate import generate
+    from meswitch.serve.engine.generate import generate
 
     prompt = "<|user|>tell me about your day<|end|>\n<|assistant|>"
 
@@ -268,7 +268,7 @@ def test_a_stop_string_ends_the_text_just_before_it(client):
 def test_a_chat_reply_ends_with_its_turn(client, hf_tokenizer, reference):
     """The bundled chat expert ends a turn with ``<|end|>``, which is not its EOS: the reply stops there
     (finish_reason "stop"), without the next turns it would otherwise go on to invent."""
-    from meswitch.serve.generate import generate
+    from meswitch.serve.engine.generate import generate
 
     tokenizer = hf_tokenizer["chat"]
     templated = tokenizer.apply_chat_template(CHAT_PROMPT, tokenize=False, add_generation_prompt=True)
@@ -716,7 +716,7 @@ def test_a_port_in_use_is_a_one_line_error_before_anything_loads(capsys, tmp_pat
 
 
 def test_bundled_family_is_compressed_once_and_keyed_by_its_content(tmp_path):
-    from meswitch.serve.bundled import bundled_artifacts, family_key
+    from meswitch.serve.server.bundled import bundled_artifacts, family_key
 
     lines: list[str] = []
     base, first = bundled_artifacts(tmp_path, report=lines.append)

@@ -13,8 +13,8 @@ import pytest
 from meswitch import ops
 from meswitch.artifact import ExpertArtifact
 from meswitch.compress import CompressionSettings, compress
-from meswitch.serve import ExpertStore
-from meswitch.serve.metrics import ServerMetrics
+from meswitch.serve.server.metrics import ServerMetrics
+from meswitch.store import ExpertStore
 from prometheus_client.parser import text_string_to_metric_families
 
 FAMILY = Path(meswitch.__file__).parent / "family" / "tiny"

@@ -1,7 +1,6 @@
-"""Serving many experts of one base: the expert store, the batched multi-expert model, the engine.
+"""Serving many experts of one base: the engine (``serve.engine``) and the OpenAI server (``serve.server``).
 
-``ExpertStore`` holds compressed experts within byte budgets and moves them between disk
-and host memory; ``MultiExpertModel`` runs one forward over a flattened batch whose
+The experts themselves are held by :class:`meswitch.store.ExpertStore`. ``MultiExpertModel`` runs one forward over a flattened batch whose
 sequences belong to different experts (paged KV cache, fused delta kernels); ``Engine``
 batches many concurrent requests continuously over that model (``SamplingParams``,
 ``RequestHandle``, ``RequestEvent``); ``generate`` answers one request alone. Names are
@@ -13,21 +12,19 @@ from __future__ import annotations
 from meswitch.lazy import lazy_getattr
 
 _LAZY = {
-    "ExpertStore": ("meswitch.serve.store", "ExpertStore"),
-    "HeldExpert": ("meswitch.serve.store", "HeldExpert"),
-    "MultiExpertModel": ("meswitch.serve.model", "MultiExpertModel"),
-    "SequenceInput": ("meswitch.serve.model", "SequenceInput"),
-    "PagedKVCache": ("meswitch.serve.kv_cache", "PagedKVCache"),
-    "KVCacheFull": ("meswitch.serve.kv_cache", "KVCacheFull"),
-    "generate": ("meswitch.serve.generate", "generate"),
-    "Engine": ("meswitch.serve.engine", "Engine"),
-    "EngineError": ("meswitch.serve.engine", "EngineError"),
-    "PromptTooLong": ("meswitch.serve.engine", "PromptTooLong"),
-    "ExpertUnavailable": ("meswitch.serve.engine", "ExpertUnavailable"),
-    "SamplingParams": ("meswitch.serve.sampling", "SamplingParams"),
-    "RequestHandle": ("meswitch.serve.request", "RequestHandle"),
-    "RequestEvent": ("meswitch.serve.request", "RequestEvent"),
-    "RequestResult": ("meswitch.serve.request", "RequestResult"),
+    "MultiExpertModel": ("meswitch.serve.engine.model_runner", "MultiExpertModel"),
+    "SequenceInput": ("meswitch.serve.engine.model_runner", "SequenceInput"),
+    "PagedKVCache": ("meswitch.serve.engine.kv_cache", "PagedKVCache"),
+    "KVCacheFull": ("meswitch.serve.engine.kv_cache", "KVCacheFull"),
+    "generate": ("meswitch.serve.engine.generate", "generate"),
+    "Engine": ("meswitch.serve.engine.engine", "Engine"),
+    "EngineError": ("meswitch.serve.engine.engine", "EngineError"),
+    "PromptTooLong": ("meswitch.serve.engine.engine", "PromptTooLong"),
+    "ExpertUnavailable": ("meswitch.serve.engine.engine", "ExpertUnavailable"),
+    "SamplingParams": ("meswitch.serve.engine.sampling", "SamplingParams"),
+    "RequestHandle": ("meswitch.serve.engine.request", "RequestHandle"),
+    "RequestEvent": ("meswitch.serve.engine.request", "RequestEvent"),
+    "RequestResult": ("meswitch.serve.engine.request", "RequestResult"),
 }
 
 __all__ = list(_LAZY)

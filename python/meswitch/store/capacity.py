@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from meswitch.compress import compressed_bits, salient_count
-from meswitch.serve.config import read_decoder_config
+from meswitch.decoder_config import read_decoder_config
 
 #: Bytes per element of the base as it is held for serving.
 BASE_DTYPE_BYTES = {"f16": 2, "bf16": 2, "f32": 4}

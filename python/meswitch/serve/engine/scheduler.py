@@ -28,8 +28,8 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
-from meswitch.serve.kv_cache import PagedKVCache
-from meswitch.serve.request import Request, RequestStatus
+from meswitch.serve.engine.kv_cache import PagedKVCache
+from meswitch.serve.engine.request import Request, RequestStatus
 
 
 class Admission(enum.Enum):

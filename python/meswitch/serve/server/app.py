@@ -25,12 +25,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meswitch import __version__
-from meswitch.serve.auth import require_api_key
-from meswitch.serve.catalog import ModelCatalog
-from meswitch.serve.completions import Completions, ServingContext
-from meswitch.serve.errors import install_error_handlers
-from meswitch.serve.metrics import ServerMetrics
-from meswitch.serve.protocol import (
+from meswitch.serve.server.auth import require_api_key
+from meswitch.serve.server.catalog import ModelCatalog
+from meswitch.serve.server.completions import Completions, ServingContext
+from meswitch.serve.server.errors import install_error_handlers
+from meswitch.serve.server.metrics import ServerMetrics
+from meswitch.serve.server.protocol import (
     AddExpertRequest,
     ChatCompletionRequest,
     CompletionRequest,
@@ -79,10 +79,10 @@ def create_app(engine: Any, store: Any, router: Any = None, *, api_key: str | No
     Parameters
     ----------
     engine
-        A started :class:`meswitch.serve.engine.Engine` over ``store``; the app does not
+        A started :class:`meswitch.serve.engine.engine.Engine` over ``store``; the app does not
         close it (whoever made it does, after the server stops).
     store
-        The engine's :class:`~meswitch.serve.store.ExpertStore`: the experts served, added
+        The engine's :class:`~meswitch.store.expert_store.ExpertStore`: the experts served, added
         and removed at run time.
     router
         A :class:`~meswitch.route.router.Router` for ``model: "auto"``, or None.

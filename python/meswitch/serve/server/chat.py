@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from meswitch.serve.protocol import ChatMessage
-from meswitch.serve.tokenizer import SharedTokenizer
+from meswitch.serve.engine.tokenizer import SharedTokenizer
+from meswitch.serve.server.protocol import ChatMessage
 
 
 def plain_prompt(messages: Sequence[ChatMessage]) -> str:

@@ -86,7 +86,7 @@ def open_service(base: str | os.PathLike[str], artifacts: Sequence[str | os.Path
         Guards every ``/v1`` endpoint when set.
     dtype
         The dtype of the base's matrices and the KV cache: ``"auto"`` (the checkpoint's own)
-        or a name in :data:`meswitch.serve.base_weights.DTYPE_NAMES`.
+        or a name in :data:`meswitch.serve.engine.base_weights.DTYPE_NAMES`.
     report
         Where progress lines go.
 
@@ -97,11 +97,11 @@ def open_service(base: str | os.PathLike[str], artifacts: Sequence[str | os.Path
     ValueError
         Two artifacts of one name, a reserved name, a bad budget, a dtype not accepted.
     """
-    from meswitch.serve.app import create_app
-    from meswitch.serve.catalog import check_expert_name, manifest_name
-    from meswitch.serve.engine import Engine
-    from meswitch.serve.model import MultiExpertModel
-    from meswitch.serve.store import ExpertStore
+    from meswitch.serve.engine.engine import Engine
+    from meswitch.serve.engine.model_runner import MultiExpertModel
+    from meswitch.serve.server.app import create_app
+    from meswitch.serve.server.catalog import check_expert_name, manifest_name
+    from meswitch.store.expert_store import ExpertStore
 
     store = ExpertStore(base, host_budget=host_budget)
     names = []

@@ -30,11 +30,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
-from meswitch.serve.catalog import Choice, ModelCatalog
-from meswitch.serve.chat import chat_prompt_tokens
-from meswitch.serve.errors import APIError, error_body
-from meswitch.serve.metrics import RequestTimer, ServerMetrics
-from meswitch.serve.protocol import (
+from meswitch.serve.engine.tokenizer import SharedTokenizer
+from meswitch.serve.server.catalog import Choice, ModelCatalog
+from meswitch.serve.server.chat import chat_prompt_tokens
+from meswitch.serve.server.errors import APIError, error_body
+from meswitch.serve.server.metrics import RequestTimer, ServerMetrics
+from meswitch.serve.server.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -49,7 +50,6 @@ from meswitch.serve.protocol import (
     new_id,
     now,
 )
-from meswitch.serve.tokenizer import SharedTokenizer
 
 #: The response header naming the expert that answered.
 EXPERT_HEADER = "x-meswitch-expert"
@@ -81,7 +81,7 @@ class _Outcome:
 
 
 def _sampling_params(request: ChatCompletionRequest | CompletionRequest, max_tokens: int) -> Any:
-    from meswitch.serve.sampling import SamplingParams
+    from meswitch.serve.engine.sampling import SamplingParams
 
     try:
         return SamplingParams(max_tokens=max_tokens,
@@ -102,7 +102,7 @@ def _submit_all(context: ServingContext, choice: Choice, prompts: Sequence[tuple
     Blocking (tokenizes; may read the tokenizer from disk): for a worker thread. The caller
     owns ``handles`` and cancels them if anything fails, also after a refusal here.
     """
-    from meswitch.serve.engine import PromptTooLong
+    from meswitch.serve.engine.engine import PromptTooLong
 
     for prompt, field in prompts:
         with _engine_errors(choice):
@@ -144,7 +144,7 @@ def _tokenizer(context: ServingContext, choice: Choice) -> SharedTokenizer:
 def _engine_errors(choice: Choice) -> Iterator[None]:
     """The engine's refusals as API errors: an expert it does not know is a 404; the others (an
     expert whose tokenizer cannot be read, an engine that is closing) a 503 naming the cause."""
-    from meswitch.serve.engine import EngineError, ExpertUnavailable
+    from meswitch.serve.engine.engine import EngineError, ExpertUnavailable
 
     try:
         yield

@@ -65,7 +65,7 @@ class SharedTokenizer:
         The ids that end generation (see the module docstring).
     hidden_tokens
         ``{id: text}`` of the special tokens that decoding leaves out of the text; stop
-        strings are matched against this text of theirs (:mod:`meswitch.serve.detokenizer`).
+        strings are matched against this text of theirs (:mod:`meswitch.serve.engine.detokenizer`).
     """
 
     def __init__(self, tokenizer: Any, directory: str | Path) -> None:

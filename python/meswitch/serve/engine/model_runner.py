@@ -12,7 +12,7 @@ decoder is written out here (Llama, Mistral, Qwen2 share it), and every linear i
 with the tokens ordered by expert: sequences are sorted once per forward (a sequence has
 one expert, so its tokens stay contiguous) and the same order serves every linear.
 Attention is batched over all the sequences of the forward through the paged KV cache
-(``serve/attention.py``).
+(``serve/engine/attention.py``).
 
 Dtypes. The base's matrices and the KV cache are held in the checkpoint's 16-bit dtype
 (float16 or bfloat16; ``dtype=`` overrides, and a float32 checkpoint stays float32), which
@@ -21,7 +21,7 @@ float32: the residual stream and the activations, the norms, rotary, the attenti
 and softmax, and the delta kernel's accumulation (``multi_delta_matmul`` adds into a float32
 ``out``). On the CPU float32 activations are the more accurate and, from 8 tokens a forward
 on, the cheaper choice: torch has no fast 16-bit GEMM on CPUs without AVX-512 BF16/FP16, so
-the base GEMM (``serve/base_matmul.py``, the one place it is done; figures there) widens the
+the base GEMM (``serve/engine/base_matmul.py``, the one place it is done; figures there) widens the
 weight a cache-sized slab at a time and multiplies in float32, 1.5-3.4x faster at 8-16
 tokens than rounding the activations to 16 bit and without that rounding (bfloat16: 3e-3 of
 the output's scale per product); at one token it is 1.4-1.9x slower. Keys and values are
@@ -31,7 +31,7 @@ On a CUDA device (``device="cuda"``) the base weights, the KV cache and the acti
 on the GPU (the base GEMM there is cuBLAS's 16-bit GEMM); each linear's deltas of the whole
 mixed batch are one launch of the CUDA kernel (``meswitch.cuda``) over a segment table
 built once per forward from the sequences' experts, and the experts' deltas come from a
-device tier (``serve/device_tier.py``) that uploads them from the host tier through pinned
+device tier (``store/device_tier.py``) that uploads them from the host tier through pinned
 buffers and keeps them within a device byte budget.
 """
 
@@ -48,15 +48,15 @@ import numpy as np
 import torch
 
 from meswitch.checkpoint import open_checkpoint
+from meswitch.decoder_config import read_decoder_config
 from meswitch.ops import multi_delta_matmul
-from meswitch.serve.attention import AttentionBatch, paged_attention
-from meswitch.serve.base_matmul import base_matmul
-from meswitch.serve.base_weights import load_base_weights, resolve_dtype
-from meswitch.serve.config import read_decoder_config
-from meswitch.serve.device_tier import DeviceTier
-from meswitch.serve.experts import ExpertSourceAdapter, ExpertWeights
-from meswitch.serve.kv_cache import PagedKVCache
-from meswitch.serve.rope import inverse_frequencies, rotate
+from meswitch.serve.engine.attention import AttentionBatch, paged_attention
+from meswitch.serve.engine.base_matmul import base_matmul
+from meswitch.serve.engine.base_weights import load_base_weights, resolve_dtype
+from meswitch.serve.engine.experts import ExpertSourceAdapter, ExpertWeights
+from meswitch.serve.engine.kv_cache import PagedKVCache
+from meswitch.serve.engine.rope import inverse_frequencies, rotate
+from meswitch.store.device_tier import DeviceTier
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Which experts the engine can run now: held while in use, loaded off the loop thread.
 
 A sequence's forward needs its expert resident in the store. The engine *holds* an expert
-(``store.acquire``: a :class:`~meswitch.serve.store.HeldExpert`) from the admission of its
+(``store.acquire``: a :class:`~meswitch.store.expert_store.HeldExpert`) from the admission of its
 first running request until its last running request ends. A store evicts only experts
 nobody holds, so an expert never leaves memory between the steps of a request that still
 uses it, while an expert no running request uses is free to make room for another.
@@ -33,8 +33,8 @@ from typing import Any
 
 from meswitch._core import TierFull
 from meswitch.artifact import ExpertArtifact
-from meswitch.serve.model import MultiExpertModel
-from meswitch.serve.scheduler import Admission
+from meswitch.serve.engine.model_runner import MultiExpertModel
+from meswitch.serve.engine.scheduler import Admission
 
 LOGGER = logging.getLogger(__name__)
 #: Seconds before an expert that found no room tries again, when no hold was released meanwhile.

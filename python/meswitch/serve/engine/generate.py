@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from meswitch.serve.model import MultiExpertModel, SequenceInput
-from meswitch.serve.tokenizer import SharedTokenizer, load_tokenizer
+from meswitch.serve.engine.model_runner import MultiExpertModel, SequenceInput
+from meswitch.serve.engine.tokenizer import SharedTokenizer, load_tokenizer
 
 
 def expert_tokenizer(model: MultiExpertModel, expert: str | None) -> SharedTokenizer:
@@ -42,7 +42,7 @@ def generate(model: MultiExpertModel, expert: str | None, prompt: str, max_token
         Stop at a stop token (not included in the text).
     stop_token_ids
         The stop tokens; ``None``: the expert's own (its EOS and its chat template's end
-        of turn, :attr:`~meswitch.serve.tokenizer.SharedTokenizer.stop_token_ids`).
+        of turn, :attr:`~meswitch.serve.engine.tokenizer.SharedTokenizer.stop_token_ids`).
 
     Returns
     -------

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from meswitch.arguments import one_line
-from meswitch.serve.errors import APIError
-from meswitch.serve.metrics import BASE
+from meswitch.serve.server.errors import APIError
+from meswitch.serve.server.metrics import BASE
 
 #: The model name that asks the router.
 AUTO = "auto"
@@ -66,7 +66,7 @@ class Choice:
 
 
 class ModelCatalog:
-    """The served models over an :class:`~meswitch.serve.store.ExpertStore` and an optional router.
+    """The served models over an :class:`~meswitch.store.expert_store.ExpertStore` and an optional router.
 
     Parameters
     ----------

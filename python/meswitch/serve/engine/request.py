@@ -17,13 +17,12 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from meswitch.serve.detokenizer import IncrementalDetokenizer, StopStrings
-from meswitch.serve.sampling import SamplingParams
-from meswitch.serve.tokenizer import SharedTokenizer
+from meswitch.serve.engine.detokenizer import IncrementalDetokenizer, StopStrings
+from meswitch.serve.engine.sampling import SamplingParams
+from meswitch.serve.engine.tokenizer import SharedTokenizer
 
 #: Why a request ended: one of its stop tokens (EOS, end of turn) or a stop string, max_tokens
 #: (or the KV pool could not hold it any longer), its cancel(), a failure of its own, the

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import Request
 
-from meswitch.serve.errors import APIError
+from meswitch.serve.server.errors import APIError
 
 
 def bearer_token(request: Request) -> str | None:

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from meswitch.serve.protocol import ErrorBody, ErrorDetail
+from meswitch.serve.server.protocol import ErrorBody, ErrorDetail
 
 logger = logging.getLogger("meswitch.serve")
 

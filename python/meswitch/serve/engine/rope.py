@@ -23,7 +23,7 @@ def inverse_frequencies(parameters: dict[str, Any], head_dim: int) -> torch.Tens
     ----------
     parameters
         ``rope_theta``, ``rope_type`` and the kind's fields (see
-        :func:`meswitch.serve.config.rope_parameters`).
+        :func:`meswitch.decoder_config.rope_parameters`).
     head_dim
         Channels per attention head (all of them rotate).
 

@@ -13,7 +13,7 @@ stop string, and cuts the text where one appears.
 **Special tokens are matched, not shown.** The text a request returns never contains a
 special token (``<|end|>``, ``<|endoftext|>``: decoding skips them, as transformers'
 ``skip_special_tokens=True`` does), but stop strings are matched against the text with
-each special token written out (:attr:`~meswitch.serve.tokenizer.SharedTokenizer.hidden_tokens`).
+each special token written out (:attr:`~meswitch.serve.engine.tokenizer.SharedTokenizer.hidden_tokens`).
 So ``stop=["<|end|>"]`` ends a request at that token, and ``stop=["Bye<|end|>"]`` at the
 text ``Bye`` followed by it; either way the text returned ends just before the match.
 """
@@ -33,7 +33,7 @@ class IncrementalDetokenizer:
     Parameters
     ----------
     tokenizer
-        A :class:`~meswitch.serve.tokenizer.SharedTokenizer` (its ``decode`` skips special tokens).
+        A :class:`~meswitch.serve.engine.tokenizer.SharedTokenizer` (its ``decode`` skips special tokens).
     """
 
     def __init__(self, tokenizer: Any) -> None:

@@ -3,14 +3,14 @@
 A step of the loop (nano-vllm's ``LLMEngine.step``):
 
 1. take the requests submitted and the cancellations since the last step, and the
-   expert loads that ended (:mod:`meswitch.serve.residency`);
-2. plan the forward (:mod:`meswitch.serve.scheduler`): running requests continue, waiting
+   expert loads that ended (:mod:`meswitch.serve.engine.residency`);
+2. plan the forward (:mod:`meswitch.serve.engine.scheduler`): running requests continue, waiting
    ones join when their expert is held and the KV pool has their blocks, the newest
    running request is preempted when the pool runs out;
 3. run one forward over every planned chunk, prefill and decode tokens together, each
    sequence with its own expert;
-4. sample each sequence whose chunk reached its last token (:mod:`meswitch.serve.sampling`),
-   stream the new text (:mod:`meswitch.serve.detokenizer`), end the requests that are done:
+4. sample each sequence whose chunk reached its last token (:mod:`meswitch.serve.engine.sampling`),
+   stream the new text (:mod:`meswitch.serve.engine.detokenizer`), end the requests that are done:
    their blocks return to the pool and their expert's hold ends with its last request.
 
 The per-step work outside the forward is proportional to the requests in the step, not
@@ -32,12 +32,12 @@ from typing import Any
 
 import torch
 
-from meswitch.serve.model import MultiExpertModel, SequenceInput
-from meswitch.serve.request import Request, RequestHandle, RequestStatus
-from meswitch.serve.residency import RETRY_SECONDS, ExpertResidency
-from meswitch.serve.sampling import SamplingParams, sample
-from meswitch.serve.scheduler import Admission, Scheduler, StepPlan
-from meswitch.serve.tokenizer import SharedTokenizer, load_tokenizer
+from meswitch.serve.engine.model_runner import MultiExpertModel, SequenceInput
+from meswitch.serve.engine.request import Request, RequestHandle, RequestStatus
+from meswitch.serve.engine.residency import RETRY_SECONDS, ExpertResidency
+from meswitch.serve.engine.sampling import SamplingParams, sample
+from meswitch.serve.engine.scheduler import Admission, Scheduler, StepPlan
+from meswitch.serve.engine.tokenizer import SharedTokenizer, load_tokenizer
 
 LOGGER = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from meswitch.arguments import UsageError, existing_dir, int_in, parse_size, positive_int, size
-from meswitch.serve.base_weights import DTYPE_NAMES
+from meswitch.serve.engine.base_weights import DTYPE_NAMES
 
 DESCRIPTION = """\
 Serve the experts over an OpenAI-compatible HTTP API: /v1/chat/completions,
@@ -59,7 +59,7 @@ def _check_device_budget(budget: int) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from meswitch.serve.launch import bind, open_service, serve_until_stopped, url_of, uvicorn_server
+    from meswitch.serve.server.launch import bind, open_service, serve_until_stopped, url_of, uvicorn_server
 
     _check_device_budget(args.device_budget)
     if args.experts and args.base is None:
@@ -67,7 +67,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)  # a port in use fails here, before anything loads
     try:
         if args.base is None:
-            from meswitch.serve.bundled import bundled_artifacts, cache_root
+            from meswitch.serve.server.bundled import bundled_artifacts, cache_root
 
             cache = args.cache_dir or cache_root()
             print(f"serving the bundled tiny family (cache {cache})", flush=True)

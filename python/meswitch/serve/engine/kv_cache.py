@@ -20,7 +20,7 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-from meswitch.serve.base_weights import DTYPE_NAMES
+from meswitch.serve.engine.base_weights import DTYPE_NAMES
 
 
 class KVCacheFull(RuntimeError):

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from meswitch.serve.kv_cache import PagedKVCache
+from meswitch.serve.engine.kv_cache import PagedKVCache
 
 
 @dataclass
