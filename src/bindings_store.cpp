@@ -36,6 +36,7 @@ py::dict report_dict(const StoreReport& report) {
     entry["tier"] = expert.tier;
     entry["bytes"] = expert.bytes;
     entry["holders"] = expert.holders;
+    entry["claims"] = expert.claims;
     entry["pinned"] = expert.pinned;
     entry["loads"] = expert.loads;
     entry["load_seconds"] = expert.load_seconds;
@@ -80,6 +81,11 @@ void bind_store(py::module_& m) {
       .def("release", &Handle::release)
       .def("__bool__", [](const Handle& self) { return bool(self); });
 
+  using Claim = ExpertStore::Claim;
+  py::class_<Claim>(m, "ExpertClaim")
+      .def("release", &Claim::release)
+      .def("__bool__", [](const Claim& self) { return bool(self); });
+
   using BatchLease = ExpertStore::BatchLease;
   py::class_<BatchLease>(m, "BatchLease")
       .def("names", &BatchLease::names)
@@ -106,6 +112,9 @@ void bind_store(py::module_& m) {
           py::arg("name"), py::arg("drain_seconds") = 0.0, py::call_guard<py::gil_scoped_release>())
       .def("acquire_batch", &ExpertStore::acquire_batch, py::arg("names"), py::call_guard<py::gil_scoped_release>())
       .def("acquire", &ExpertStore::acquire, py::arg("name"), py::call_guard<py::gil_scoped_release>())
+      .def("acquire_if_resident", &ExpertStore::acquire_if_resident, py::arg("name"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("claim", &ExpertStore::claim, py::arg("name"), py::call_guard<py::gil_scoped_release>())
       .def("prefetch", &ExpertStore::prefetch, py::arg("name"), py::call_guard<py::gil_scoped_release>())
       .def("wait", &ExpertStore::wait, py::arg("name"), py::call_guard<py::gil_scoped_release>())
       .def("pin", &ExpertStore::pin, py::arg("name"), py::call_guard<py::gil_scoped_release>())

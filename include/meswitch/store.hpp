@@ -45,11 +45,23 @@
 // Holding: acquire() returns a Handle; while any Handle of an expert lives (a running batch
 // uses it) the expert is never evicted. pin() loads an expert and keeps it resident until
 // unpin(). acquire_batch() takes one hold on each expert of a batch, all or none (a
-// BatchLease). remove() of a held or loading expert either drains it (new acquires refused,
-// the removal done when the last holder lets go, within a time limit) or is refused with an
-// Error naming the holders; otherwise the expert leaves every tier at once, pinned or not. add() opens the artifact (its structure checked; checksums wait for
-// the load) and checks its base fingerprint against the store's base, hashed once when the
-// store is made; a wrong base is refused naming the first differing tensor.
+// BatchLease). acquire_if_resident() holds an expert only if it is resident now, without
+// loading or waiting (an engine admitting requests asks it every step).
+//
+// Claims: a request that will use an expert claims it (claim() returns a Claim) from when
+// it is accepted until it ends, resident or not; a Claim holds no memory. Holds and claims
+// are the one count of who uses an expert: the store keeps both, and remove() reads both.
+//
+// Removal: remove() of a claimed expert is refused at once with an Error naming how many
+// requests use it (they may run for minutes). One only held or loading (a batch or an
+// engine letting go after its last request) either drains (new claims and acquires
+// refused, the removal done when the last holder lets go, within a time limit) or is
+// refused with an Error naming the holders; otherwise the expert leaves every tier at once,
+// pinned or not.
+//
+// add() opens the artifact (its structure checked; checksums wait for the load) and checks
+// its base fingerprint against the store's base, hashed once when the store is made; a
+// wrong base is refused naming the first differing tensor.
 //
 // Prefetch: prefetch() queues the load for the store's one background thread, started on
 // the first prefetch and joined when the store goes away, and returns at once (an expert
@@ -122,7 +134,8 @@ struct StoreExpertReport {
   std::string directory;
   std::string tier;
   std::uint64_t bytes = 0;
-  std::size_t holders = 0;
+  std::size_t holders = 0;  // Handles: running batches, an engine's running requests
+  std::size_t claims = 0;   // Claims: requests accepted and not ended, resident or not
   bool pinned = false;
   std::uint64_t loads = 0;          // completed loads of this expert (disk -> host)
   double load_seconds = 0;          // summed over them
@@ -160,6 +173,7 @@ class ExpertStore {
     std::exception_ptr failed;                       // a background failure nobody has seen yet
     std::shared_ptr<const ArtifactRecord> verified;  // what its last verified load checked
     std::size_t holders = 0;
+    std::size_t claims = 0;  // requests that will use it (Claim)
     bool pinned = false;
     bool queued = false;    // a prefetch waits in the queue
     bool draining = false;  // a remove() waits for its holders: new acquires are refused
@@ -242,6 +256,47 @@ class ExpertStore {
     std::shared_ptr<const ExpertArtifact> artifact_;
   };
 
+  // A request's use of an expert, from its acceptance to its end: the expert cannot be
+  // removed while claimed, but a claim holds no memory (the expert may be evicted and loaded
+  // again meanwhile). Move-only; release() or the destructor lets go. Thread-safe, like Handle.
+  class Claim {
+   public:
+    Claim() = default;
+    Claim(Claim&& other) noexcept { *this = std::move(other); }
+    Claim& operator=(Claim&& other) noexcept {
+      if (this != &other) {
+        release();
+        state_ = std::move(other.state_);
+        entry_ = std::move(other.entry_);
+      }
+      return *this;
+    }
+    Claim(const Claim&) = delete;
+    Claim& operator=(const Claim&) = delete;
+    ~Claim() { release(); }
+
+    explicit operator bool() const { return state_ != nullptr; }
+
+    void release() {
+      if (!state_) return;
+      {
+        std::lock_guard<std::mutex> lock(state_->mutex);
+        --entry_->claims;
+      }
+      state_->changed.notify_all();
+      state_.reset();
+      entry_.reset();
+    }
+
+   private:
+    friend class ExpertStore;
+    Claim(std::shared_ptr<State> state, std::shared_ptr<Entry> entry)
+        : state_(std::move(state)), entry_(std::move(entry)) {}
+
+    std::shared_ptr<State> state_;
+    std::shared_ptr<Entry> entry_;
+  };
+
   // `base_path`: the base checkpoint (directory or .safetensors), `base_config_text` its
   // config.json; both are fingerprinted now, once, for every add().
   ExpertStore(const std::string& base_path, const std::string& base_config_text, std::uint64_t host_budget_bytes)
@@ -284,15 +339,19 @@ class ExpertStore {
     return entry->name;
   }
 
-  // Drops the expert from every tier. While handles hold it (running batches) or a load of it
-  // is in flight, `drain` says how long to wait for them: meanwhile the expert is draining
-  // (every new acquire() or prefetch() of it is refused, naming why) and the removal
-  // happens when the last holder lets go. With no time to wait, or when it runs out, the
-  // removal is refused with an Error naming the holders, and the expert is served again.
+  // Drops the expert from every tier. A claimed expert is refused at once, naming how many
+  // requests use it. While handles hold it (running batches) or a load of it is in flight,
+  // `drain` says how long to wait for them: meanwhile the expert is draining (every new
+  // claim(), acquire() or prefetch() of it is refused, naming why) and the removal happens
+  // when the last holder lets go. With no time to wait, or when it runs out, the removal is
+  // refused with an Error naming the holders, and the expert is served again.
   void remove(const std::string& name, std::chrono::milliseconds drain = std::chrono::milliseconds(0)) {
     std::shared_ptr<const ExpertArtifact> freed;  // destroyed after the lock is let go
     std::unique_lock<std::mutex> lock(state_->mutex);
     const std::shared_ptr<Entry> entry = find(name);
+    if (entry->claims > 0)
+      throw Error("cannot remove expert '" + name + "': " + std::to_string(entry->claims) +
+                  " request(s) use it; remove it once they have finished");
     const auto idle = [&] { return entry->holders == 0 && !entry->loading; };
     if (!idle() && drain.count() > 0) {
       entry->draining = true;
@@ -350,6 +409,30 @@ class ExpertStore {
     for (const std::string& name : names)
       if (lease.handles_.find(name) == lease.handles_.end()) lease.handles_.emplace(name, acquire(name));
     return lease;
+  }
+
+  // A claim on the expert for one request (see Claim). Throws Error for an unknown expert
+  // or one being removed.
+  Claim claim(const std::string& name) {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    const std::shared_ptr<Entry> entry = find(name);
+    refuse_if_draining(*entry);
+    ++entry->claims;
+    return Claim(state_, entry);
+  }
+
+  // The expert held as acquire() holds it when it is resident on the host tier now; an
+  // empty Handle when it is not (nothing is loaded or waited for, and no miss is counted).
+  // Throws Error for an unknown expert or one being removed.
+  Handle acquire_if_resident(const std::string& name) {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    const std::shared_ptr<Entry> entry = find(name);
+    refuse_if_draining(*entry);
+    if (!entry->artifact) return Handle();
+    ++state_->counters.hits;
+    ++entry->holders;
+    entry->last_used = ++state_->clock;
+    return Handle(state_, entry);
   }
 
   // The expert, resident on the host tier and held until the Handle goes; loads it (in
@@ -457,8 +540,9 @@ class ExpertStore {
       const char* tier = store_tier_name(tier_of(entry));
       if (entry.artifact) ++host.entries;
       if (entry.loading) ++host.loading;
-      report.experts.push_back({entry.name, entry.directory, tier, entry.bytes, entry.holders, entry.pinned,
-                                entry.loads, entry.load_seconds, entry.waited_acquires, entry.wait_seconds});
+      report.experts.push_back({entry.name, entry.directory, tier, entry.bytes, entry.holders, entry.claims,
+                                entry.pinned, entry.loads, entry.load_seconds, entry.waited_acquires,
+                                entry.wait_seconds});
     }
     report.tiers = {disk, host};
     return report;

@@ -232,6 +232,69 @@ TEST_CASE("remove drains a held expert: new acquires are refused and it goes wit
   }
 }
 
+TEST_CASE("a claimed expert is not removed; claims hold no memory and are refused while it drains", "[store]") {
+  const Family family = family_of("claim", 2);
+  ExpertStore store(family.base, kConfig, family.bytes);  // room for one expert
+  for (const std::string& directory : family.experts) store.add(directory);
+  ExpertStore::Claim claim = store.claim("claim_e0");
+  REQUIRE(claim);
+  REQUIRE(expert_in(store.memory_report(), "claim_e0").claims == 1);
+  REQUIRE(store.tier("claim_e0") == StoreTier::Disk);  // a claim loads nothing
+  // Claimed but not held: evicted like any idle expert when another needs the room.
+  store.acquire("claim_e0").release();
+  store.acquire("claim_e1").release();
+  REQUIRE(store.tier("claim_e0") == StoreTier::Disk);
+  // Refused at once, even with time to drain: requests may run for minutes.
+  REQUIRE_THROWS_WITH(store.remove("claim_e0", std::chrono::milliseconds(20000)),
+                      Catch::Contains("1 request(s) use it"));
+  ExpertStore::Claim moved = std::move(claim);
+  REQUIRE_FALSE(claim);
+  moved.release();
+  moved.release();  // idempotent
+  REQUIRE(expert_in(store.memory_report(), "claim_e0").claims == 0);
+  // Held (an engine letting go after its last request): draining refuses new claims.
+  ExpertStore::Handle held = store.acquire("claim_e1");
+  std::thread remover([&] { store.remove("claim_e1", std::chrono::milliseconds(20000)); });
+  bool refused = false;
+  for (int i = 0; i < 2000 && !refused; ++i) {
+    try {
+      store.claim("claim_e1");
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    } catch (const Error& error) {
+      refused = std::string(error.what()).find("is being removed") != std::string::npos;
+      REQUIRE(refused);
+    }
+  }
+  REQUIRE(refused);
+  held.release();
+  remover.join();
+  store.remove("claim_e0");
+  REQUIRE(store.names().empty());
+  REQUIRE_THROWS_WITH(store.claim("claim_e0"), Catch::Contains("no expert named 'claim_e0'"));
+}
+
+TEST_CASE("acquire_if_resident holds a resident expert and neither loads nor waits for one that is not", "[store]") {
+  const Family family = family_of("ifres", 2);
+  ExpertStore store(family.base, kConfig, 2 * family.bytes);
+  for (const std::string& directory : family.experts) store.add(directory);
+  const StoreReport before = store.memory_report();
+  REQUIRE_FALSE(store.acquire_if_resident("ifres_e0"));
+  const StoreReport unchanged = store.memory_report();
+  REQUIRE(unchanged.misses == before.misses);
+  REQUIRE(unchanged.loads == before.loads);
+  REQUIRE(store.tier("ifres_e0") == StoreTier::Disk);
+  store.acquire("ifres_e0").release();
+  {
+    const ExpertStore::Handle held = store.acquire_if_resident("ifres_e0");
+    REQUIRE(held);
+    REQUIRE(held.artifact().kind("pad") == "full");
+    REQUIRE(expert_in(store.memory_report(), "ifres_e0").holders == 1);
+  }
+  REQUIRE(expert_in(store.memory_report(), "ifres_e0").holders == 0);
+  REQUIRE_THROWS_WITH(store.acquire_if_resident("nobody"), Catch::Contains("no expert named 'nobody'"));
+  check_accounting(store.memory_report());
+}
+
 TEST_CASE("held and pinned experts are never evicted; a full tier refuses the load", "[store]") {
   const Family family = family_of("held", 3);
   ExpertStore store(family.base, kConfig, 2 * family.bytes);

@@ -458,6 +458,42 @@ def test_an_expert_waits_for_room_while_others_run(family, model):
     assert report["evictions"] >= 1 and all(expert["holders"] == 0 for expert in report["experts"])
 
 
+def test_the_store_counts_every_request_claim_and_every_running_hold(family):
+    """Claims from submit to the end (a cancel ends its claim at once), one hold per running
+    request; the store refuses to remove a claimed expert and counts nothing once all ended."""
+    store = ExpertStore(family["base"], host_budget=1 << 30)
+    store.add(family["artifacts"]["math"])
+    stored = MultiExpertModel(family["base"], store, kv_cache_bytes=4 << 20)
+
+    def math() -> dict:
+        return next(expert for expert in store.memory_report()["experts"] if expert["name"] == "math")
+
+    long = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+    engine = Engine(stored)  # not started: the requests wait
+    first, second = (engine.submit("math", GREEDY[0][1], long) for _ in range(2))
+    assert math()["claims"] == 2 and math()["holders"] == 0 and store.tier("math") == "disk"
+    with pytest.raises(RuntimeError, match="2 request\\(s\\) use it"):
+        store.remove("math", drain=5.0)  # refused at once: requests may run for minutes
+    second.cancel()
+    assert math()["claims"] == 1  # before the loop has seen the cancel
+    with engine:
+        next(first.events(timeout=60))  # running: holds math
+        assert math()["claims"] == 1 and math()["holders"] >= 1
+        third = engine.submit("math", GREEDY[0][1], long)
+        next(third.events(timeout=60))
+        report = math()
+        assert report["claims"] == 2 and report["holders"] >= 2  # one hold per running request
+        first.cancel()
+        third.cancel()
+        assert first.result(timeout=30).finish_reason == third.result(timeout=30).finish_reason == "cancelled"
+        assert_idle(engine, stored)
+        assert math()["claims"] == 0 and math()["holders"] == 0
+        store.remove("math", drain=5.0)
+        with pytest.raises(ExpertUnavailable):
+            engine.submit("math", GREEDY[0][1], long)
+    assert second.result(timeout=1).finish_reason == "cancelled"
+
+
 def test_a_failing_expert_ends_only_its_own_requests(family, model):
     broken = family["root"] / "broken.meswitch"
     shutil.copytree(family["artifacts"]["code"], broken)

@@ -407,7 +407,7 @@ def test_experts_are_added_and_removed_at_run_time(client, raw, artifacts):
     stream = client.completions.create(model="code2", prompt=CODE_PROMPT, max_tokens=300, temperature=0, stream=True,
                                        extra_body={"ignore_eos": True})
     next(iter(stream))
-    assert "answering 1 request" in _error(raw.delete("/v1/experts/code2"), 409)["message"]
+    assert "1 request(s) use it" in _error(raw.delete("/v1/experts/code2"), 409)["message"]
     stream.close()
     removed = raw.delete("/v1/experts/code2")  # at once: the store drains the engine's last hold
     assert removed.status_code == 200 and removed.json()["deleted"] is True, removed.text
@@ -680,6 +680,10 @@ def test_metrics_count_requests_tokens_and_latency(client, raw, live):
     assert increase('meswitch_routed_total{expert="math",fallback="false"}') == 1
     assert increase('meswitch_request_errors_total{status="400"}') == 1
     assert samples["meswitch_requests_waiting"] == samples["meswitch_requests_running"] == 0
+    for expert in ("chat", "math", "code"):  # every claim and hold ended with its request
+        assert samples[f'meswitch_expert_requests{{expert="{expert}"}}'] == 0
+        assert samples[f'meswitch_expert_holders{{expert="{expert}"}}'] == 0
+        assert samples[f'meswitch_expert_loads_total{{expert="{expert}"}}'] >= 1
     host = live.service.store.memory_report()["tiers"]["host"]
     assert samples['meswitch_store_budget_bytes{tier="host"}'] == host["budget_bytes"] == 64 * 10**6
     assert 0 < samples['meswitch_store_bytes{tier="host"}'] <= host["budget_bytes"]

@@ -101,7 +101,7 @@ def test_budget_evicts_the_least_recently_used_and_reports_every_field(artifacts
                            "load_failures", "prefetches_skipped", "recycled_buffers", "load_seconds"}
     assert set(report["tiers"]) == {"disk", "host"}
     assert set(host(report)) == {"used_bytes", "budget_bytes", "entries", "loading"}
-    assert set(report["experts"][0]) == {"name", "directory", "tier", "bytes", "holders", "pinned", "loads",
+    assert set(report["experts"][0]) == {"name", "directory", "tier", "bytes", "holders", "claims", "pinned", "loads",
                                          "load_seconds", "waited_acquires", "wait_seconds"}
     assert tier_of(report, "code") == "disk" and tier_of(report, "math") == tier_of(report, "math2") == "host"
     assert report["evictions"] == 1 and report["hits"] == 1 and report["misses"] == 3

@@ -17,7 +17,7 @@ from meswitch.arguments import parse_size
 from meswitch.artifact import ExpertArtifact
 from meswitch.inputs import read_model_config
 
-__all__ = ["BatchLease", "ExpertStore", "HeldExpert"]
+__all__ = ["BatchLease", "ExpertClaim", "ExpertStore", "HeldExpert"]
 
 
 class HeldExpert:
@@ -53,6 +53,31 @@ class HeldExpert:
     def __repr__(self) -> str:
         state = "held" if self._handle else "released"
         return f"HeldExpert({self.name!r}, {state})"
+
+
+class ExpertClaim:
+    """One request's use of an expert, from its acceptance until :meth:`release` (or the end of a ``with``).
+
+    While any claim lives the expert cannot be removed; a claim holds no memory (the expert
+    may be evicted and loaded again meanwhile). Thread-safe.
+    """
+
+    def __init__(self, claim: Any, name: str) -> None:
+        self._claim = claim
+        self.name = name
+
+    def release(self) -> None:
+        """End the claim (idempotent)."""
+        self._claim.release()
+
+    def __enter__(self) -> ExpertClaim:  # noqa: PYI034 - Python 3.10 has no typing.Self
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"ExpertClaim({self.name!r}, {'claimed' if self._claim else 'released'})"
 
 
 class BatchLease:
@@ -162,14 +187,15 @@ class ExpertStore:
             The expert.
         drain
             Seconds to wait for the batches that hold it: meanwhile it is draining (every
-            new :meth:`acquire` of it raises ``RuntimeError``) and it goes when the last
-            hold ends. ``0`` refuses at once when it is held.
+            new :meth:`claim` or :meth:`acquire` of it raises ``RuntimeError``) and it goes
+            when the last hold ends. ``0`` refuses at once when it is held.
 
         Raises
         ------
         RuntimeError
-            No such expert; or it is still held when ``drain`` runs out (the message says by
-            how many), or is being loaded. It is then served again as before.
+            No such expert; requests claim it (refused at once, naming how many); or it is
+            still held when ``drain`` runs out (the message says by how many), or is being
+            loaded. It is then served again as before.
         """
         self._core.remove(name, drain)
         self._manifests.pop(name, None)
@@ -193,6 +219,29 @@ class ExpertStore:
         """
         handle = self._core.acquire(name)
         return HeldExpert(handle, self._manifest(name, handle.artifact))
+
+    def acquire_if_resident(self, name: str) -> HeldExpert | None:
+        """Hold the expert as :meth:`acquire` does if it is resident now; ``None`` if it is not.
+
+        Nothing is loaded or waited for: a scheduler asks this every step.
+
+        Raises
+        ------
+        RuntimeError
+            No such expert, or it is being removed.
+        """
+        handle = self._core.acquire_if_resident(name)
+        return HeldExpert(handle, self._manifest(name, handle.artifact)) if handle else None
+
+    def claim(self, name: str) -> ExpertClaim:
+        """Claim the expert for one request until the claim is released (see :class:`ExpertClaim`).
+
+        Raises
+        ------
+        RuntimeError
+            No such expert, or it is being removed.
+        """
+        return ExpertClaim(self._core.claim(name), name)
 
     def _manifest(self, name: str, core_artifact: Any) -> dict[str, Any]:
         """The parsed manifest of ``name`` as loaded now, parsed once per record."""
@@ -259,7 +308,8 @@ class ExpertStore:
             resident plus loading), ``budget_bytes`` (``0``: none), ``entries`` (experts
             resident there) and ``loading``; ``experts``: one dict per expert with
             ``name``, ``directory``, ``tier`` (``"disk"``, ``"loading"`` or ``"host"``),
-            ``bytes``, ``holders``, ``pinned``, ``loads`` and ``load_seconds`` (its completed
+            ``bytes``, ``holders`` (holds: running batches and requests), ``claims``
+            (requests accepted and not ended), ``pinned``, ``loads`` and ``load_seconds`` (its completed
             loads), ``waited_acquires`` and ``wait_seconds`` (acquires that found it not
             resident, and what they waited for its load); counters ``hits``, ``misses``,
             ``evictions``, ``loads``, ``verified_loads`` (loads that hashed every shard:

@@ -11,7 +11,7 @@ A step of the loop (nano-vllm's ``LLMEngine.step``):
    sequence with its own expert;
 4. sample each sequence whose chunk reached its last token (:mod:`meswitch.serve.engine.sampling`),
    stream the new text (:mod:`meswitch.serve.engine.detokenizer`), end the requests that are done:
-   their blocks return to the pool and their expert's hold ends with its last request.
+   their blocks return to the pool and their claim and hold on their expert end.
 
 The per-step work outside the forward is proportional to the requests in the step, not
 to their tokens. Whatever goes wrong for one request (its expert fails to load, its
@@ -66,7 +66,8 @@ class Engine:
         The multi-expert model; its KV cache is the engine's pool (``model.cache``).
     store
         The model's expert store (``None``: taken from the model when its experts come
-        from a store). The engine holds each running request's expert in it.
+        from a store). Each request claims its expert in it from submission to its end, and
+        holds it (resident) while running.
     max_running
         Sequences per forward at most.
     max_batch_tokens
@@ -217,20 +218,35 @@ class Engine:
         tokens = self._prompt_tokens_of(expert, prompt, tokenizer)
         self._check_fits(len(tokens), params)
         request_id = uuid.uuid4().hex if request_id is None else str(request_id)
-        with self._wakeup:
-            if self._closed:
-                raise EngineError("the engine is closed")
-            if request_id in self._live:
-                raise ValueError(f"request_id: {request_id!r} is already in flight")
-            handle = RequestHandle(request_id, expert, len(tokens), cancel=lambda: self._cancel(request))
-            request = Request(request_id, next(self._sequences), expert, tokens, params, tokenizer, handle)
-            self._live[request_id] = request
-            self._inbox.append(request)
-            self._signalled = True
-            self._wakeup.notify_all()
+        claim = self._claim(expert)
+        try:
+            with self._wakeup:
+                if self._closed:
+                    raise EngineError("the engine is closed")
+                if request_id in self._live:
+                    raise ValueError(f"request_id: {request_id!r} is already in flight")
+                handle = RequestHandle(request_id, expert, len(tokens), cancel=lambda: self._cancel(request))
+                request = Request(request_id, next(self._sequences), expert, tokens, params, tokenizer, handle, claim)
+                self._live[request_id] = request
+                self._inbox.append(request)
+                self._signalled = True
+                self._wakeup.notify_all()
+        except BaseException:
+            if claim is not None:
+                claim.release()
+            raise
         with self._counters_lock:
             self._prompt_tokens[expert] = self._prompt_tokens.get(expert, 0) + len(tokens)
         return handle
+
+    def _claim(self, expert: str | None) -> Any:
+        """The store's claim on ``expert`` for one request (``None`` for the base or a mapping's expert)."""
+        if expert is None or self.store is None:
+            return None
+        try:
+            return self.store.claim(expert)
+        except RuntimeError as error:  # removed since the tokenizer was read, or being removed
+            raise ExpertUnavailable(f"expert {expert!r} is not available: {error}") from None
 
     def _prompt_tokens_of(self, expert: str | None, prompt: str | Sequence[int],
                           tokenizer: SharedTokenizer) -> list[int]:
@@ -272,6 +288,7 @@ class Engine:
             request.handle.cancel()
 
     def _cancel(self, request: Request) -> None:
+        request.release_claim()  # at once: a removal of its expert need not wait for the next step
         with self._wakeup:
             self._cancels.append(request)
             self._signalled = True
@@ -336,15 +353,15 @@ class Engine:
 
         self._plan = plan = self._scheduler.schedule()
         for request in plan.preempted:
-            self._residency.left(request.expert)
+            self._residency.left(request)
         for request in plan.admitted:
-            self._residency.admitted(request.expert)
+            self._residency.admitted(request)
         for request in plan.rejected:
             self._finish(request, "error", request.error)
         for request in plan.exhausted:
             self._finish(request, "length", flush=True)
-        if self._residency.has_unclaimed:  # loaded for requests that have gone meanwhile
-            self._residency.release_unclaimed(request.expert for request in self._scheduler.waiting)
+        if self._residency.has_spares:  # loaded for requests that have gone meanwhile
+            self._residency.release_spares(request.expert for request in self._scheduler.waiting)
         if not plan.chunks:
             self._plan = None
             return bool(arrived or cancels or plan.rejected or plan.exhausted)
@@ -431,7 +448,7 @@ class Engine:
 
     def _finish(self, request: Request, reason: str, error: str | None = None, *, text: str = "",
                 token_ids: Sequence[int] = (), flush: bool = False) -> None:
-        """End ``request``: out of its queue, blocks freed, its expert's hold counted down, last event sent."""
+        """End ``request``: out of its queue, blocks freed, its hold and claim ended, last event sent."""
         if request.finished:
             return
         if flush:  # the output ended: what was held back is text after all
@@ -443,7 +460,8 @@ class Engine:
         running = request.status is RequestStatus.RUNNING
         self._scheduler.remove(request)
         if running:
-            self._residency.left(request.expert)
+            self._residency.left(request)
+        request.release_claim()
         request.status = RequestStatus.FINISHED
         self._live.pop(request.request_id, None)
         with self._counters_lock:

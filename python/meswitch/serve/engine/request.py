@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -222,7 +223,8 @@ class Request:
     """
 
     def __init__(self, request_id: str, sequence: int, expert: str | None, prompt: list[int],
-                 params: SamplingParams, tokenizer: SharedTokenizer, handle: RequestHandle) -> None:
+                 params: SamplingParams, tokenizer: SharedTokenizer, handle: RequestHandle,
+                 claim: Any = None) -> None:
         self.request_id = request_id
         self.sequence = sequence  # the KV cache's key for this request (ids may repeat)
         self.expert = expert
@@ -241,6 +243,15 @@ class Request:
         self.hidden_tokens: dict[int, str] = tokenizer.hidden_tokens  # matched by stop strings, never shown
         self.handle = handle
         self.error: str | None = None  # why the admission gate refused it
+        # The store's claim on the expert, from submission to the end (a removal is refused
+        # meanwhile), and its hold while running (the expert stays resident); None for the base.
+        self.claim = claim
+        self.hold: Any = None
+
+    def release_claim(self) -> None:
+        """End the claim (idempotent, thread-safe: a cancel ends it at once)."""
+        if self.claim is not None:
+            self.claim.release()
 
     @property
     def num_tokens(self) -> int:

@@ -1,17 +1,21 @@
 """Which experts the engine can run now: held while in use, loaded off the loop thread.
 
-A sequence's forward needs its expert resident in the store. The engine *holds* an expert
-(``store.acquire``: a :class:`~meswitch.store.expert_store.HeldExpert`) from the admission of its
-first running request until its last running request ends. A store evicts only experts
-nobody holds, so an expert never leaves memory between the steps of a request that still
-uses it, while an expert no running request uses is free to make room for another.
+A sequence's forward needs its expert resident in the store. Each running request *holds*
+its expert (a :class:`~meswitch.store.expert_store.HeldExpert` of its own, ``request.hold``)
+from its admission until it ends or is preempted: the store's hold count is the one count
+of who runs an expert, and a store evicts only experts nobody holds, so an expert never
+leaves memory between the steps of a request that still uses it, while an expert no running
+request uses is free to make room for another. Nothing here counts requests.
 
-A waiting request whose expert is not held is passed over while a loader thread asks the
-store to prefetch it (the store's background load), waits for that load, takes the hold
-and prepares the model's tensors of the expert; the loop thread keeps stepping the running
-requests meanwhile. A load ends one of three ways:
+A waiting request whose expert was loaded before and is resident now is admitted at once
+(``store.acquire_if_resident``: no load, no wait). Otherwise it is passed over while a
+loader thread asks the store to prefetch the expert (the store's background load), waits
+for that load, takes a hold and prepares the model's tensors of the expert; the loop thread
+keeps stepping the running requests meanwhile. A load ends one of three ways:
 
-- ready: the hold goes to the loop, which admits the expert's waiting requests;
+- ready: its hold is kept as the expert's *spare* hold until a waiting request of the expert
+  is admitted and takes it (so the expert is not evicted before its requests run), or
+  released when no request waits for it any more;
 - failed (an altered artifact, an expert larger than the budget, one removed from the
   store): the engine ends that expert's waiting requests with the error;
 - no room (everything resident is held or pinned, by this engine or others): tried
@@ -34,6 +38,7 @@ from typing import Any
 from meswitch._core import TierFull
 from meswitch.artifact import ExpertArtifact
 from meswitch.serve.engine.model_runner import MultiExpertModel
+from meswitch.serve.engine.request import Request
 from meswitch.serve.engine.scheduler import Admission
 
 LOGGER = logging.getLogger(__name__)
@@ -42,7 +47,7 @@ RETRY_SECONDS = 0.25
 
 
 class ExpertResidency:
-    """The experts the engine holds, and a loader thread for those it does not.
+    """Holds for the engine's running requests, and a loader thread for the experts not resident.
 
     Parameters
     ----------
@@ -55,15 +60,14 @@ class ExpertResidency:
         Called (from the loader thread) when a load ended, to wake the engine loop.
 
     Only the engine loop calls the methods that change holds (:meth:`gate`,
-    :meth:`admitted`, :meth:`left`, :meth:`poll`, :meth:`release_unclaimed`).
+    :meth:`admitted`, :meth:`left`, :meth:`poll`, :meth:`release_spares`).
     """
 
     def __init__(self, model: MultiExpertModel, store: Any | None, wake: Callable[[], None]) -> None:
         self.model = model
         self.store = store
         self._wake = wake
-        self._held: dict[str, Any] = {}  # expert -> HeldExpert (None for a mapping): may run now
-        self._running: dict[str, int] = {}  # expert -> running requests
+        self._spare: dict[str, Any] = {}  # expert -> a hold no request has taken yet
         self._vocab: dict[str, int] = {}  # expert -> logits rows, from its first load
         self._pending: set[str] = set()  # handed to the loader, not back yet
         self._no_room: dict[str, tuple[int, float]] = {}  # expert -> (releases then, retry time)
@@ -101,12 +105,23 @@ class ExpertResidency:
     # -- the engine loop ---------------------------------------------------------------------
 
     def gate(self, expert: str | None) -> Admission:
-        """Whether a request of ``expert`` may be admitted now; starts its load when needed."""
-        if expert is None or expert in self._held:
+        """Whether a request of ``expert`` may be admitted now; starts its load when needed.
+
+        READY means a hold is waiting for the request (its expert's spare hold, taken here
+        from the store when the expert is resident): :meth:`admitted` hands it over.
+        """
+        if expert is None or expert in self._spare:
             return Admission.READY
-        if self.store is None and expert in self._vocab:  # a mapping's expert, prepared before
-            self._held[expert] = None
-            return Admission.READY
+        if expert in self._vocab:  # loaded and prepared before: resident still?
+            if self.store is None:  # a mapping's expert: always there
+                return Admission.READY
+            try:
+                held = self.store.acquire_if_resident(expert)
+            except RuntimeError:  # removed meanwhile: the loader reports why
+                held = None
+            if held is not None:
+                self._spare[expert] = held
+                return Admission.READY
         no_room = self._no_room.get(expert)
         if expert in self._pending:
             return Admission.WAIT if no_room is None else Admission.BLOCKED
@@ -119,37 +134,35 @@ class ExpertResidency:
             self._loader.start()
         return Admission.WAIT if no_room is None else Admission.BLOCKED
 
-    def admitted(self, expert: str | None) -> None:
-        """A request of ``expert`` (held: :meth:`gate` said ready) starts running."""
-        if expert is not None:
-            self._running[expert] = self._running.get(expert, 0) + 1
+    def admitted(self, request: Request) -> None:
+        """``request`` (:meth:`gate` said ready) starts running: it takes its expert's hold.
 
-    def left(self, expert: str | None) -> None:
-        """A running request of ``expert`` ended or was preempted; the last one releases the hold."""
-        if expert is None:
+        The first request of a step takes the spare hold; the next ones of the same expert
+        take holds of their own (resident: the first one holds it).
+        """
+        expert = request.expert
+        if expert is None or self.store is None:
             return
-        count = self._running[expert] - 1
-        if count:
-            self._running[expert] = count
-            return
-        del self._running[expert]
-        self._release(expert)
+        held = self._spare.pop(expert, None)
+        request.hold = held if held is not None else self.store.acquire_if_resident(expert)
 
-    def _release(self, expert: str) -> None:
-        held = self._held.pop(expert, None)
+    def left(self, request: Request) -> None:
+        """``request`` ended or was preempted: its hold ends."""
+        held, request.hold = request.hold, None
         if held is not None:
             held.release()
             self._releases += 1
 
-    def release_unclaimed(self, wanted: Iterable[str | None]) -> None:
-        """Release the holds that no running request uses and no request in ``wanted`` waits for."""
+    def release_spares(self, wanted: Iterable[str | None]) -> None:
+        """Release the spare holds of experts no request in ``wanted`` waits for."""
         wanted = set(wanted)
-        for expert in [name for name in self._held if name not in self._running and name not in wanted]:
-            self._release(expert)
+        for expert in [name for name in self._spare if name not in wanted]:
+            self._spare.pop(expert).release()
+            self._releases += 1
 
     @property
-    def has_unclaimed(self) -> bool:
-        return any(name not in self._running for name in self._held)
+    def has_spares(self) -> bool:
+        return bool(self._spare)
 
     def poll(self) -> list[tuple[str, str]]:
         """Take the loads that ended; return ``(expert, message)`` for each that failed."""
@@ -161,11 +174,12 @@ class ExpertResidency:
                 held, vocab = value
                 self._no_room.pop(expert, None)
                 self._vocab[expert] = vocab
-                if self._closed or expert in self._held:
-                    if held is not None:
-                        held.release()
+                if held is None:  # a mapping's expert: nothing to hold
+                    continue
+                if self._closed or expert in self._spare:
+                    held.release()
                 else:
-                    self._held[expert] = held
+                    self._spare[expert] = held
             elif outcome == "no room":
                 self._no_room[expert] = (self._releases, time.monotonic() + RETRY_SECONDS)
             else:
@@ -174,15 +188,14 @@ class ExpertResidency:
         return failures
 
     def close(self, timeout: float) -> None:
-        """Stop the loader (waiting at most ``timeout`` s for a load in flight) and release every hold."""
+        """Stop the loader (waiting at most ``timeout`` s for a load in flight) and release the
+        spare holds (the engine ends its requests, and their holds, first)."""
         self._closed = True
         self._jobs.put(None)
         if self._loader is not None:
             self._loader.join(timeout)
         self.poll()
-        for expert in list(self._held):
-            self._release(expert)
-        self._running.clear()
+        self.release_spares(())
 
     # -- the loader thread -----------------------------------------------------------------
 

@@ -27,7 +27,6 @@ import json
 import os
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -80,7 +79,6 @@ class ModelCatalog:
         self.store = store
         self.router = router
         self._lock = threading.Lock()
-        self._in_use: Counter[str] = Counter()
         self._changing: dict[str, str] = {}  # name -> "added" or "removed": the store is at work on it
         self.started = int(time.time())
         self._added: dict[str, int] = {name: self.started for name in store.names()}
@@ -90,8 +88,9 @@ class ModelCatalog:
     # -- what is served ---------------------------------------------------------------------
 
     def experts(self) -> list[str]:
-        """The experts served, sorted."""
-        return self.store.names()
+        """The experts served, sorted: those of the store, less any whose removal was accepted."""
+        with self._lock:
+            return [name for name in self.store.names() if self._changing.get(name) != "removed"]
 
     def models(self) -> list[tuple[str, int]]:
         """``(model id, created)`` of every model offered: the experts, then ``auto`` and ``base``."""
@@ -134,38 +133,7 @@ class ModelCatalog:
                            code="model_not_found")
         return Choice(name, name, routed)
 
-    # -- holding and changing experts ------------------------------------------------------------
-
-    @contextmanager
-    def use(self, choice: Choice) -> Iterator[None]:
-        """Hold ``choice``'s expert for a request: it cannot be removed until the block ends.
-
-        Raises
-        ------
-        APIError
-            404 when the expert was removed since it was chosen.
-        """
-        name = choice.expert
-        if name is None:
-            yield
-            return
-        with self._lock:
-            if name not in self.store.names() or self._changing.get(name) == "removed":
-                raise APIError(404, f"the model '{name}' does not exist (it was just removed)", param="model",
-                               code="model_not_found")
-            self._in_use[name] += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._in_use[name] -= 1
-                if not self._in_use[name]:
-                    del self._in_use[name]
-
-    def in_use(self, name: str) -> int:
-        """How many requests hold ``name`` now."""
-        with self._lock:
-            return self._in_use.get(name, 0)
+    # -- changing experts ------------------------------------------------------------------------
 
     def add(self, path: str | os.PathLike[str]) -> str:
         """Serve the ``NAME.meswitch`` artifact at ``path``; returns its name.
@@ -226,11 +194,12 @@ class ModelCatalog:
     def remove(self, name: str) -> None:
         """Stop serving ``name``.
 
-        Blocking (the store frees the expert's memory): call it off the event loop. From
-        the moment it is accepted, new requests for ``name`` get 404. A request that just
-        ended (a client that closed its stream, say) may leave the engine holding the expert
-        until its next step: the store drains it, waiting up to :data:`REMOVE_DRAIN_SECONDS`
-        for that hold to end, so the removal succeeds without the client retrying.
+        Blocking (the store frees the expert's memory): call it off the event loop. The
+        store decides: requests that claim the expert (accepted, not ended) make it refuse
+        at once, naming how many; a request that just ended (a client that closed its
+        stream, say) may leave the engine holding the expert until its next step, and the
+        store drains that hold, waiting up to :data:`REMOVE_DRAIN_SECONDS`, so the removal
+        succeeds without the client retrying. While it drains, new requests get 404.
 
         Raises
         ------
@@ -242,17 +211,12 @@ class ModelCatalog:
         if name in RESERVED:
             raise APIError(400, f"'{name}' is not an expert and cannot be removed", code="invalid_expert")
         with self._changes(name, "removed"):
-            with self._lock:  # with "removed" reserved, use() admits no new holder from here on
-                if name not in self.store.names():
-                    raise APIError(404, f"the model '{name}' does not exist; served experts: "
-                                        f"{', '.join(self.store.names()) or 'none'}", code="model_not_found")
-                users = self._in_use.get(name, 0)
-                if users:
-                    raise APIError(409, f"expert '{name}' is answering {users} request(s); remove it when they "
-                                        "have finished", code="expert_in_use")
+            if name not in self.store.names():
+                raise APIError(404, f"the model '{name}' does not exist; served experts: "
+                                    f"{', '.join(self.store.names()) or 'none'}", code="model_not_found")
             try:
                 self.store.remove(name, drain=REMOVE_DRAIN_SECONDS)
-            except RuntimeError as error:  # still held after the drain, or a prefetch still loading
+            except RuntimeError as error:  # requests claim it, a hold outlasts the drain, or a load is in flight
                 raise APIError(409, f"expert '{name}' is in use: {one_line(error)}; retry shortly",
                                code="expert_in_use") from None
             with self._lock:

@@ -1,12 +1,12 @@
 """``/v1/chat/completions`` and ``/v1/completions``: a request through the engine, answered whole or streamed.
 
 A request is validated (``protocol.py``), its model chosen (``catalog.py``: a name, ``base``,
-or the router's pick for ``auto``), its expert held for its lifetime, its prompt built (chat:
-the expert's own template, ``chat.py``) and submitted to the engine, which batches it with
-every other request in flight. Building and submitting run on a worker thread, never on the
-event loop: they read the expert's tokenizer from disk on its first use, run the chat
-template and tokenize (under the tokenizer's lock, ``tokenizer.py``, shared with every other
-thread that encodes with it). The answer is either one JSON body once the engine finishes
+or the router's pick for ``auto``), its prompt built (chat: the expert's own template,
+``chat.py``) and submitted to the engine, which claims the expert in the store for the
+request's lifetime and batches it with every other request in flight. Building and
+submitting run on a worker thread, never on the event loop: they read the expert's
+tokenizer from disk on its first use, run the chat template and tokenize (under the
+tokenizer's lock, ``tokenizer.py``, shared with every other thread that encodes with it). The answer is either one JSON body once the engine finishes
 or a server-sent event stream in OpenAI's chunk format ending with ``data: [DONE]``; both
 name the expert in the ``model`` field and the ``x-meswitch-expert`` header.
 
@@ -21,7 +21,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,16 +116,15 @@ def _submit_all(context: ServingContext, choice: Choice, prompts: Sequence[tuple
                                code="invalid_value") from None
 
 
-async def _submitted(stack: ExitStack, work: Callable[[list[Any]], None]) -> list[Any]:
+async def _submitted(work: Callable[[list[Any]], None]) -> list[Any]:
     """The handles ``work`` submits on a worker thread; on any failure (or cancellation) they are
-    cancelled and the expert's hold in ``stack`` is let go."""
+    cancelled (each ends its claim on the expert at once)."""
     handles: list[Any] = []
     try:
         await run_in_threadpool(work, handles)
     except BaseException:
         for handle in handles:
             handle.cancel()
-        stack.close()
         raise
     return handles
 
@@ -268,23 +267,17 @@ class Completions:
     def __init__(self, context: ServingContext) -> None:
         self.context = context
 
-    def _hold(self, choice: Choice) -> ExitStack:
-        stack = ExitStack()
-        stack.enter_context(self.context.catalog.use(choice))
-        return stack
-
     def _accepted(self, choice: Choice, endpoint: str) -> None:
         """Count a request the engine took (one refused at submission is counted by its status)."""
         self.context.metrics.requests.labels(choice.model, endpoint).inc()
         if choice.route is not None:
             self.context.metrics.routed.labels(choice.model, str(choice.route.fallback).lower()).inc()
 
-    def _release(self, stack: ExitStack, handles: Sequence[Any], timers: Sequence[RequestTimer]) -> Callable[[], None]:
+    def _release(self, handles: Sequence[Any], timers: Sequence[RequestTimer]) -> Callable[[], None]:
         def close() -> None:
             for handle, timer in zip(handles, timers):
                 handle.cancel()  # idempotent; frees the KV blocks of one still running
                 timer.cancelled()
-            stack.close()
 
         return close
 
@@ -294,7 +287,6 @@ class Completions:
         context = self.context
         messages = [m.model_dump() for m in body.messages]
         choice = context.catalog.choose(body.model, messages)
-        stack = self._hold(choice)
 
         def submit(handles: list[Any]) -> None:
             prompt = chat_prompt_tokens(_tokenizer(context, choice), body.messages)
@@ -302,16 +294,15 @@ class Completions:
             max_tokens = limit if limit is not None else max(1, context.context_length - len(prompt))
             _submit_all(context, choice, [(prompt, "messages")], _sampling_params(body, max_tokens), handles)
 
-        handles = await _submitted(stack, submit)
+        handles = await _submitted(submit)
         self._accepted(choice, "chat")
         timer = RequestTimer(context.metrics, choice.model, received)
         headers = {EXPERT_HEADER: choice.model}
         response_id, created = new_id("chatcmpl"), now()
         if body.stream:
             return _EngineStream(self._chat_stream(handles[0], timer, body, choice, response_id, created),
-                                 self._release(stack, handles, [timer]), headers=headers)
-        with stack:
-            (outcome,) = await _collect_all(request, handles, [timer])
+                                 self._release(handles, [timer]), headers=headers)
+        (outcome,) = await _collect_all(request, handles, [timer])
         response = ChatCompletion(
             id=response_id, created=created, model=choice.model,
             choices=[ChatChoice(index=0, message=AssistantMessage(content=outcome.text),
@@ -351,7 +342,6 @@ class Completions:
             raise APIError(400, "prompt: model 'auto' routes one text prompt per request (not token ids or a list)",
                            param="prompt")
         choice = context.catalog.choose(body.model, prompts[0] if isinstance(prompts[0], str) else None)
-        stack = self._hold(choice)
 
         def submit(handles: list[Any]) -> None:
             params = _sampling_params(body, body.max_tokens or COMPLETION_MAX_TOKENS)
@@ -360,16 +350,15 @@ class Completions:
             _submit_all(context, choice, [(p, _prompt_field(prompts, i)) for i, p in enumerate(prompts)], params,
                         handles)
 
-        handles = await _submitted(stack, submit)
+        handles = await _submitted(submit)
         self._accepted(choice, "completions")
         timers = [RequestTimer(context.metrics, choice.model, received) for _ in handles]
         headers = {EXPERT_HEADER: choice.model}
         response_id, created = new_id("cmpl"), now()
         if body.stream:
             return _EngineStream(self._completion_stream(handles, timers, body, choice, response_id, created),
-                                 self._release(stack, handles, timers), headers=headers)
-        with stack:
-            outcomes = await _collect_all(request, handles, timers)
+                                 self._release(handles, timers), headers=headers)
+        outcomes = await _collect_all(request, handles, timers)
         response = Completion(
             id=response_id, created=created, model=choice.model,
             choices=[CompletionChoice(index=i, text=o.text, finish_reason=o.finish_reason)

@@ -15,7 +15,7 @@ Two kinds of series, all prefixed ``meswitch_``:
   ``store_experts`` by tier (``disk``, ``host``) and its counters ``store_hits_total``,
   ``store_misses_total``, ``store_evictions_total``, ``store_loads_total``,
   ``store_load_failures_total``; and per expert ``expert_resident`` (by expert and tier, 1 or
-  0), ``expert_holders``, ``expert_loads_total``, ``expert_load_seconds_total``,
+  0), ``expert_holders``, ``expert_requests`` (requests that claim it), ``expert_loads_total``, ``expert_load_seconds_total``,
   ``expert_lease_waits_total`` and ``expert_lease_wait_seconds_total`` (acquires that found the
   expert not resident, and what they waited).
 
@@ -82,8 +82,10 @@ def _per_expert(experts: list[dict[str, Any]]) -> Iterator[Any]:
     """Each expert's residency, loads and waits, from the store's report (labels: expert, tier)."""
     resident = GaugeMetricFamily("meswitch_expert_resident", "1 while the expert is resident in the tier, else 0",
                                  labels=["expert", "tier"])
-    holders = GaugeMetricFamily("meswitch_expert_holders", "holds on the expert now (running batches)",
+    holders = GaugeMetricFamily("meswitch_expert_holders", "holds on the expert now (running requests and batches)",
                                 labels=["expert"])
+    claims = GaugeMetricFamily("meswitch_expert_requests", "requests that claim the expert now (accepted, not ended)",
+                               labels=["expert"])
     loads = CounterMetricFamily("meswitch_expert_loads", "loads of the expert into host memory", labels=["expert"])
     load_seconds = CounterMetricFamily("meswitch_expert_load_seconds", "seconds spent loading the expert",
                                        labels=["expert"])
@@ -96,11 +98,12 @@ def _per_expert(experts: list[dict[str, Any]]) -> Iterator[Any]:
         name = expert["name"]
         resident.add_metric([name, "host"], 1 if expert["tier"] == "host" else 0)
         holders.add_metric([name], expert["holders"])
+        claims.add_metric([name], expert["claims"])
         loads.add_metric([name], expert["loads"])
         load_seconds.add_metric([name], expert["load_seconds"])
         waits.add_metric([name], expert["waited_acquires"])
         wait_seconds.add_metric([name], expert["wait_seconds"])
-    yield from (resident, holders, loads, load_seconds, waits, wait_seconds)
+    yield from (resident, holders, claims, loads, load_seconds, waits, wait_seconds)
 
 
 class ServerMetrics:
