@@ -18,6 +18,7 @@
 #include "bindings_common.hpp"
 #include "meswitch/cpu/delta_gemm.hpp"
 #include "meswitch/cpu/dense_gemm.hpp"
+#include "meswitch/cpu/dequantize_rows.hpp"
 #include "meswitch/quantize.hpp"
 
 namespace py = pybind11;
@@ -102,6 +103,29 @@ py::array_t<float> delta_rows(py::handle qweight, py::handle scales, py::handle 
   return out;
 }
 
+// out [count, cols] float32 (rows contiguous) += rows first..first+count of the dequantized delta.
+void add_delta_rows(py::handle qweight, py::handle scales, py::handle zeros, py::handle salient_idx, py::handle salient,
+                    int bits, std::int64_t group_size, std::int64_t cols, std::int64_t first, py::handle out,
+                    const std::string& name) {
+  const BorrowedDelta expert = bindings::borrowed_delta({qweight, scales, zeros, salient_idx, salient}, name, -1, cols,
+                                                        bits, group_size, DeltaChecks::Layout);
+  const HostTensor target = host_tensor(out, "out");
+  const TensorView& view = target.view;
+  if (view.dtype != DType::F32) throw py::value_error(std::string("out: expected float32, got ") + dtype_name(view.dtype));
+  if (view.rank() != 2 || view.shape[1] != cols)
+    throw py::value_error("out: expected shape [*, " + std::to_string(cols) + "], got " + shape_string(view.shape));
+  if (!target.writable) throw py::value_error("out: array is read-only");
+  if (cols > 1 && view.strides[1] != 1)
+    throw py::value_error("out: rows must be contiguous (column stride 1), got strides " + shape_string(view.strides));
+  const std::int64_t count = view.shape[0];
+  if (count > 1 && view.strides[0] < cols)
+    throw py::value_error("out: row stride " + std::to_string(view.strides[0]) + " is smaller than the row length " +
+                          std::to_string(cols));
+  float* data = view.data_as<float>();
+  const std::int64_t stride = count > 1 ? view.strides[0] : cols;
+  without_gil([&] { cpu::add_dequantized_rows(expert.delta, first, count, data, stride); });
+}
+
 void multi_delta_matmul(py::handle x, const std::vector<py::tuple>& experts, const std::vector<std::int64_t>& segment_starts,
                         py::handle out) {
   const HostTensor input = activations(x);
@@ -155,6 +179,9 @@ void bind_ops(py::module_& m) {
         "out[t] += x[t] @ dequant(delta)^T, in place (see meswitch.ops.delta_matmul)");
   m.def("delta_rows", &delta_rows, py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("salient_idx"),
         py::arg("salient"), py::arg("bits"), py::arg("group_size"), py::arg("cols"), py::arg("rows"), py::arg("name") = "");
+  m.def("add_delta_rows", &add_delta_rows, py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
+        py::arg("salient_idx"), py::arg("salient"), py::arg("bits"), py::arg("group_size"), py::arg("cols"),
+        py::arg("first"), py::arg("out"), py::arg("name") = "");
   m.def("multi_delta_matmul", &multi_delta_matmul, py::arg("x"), py::arg("experts"), py::arg("segment_starts"),
         py::arg("out"), "per-segment delta_matmul over tokens sorted by expert (see meswitch.ops.multi_delta_matmul)");
   m.def("dense_matmul", &dense_matmul, py::arg("x"), py::arg("weight"), py::arg("out"),

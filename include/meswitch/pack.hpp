@@ -51,9 +51,17 @@ template <int Bits>
 void unpack_row(const std::uint32_t* words, std::int64_t cols, std::uint8_t* codes) {
   static_assert(Bits >= 1 && Bits <= 8, "unpack_row: Bits must be 1..8");
   constexpr std::uint64_t mask = (1u << Bits) - 1u;
+  std::int64_t j = 0;
+  if constexpr (32 % Bits == 0) {  // whole codes per word: independent shifts the compiler unrolls
+    constexpr int per_word = 32 / Bits;
+    for (; j + per_word <= cols; j += per_word) {
+      const std::uint32_t word = *words++;
+      for (int i = 0; i < per_word; ++i) codes[j + i] = std::uint8_t((word >> (i * Bits)) & mask);
+    }
+  }
   std::uint64_t buffer = 0;
   int available = 0;
-  for (std::int64_t j = 0; j < cols; ++j) {
+  for (; j < cols; ++j) {
     if (available < Bits) {
       buffer |= std::uint64_t(*words++) << available;
       available += 32;

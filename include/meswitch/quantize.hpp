@@ -324,11 +324,15 @@ inline void centred_row(const CompressedDelta& q, std::int64_t r, std::uint8_t* 
 // Row r of the dequantized delta: (code - zero) * scale, then the salient values added
 // into their columns. `codes` is scratch of q.cols bytes. Callers validate q first.
 inline void dequantize_row(const CompressedDelta& q, std::int64_t r, std::uint8_t* codes, float* row) {
-  centred_row(q, r, codes, row);
+  MESWITCH_DISPATCH_BITS(q.bits, BITS, { unpack_row<BITS>(q.qweight + r * q.words_per_row(), q.cols, codes); });
   const std::int64_t groups = q.groups();
-  for (std::int64_t g = 0; g < groups; ++g) {
+  for (std::int64_t g = 0; g < groups; ++g) {  // centred_row's (code - zero), then the scale, in one pass
+    const float zero = float(q.zeros[std::size_t(r * groups + g)]);
     const float scale = f16_to_float(q.scales[std::size_t(r * groups + g)]);
-    for (std::int64_t c = g * q.group_size; c < std::min((g + 1) * q.group_size, q.cols); ++c) row[c] *= scale;
+    const std::int64_t first = g * q.group_size, end = std::min((g + 1) * q.group_size, q.cols);
+    const std::uint8_t* __restrict group_codes = codes + first;  // no aliasing: the loop vectorises
+    float* __restrict group_row = row + first;
+    for (std::int64_t c = 0; c < end - first; ++c) group_row[c] = (float(group_codes[c]) - zero) * scale;
   }
   const std::size_t k = std::size_t(q.k);
   for (std::size_t i = 0; i < k; ++i) row[q.salient_idx[i]] += f16_to_float(q.salient[std::size_t(r) * k + i]);

@@ -36,7 +36,7 @@ from meswitch import _core
 from meswitch.delta_pieces import delta_info as _delta_info
 from meswitch.delta_pieces import delta_pieces as _pieces
 
-__all__ = ["cpu_kernel_path", "delta_matmul", "dense_matmul", "multi_delta_matmul"]
+__all__ = ["add_delta_rows", "cpu_kernel_path", "delta_matmul", "delta_rows", "dense_matmul", "multi_delta_matmul"]
 
 
 def cpu_kernel_path() -> str:
@@ -185,6 +185,27 @@ def delta_rows(delta: Any, rows: Any, *, bits: int | None = None, group_size: in
     arrays, bits, group_size = _pieces(delta, bits, group_size)
     _, cols, name = _delta_info(delta, arrays, bits)
     return _core.delta_rows(*arrays, bits, group_size, cols, np.asarray(rows, dtype=np.int64), name)
+
+
+def add_delta_rows(delta: Any, first: int, out: Any, *, bits: int | None = None,
+                   group_size: int | None = None) -> Any:
+    """Add rows ``first`` .. ``first + len(out)`` of the dequantized delta into ``out``, in place.
+
+    ``out`` is float32 ``[rows, cols]`` with contiguous rows (NumPy or torch CPU), typically
+    a widened slab of the base's rows: one GEMM over it then applies base and delta to an
+    expert's many tokens (a prefill), where the fused kernel's cost grows with every token.
+    The values are :func:`delta_rows`'s, the rule of ``include/meswitch/quantize.hpp``.
+    ``delta`` as :func:`delta_matmul` takes it. Returns ``out``.
+
+    Raises
+    ------
+    ValueError
+        Rows outside the delta, or an ``out`` of the wrong dtype, width or strides.
+    """
+    arrays, bits, group_size = _pieces(delta, bits, group_size)
+    _, cols, name = _delta_info(delta, arrays, bits)
+    _core.add_delta_rows(*arrays, bits, group_size, cols, int(first), out, name)
+    return out
 
 
 def dense_matmul(x: Any, weight: Any, *, out: Any = None) -> Any:

@@ -265,3 +265,36 @@ def test_every_kernel_path_on_widths_ending_inside_a_block(monkeypatch, force_cp
     out = ops.delta_matmul(x, d)
     assert ops.cpu_kernel_path() == path
     check(out, x, d)
+
+
+@pytest.mark.parametrize("path", ["reference", "avx2"])
+@pytest.mark.parametrize("bits,group", [(1, 64), (2, 64), (2, 48), (2, 20), (3, 32), (4, 128)])
+def test_add_delta_rows_adds_the_rows_delta_rows_gives(force_cpu_path, path, bits, group):
+    """Into zeros: bit-equal to delta_rows (the rule of the fused kernels); into a slab: that slab
+    plus those rows, the one float32 addition each. On every path (AVX2: 1, 2 and 4 bits), a
+    width ending inside a vector and groups ending inside one (48, 20) included."""
+    force_cpu_path(path)
+    d = make_delta(40, 203, bits, group, k=5, seed=bits * 100 + group)
+    expected = ops.delta_rows(d, np.arange(7, 30))
+    zero = torch.zeros(23, 203)
+    assert ops.add_delta_rows(d, 7, zero) is zero
+    assert np.array_equal(zero.numpy(), expected)
+    slab = np.random.default_rng(bits).standard_normal((23, 203)).astype(np.float32)
+    before = slab.copy()
+    ops.add_delta_rows(d, 7, slab)
+    assert np.array_equal(slab, before + expected)
+    strided = torch.zeros(23, 256)[:, :203]  # rows 256 floats apart
+    ops.add_delta_rows(d, 7, strided)
+    assert np.array_equal(strided.numpy(), expected)
+
+
+def test_add_delta_rows_refuses_bad_input():
+    d = make_delta(40, 200, 2, 64, k=5, seed=1)
+    with pytest.raises(ValueError, match=r"rows 30\.\.41 are outside delta"):
+        ops.add_delta_rows(d, 30, np.zeros((11, 200), np.float32))
+    with pytest.raises(ValueError, match="out: (expected float32|unsupported DLPack dtype)"):
+        ops.add_delta_rows(d, 0, np.zeros((2, 200), np.float64))
+    with pytest.raises(ValueError, match=r"out: expected shape \[\*, 200\]"):
+        ops.add_delta_rows(d, 0, np.zeros((2, 100), np.float32))
+    with pytest.raises(ValueError, match="column stride 1"):
+        ops.add_delta_rows(d, 0, np.zeros((200, 2), np.float32).T)

@@ -41,6 +41,7 @@ import os
 import threading
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,9 @@ import torch
 
 from meswitch.checkpoint import open_checkpoint
 from meswitch.decoder_config import read_decoder_config
-from meswitch.ops import multi_delta_matmul
+from meswitch.ops import add_delta_rows, multi_delta_matmul
 from meswitch.serve.engine.attention import AttentionBatch, paged_attention
-from meswitch.serve.engine.base_matmul import base_matmul
+from meswitch.serve.engine.base_matmul import Fold, base_matmul, folds_apply
 from meswitch.serve.engine.base_weights import load_base_weights, resolve_dtype
 from meswitch.serve.engine.experts import ExpertSourceAdapter, ExpertWeights
 from meswitch.serve.engine.kv_cache import PagedKVCache
@@ -364,10 +365,16 @@ class MultiExpertModel:
         """Base GEMM for all tokens, each expert's own rows (dense or fused delta) by segment, bias."""
         if self.on_gpu:
             return self._linear_on_gpu(x, name, groups)
-        out = base_matmul(x, self.base[name])
+        weight = self.base[name]
+        folded = {id(group) for group in groups if self._folds(group, name, weight.shape[0])}
+        folds = [Fold(g.start, g.stop, partial(add_delta_rows, g.weights.deltas[name])) for g in groups
+                 if id(g) in folded]
+        out = base_matmul(x, weight, folds)
         run: list[_Group] = []
         for group in [*groups, None]:
             delta = None if group is None or group.weights is None else group.weights.deltas.get(name)
+            if delta is not None and id(group) in folded:
+                delta = None  # applied with the base's GEMM
             if delta is not None and (not run or run[-1].stop == group.start):
                 run.append(group)
                 continue
@@ -381,6 +388,14 @@ class MultiExpertModel:
                 out[group.start:group.stop] = x[group.start:group.stop] @ dense[:out.shape[1]].T
         bias = self._per_token(name.removesuffix(".weight") + ".bias", groups)
         return out if bias is None else out + bias
+
+    @staticmethod
+    def _folds(group: _Group, name: str, rows: int) -> bool:
+        """Whether ``group``'s delta of ``name`` is folded into the base's GEMM (base_matmul.Fold)."""
+        if group.weights is None or name not in group.weights.deltas or not folds_apply(group.stop - group.start):
+            return False
+        artifact, weight = group.weights.deltas[name]
+        return artifact is not None and artifact.tensors[weight]["rows"] == rows
 
     def _linear_on_gpu(self, x: torch.Tensor, name: str, groups: list[_Group]) -> torch.Tensor:
         """As :meth:`_linear`, with every expert's delta of the batch in one CUDA launch."""
