@@ -9,7 +9,8 @@ decoder is written out here (Llama, Mistral, Qwen2 share it), and every linear i
     y = x @ W_base^T                 one GEMM for all tokens of the batch
     y[seg_e] += x[seg_e] @ delta_e^T for each expert's segment (fused kernel, packed codes)
 
-with the tokens ordered by expert: sequences are sorted once per forward (a sequence has
+(an expert's segment of more than 16 tokens, a prefill, instead multiplies ``W_base + delta_e``
+in the base's GEMM: ``base_matmul.Fold``), with the tokens ordered by expert: sequences are sorted once per forward (a sequence has
 one expert, so its tokens stay contiguous) and the same order serves every linear.
 Attention is batched over all the sequences of the forward through the paged KV cache
 (``serve/engine/attention.py``).
