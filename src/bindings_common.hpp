@@ -14,6 +14,7 @@
 
 #include "meswitch/compressed_delta.hpp"
 #include "meswitch/dlpack.hpp"
+#include "meswitch/error.hpp"
 #include "meswitch/tensor.hpp"
 
 namespace meswitch::bindings {
@@ -60,6 +61,17 @@ inline DType dtype_named(const std::string& name) {
   DType dtype;
   if (!parse_dtype(name, dtype)) throw py::value_error("unsupported dtype '" + name + "'");
   return dtype;
+}
+
+// Runs `work` without the GIL; the core's errors (bad settings, bad input) become ValueError.
+template <typename Work>
+void without_gil(Work&& work) {
+  try {
+    py::gil_scoped_release release;
+    work();
+  } catch (const Error& error) {
+    throw py::value_error(error.what());
+  }
 }
 
 // A read-only NumPy array viewing `view`, keeping `owner` alive through its base.

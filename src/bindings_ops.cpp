@@ -30,16 +30,7 @@ using bindings::BorrowedDelta;
 using bindings::HostTensor;
 using bindings::host_tensor;
 
-// Settings errors from the core become ValueError.
-template <typename Work>
-void without_gil(Work&& work) {
-  try {
-    py::gil_scoped_release release;
-    work();
-  } catch (const Error& error) {
-    throw py::value_error(error.what());
-  }
-}
+using bindings::without_gil;
 
 // The width comes from x, so a qweight of another width is reported against x. Per
 // call only the layout is checked, as the kernels do (the contents scan would cost a

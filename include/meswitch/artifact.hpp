@@ -513,8 +513,9 @@ class ExpertArtifact {
 
   // The compressed delta of `weight`, over the mapped shards (which it keeps alive),
   // refused unless every piece fits the manifest's layout and the format's rules
-  // (CompressedDelta::validate: zero points, salient indices, finite values).
-  CompressedDelta delta(const std::string& weight) const {
+  // (CompressedDelta::validate: zero points, salient indices, finite values). Opening
+  // checked all of them already: DeltaChecks::Layout skips scanning the contents again.
+  CompressedDelta delta(const std::string& weight, DeltaChecks checks = DeltaChecks::Contents) const {
     const nlohmann::json& info = entry(weight);
     if (info.value("kind", "") != "delta") throw FormatError(record_->directory, weight, "is not stored as a delta");
     CompressedDelta names;
@@ -531,7 +532,7 @@ class ExpertArtifact {
       delta = CompressedDelta::over_views(weight, info.at("rows").get<std::int64_t>(), cols, info.at("bits").get<int>(),
                                           info.at("group_size").get<std::int64_t>(),
                                           info.at("salient").get<std::int64_t>(), views[0], views[1], views[2],
-                                          views[3], views[4], DeltaChecks::Contents,
+                                          views[3], views[4], checks,
                                           "the manifest's cols = " + std::to_string(cols));
     } catch (const FormatError& error) {  // name the shard holding the offending piece
       const auto found = record_->location.find(error.tensor());

@@ -7,6 +7,7 @@
 #include "meswitch/dlpack.hpp"
 #include "meswitch/error.hpp"
 #include "meswitch/eviction.hpp"
+#include "meswitch/expert_tensors.hpp"
 #include "meswitch/half.hpp"
 #include "meswitch/mapped_file.hpp"
 #include "meswitch/pack.hpp"

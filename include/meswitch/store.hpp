@@ -7,7 +7,9 @@
 //   host    loaded experts: the artifact opened and checked, its shards read into
 //           page-aligned memory the store owns (ShardMemory::Resident). The kernels read
 //           the packed pieces straight from those buffers, in the stored layout; nothing
-//           is unpacked or copied again.
+//           is unpacked or copied again. A load also gathers what the expert changes in the
+//           base (ExpertTensors, expert_tensors.hpp: deltas, whole tensors, extra rows, the
+//           embedding lookup), views into those buffers; a Handle or BatchLease hands it out.
 //
 // Checks are made once per expert: its first load checks everything an open checks
 // (manifest, shard headers, every delta's contents) and every shard and side file against
@@ -101,6 +103,7 @@
 #include <vector>
 
 #include "meswitch/artifact.hpp"
+#include "meswitch/expert_tensors.hpp"
 #include "meswitch/error.hpp"
 #include "meswitch/eviction.hpp"
 #include "meswitch/sharded_safetensors.hpp"
@@ -168,7 +171,7 @@ class ExpertStore {
     std::string name;
     std::string directory;
     std::uint64_t bytes = 0;                         // host bytes once loaded
-    std::shared_ptr<const ExpertArtifact> artifact;  // set while resident on the host tier
+    std::shared_ptr<const ExpertTensors> expert;  // set while resident on the host tier
     std::shared_ptr<Load> loading;                   // set while a load is in flight
     std::exception_ptr failed;                       // a background failure nobody has seen yet
     std::shared_ptr<const ArtifactRecord> verified;  // what its last verified load checked
@@ -208,7 +211,7 @@ class ExpertStore {
         release();
         state_ = std::move(other.state_);
         entry_ = std::move(other.entry_);
-        artifact_ = std::move(other.artifact_);
+        expert_ = std::move(other.expert_);
       }
       return *this;
     }
@@ -216,18 +219,27 @@ class ExpertStore {
     Handle& operator=(const Handle&) = delete;
     ~Handle() { release(); }
 
-    explicit operator bool() const { return artifact_ != nullptr; }
+    explicit operator bool() const { return expert_ != nullptr; }
     const std::string& name() const {
       require();
       return entry_->name;
     }
     const ExpertArtifact& artifact() const {
       require();
-      return *artifact_;
+      return expert_->artifact();
     }
     const std::shared_ptr<const ExpertArtifact>& shared_artifact() const {
       require();
-      return artifact_;
+      return expert_->shared_artifact();
+    }
+    // What the expert changes in the base, ready to apply (expert_tensors.hpp).
+    const ExpertTensors& tensors() const {
+      require();
+      return *expert_;
+    }
+    const std::shared_ptr<const ExpertTensors>& shared_tensors() const {
+      require();
+      return expert_;
     }
 
     void release() {
@@ -239,21 +251,21 @@ class ExpertStore {
       state_->changed.notify_all();
       state_.reset();
       entry_.reset();
-      artifact_.reset();
+      expert_.reset();
     }
 
    private:
     friend class ExpertStore;
     Handle(std::shared_ptr<State> state, std::shared_ptr<Entry> entry)
-        : state_(std::move(state)), entry_(std::move(entry)), artifact_(entry_->artifact) {}
+        : state_(std::move(state)), entry_(std::move(entry)), expert_(entry_->expert) {}
 
     void require() const {
-      if (!artifact_) throw Error("this expert handle was released (or never held an expert)");
+      if (!expert_) throw Error("this expert handle was released (or never held an expert)");
     }
 
     std::shared_ptr<State> state_;
     std::shared_ptr<Entry> entry_;
-    std::shared_ptr<const ExpertArtifact> artifact_;
+    std::shared_ptr<const ExpertTensors> expert_;
   };
 
   // A request's use of an expert, from its acceptance to its end: the expert cannot be
@@ -346,7 +358,7 @@ class ExpertStore {
   // when the last holder lets go. With no time to wait, or when it runs out, the removal is
   // refused with an Error naming the holders, and the expert is served again.
   void remove(const std::string& name, std::chrono::milliseconds drain = std::chrono::milliseconds(0)) {
-    std::shared_ptr<const ExpertArtifact> freed;  // destroyed after the lock is let go
+    std::shared_ptr<const ExpertTensors> freed;  // destroyed after the lock is let go
     std::unique_lock<std::mutex> lock(state_->mutex);
     const std::shared_ptr<Entry> entry = find(name);
     if (entry->claims > 0)
@@ -367,8 +379,8 @@ class ExpertStore {
                   (drain.count() > 0 ? " after waiting " + std::to_string(drain.count()) + " ms for them to end"
                                      : "; remove it once they are released"));
     if (entry->loading) throw Error("cannot remove expert '" + name + "' while it is being loaded; wait() for it first");
-    if (entry->artifact) state_->used -= entry->bytes;
-    freed = std::move(entry->artifact);
+    if (entry->expert) state_->used -= entry->bytes;
+    freed = std::move(entry->expert);
     if (entry->queued) unqueue(entry);
     state_->entries.erase(name);
     state_->changed.notify_all();
@@ -428,7 +440,7 @@ class ExpertStore {
     std::lock_guard<std::mutex> lock(state_->mutex);
     const std::shared_ptr<Entry> entry = find(name);
     refuse_if_draining(*entry);
-    if (!entry->artifact) return Handle();
+    if (!entry->expert) return Handle();
     ++state_->counters.hits;
     ++entry->holders;
     entry->last_used = ++state_->clock;
@@ -449,7 +461,7 @@ class ExpertStore {
     for (;;) {
       const std::shared_ptr<Entry> entry = find(name);
       refuse_if_draining(*entry);
-      if (entry->artifact) {
+      if (entry->expert) {
         if (!counted) ++state_->counters.hits;
         if (counted) count_wait(*entry);
         ++entry->holders;
@@ -463,7 +475,7 @@ class ExpertStore {
         wait_for_load(lock, entry);  // resident now unless evicted since: look again
         continue;
       }
-      std::vector<std::shared_ptr<const ExpertArtifact>> evicted = reserve(*entry);
+      std::vector<std::shared_ptr<const ExpertTensors>> evicted = reserve(*entry);
       if (entry->queued) unqueue(entry);  // loaded here rather than behind other prefetches
       lock.unlock();
       state_->changed.notify_all();  // wait() of this expert: it left the queue
@@ -481,7 +493,7 @@ class ExpertStore {
       std::lock_guard<std::mutex> lock(state_->mutex);
       const std::shared_ptr<Entry> entry = find(name);
       refuse_if_draining(*entry);
-      if (entry->artifact || entry->loading || entry->queued) return;
+      if (entry->expert || entry->loading || entry->queued) return;
       check_fits_tier("host", entry->name, entry->bytes, state_->budget);
       entry->failed = nullptr;  // this attempt replaces the one that failed
       entry->queued = true;
@@ -538,7 +550,7 @@ class ExpertStore {
       disk.used_bytes += entry.bytes;
       ++disk.entries;
       const char* tier = store_tier_name(tier_of(entry));
-      if (entry.artifact) ++host.entries;
+      if (entry.expert) ++host.entries;
       if (entry.loading) ++host.loading;
       report.experts.push_back({entry.name, entry.directory, tier, entry.bytes, entry.holders, entry.claims,
                                 entry.pinned, entry.loads, entry.load_seconds, entry.waited_acquires,
@@ -575,25 +587,39 @@ class ExpertStore {
   // Under the lock: makes room for `entry` on the host tier (eviction.hpp: the rule every
   // tier keeps) and counts its bytes as used, marking it loading. Returns the evicted
   // experts' bytes, to be freed after the lock.
-  std::vector<std::shared_ptr<const ExpertArtifact>> reserve(Entry& entry) {
+  std::vector<std::shared_ptr<const ExpertTensors>> reserve(Entry& entry) {
     State& state = *state_;
     std::vector<Entry*> order;  // what the host tier counts, least recently used first
     for (const auto& item : state.entries)
-      if (item.second->artifact || item.second->loading) order.push_back(item.second.get());
+      if (item.second->expert || item.second->loading) order.push_back(item.second.get());
     std::sort(order.begin(), order.end(), [](const Entry* a, const Entry* b) { return a->last_used < b->last_used; });
     std::vector<TierResident> residents;
     for (const Entry* other : order)
       residents.push_back({other->name, other->bytes,
                            other->loading ? "loading" : other->holders > 0 ? "held" : other->pinned ? "pinned" : ""});
-    std::vector<std::shared_ptr<const ExpertArtifact>> evicted;
+    std::vector<std::shared_ptr<const ExpertTensors>> evicted;
     for (const std::size_t victim : choose_evictions("host", entry.name, entry.bytes, state.used, state.budget, residents)) {
       state.used -= order[victim]->bytes;
-      evicted.push_back(std::move(order[victim]->artifact));
+      evicted.push_back(std::move(order[victim]->expert));
       ++state.counters.evictions;
     }
     state.used += entry.bytes;
     entry.loading = std::make_shared<Load>();
     return evicted;
+  }
+
+  // The artifacts of evicted experts whose tensors nobody else holds, for their buffers to be
+  // recycled (ExpertArtifact::take_buffers); the tensors are let go first, since their
+  // deltas hold the shard buffers too.
+  static std::vector<std::shared_ptr<const ExpertArtifact>> artifacts_of(
+      std::vector<std::shared_ptr<const ExpertTensors>>&& evicted) {
+    std::vector<std::shared_ptr<const ExpertArtifact>> artifacts;
+    for (std::shared_ptr<const ExpertTensors>& expert : evicted) {
+      if (expert && expert.use_count() == 1) artifacts.push_back(expert->shared_artifact());
+      expert.reset();
+    }
+    evicted.clear();
+    return artifacts;
   }
 
   // Under the lock.
@@ -603,7 +629,7 @@ class ExpertStore {
   }
 
   static StoreTier tier_of(const Entry& entry) {
-    return entry.artifact ? StoreTier::Host : entry.loading ? StoreTier::Loading : StoreTier::Disk;
+    return entry.expert ? StoreTier::Host : entry.loading ? StoreTier::Loading : StoreTier::Disk;
   }
 
   // Under the lock: ends the entry's load in flight and wakes its waiters.
@@ -626,16 +652,17 @@ class ExpertStore {
   // the lock, recycling the buffers of `evicted`, then publishes it. A foreground load
   // takes a hold in the same step (nothing can evict it in between) and throws its error;
   // a background one leaves the error to the waiters or the next caller.
-  void load(const std::shared_ptr<Entry>& entry, std::vector<std::shared_ptr<const ExpertArtifact>> evicted,
+  void load(const std::shared_ptr<Entry>& entry, std::vector<std::shared_ptr<const ExpertTensors>> evicted,
             bool background) {
     const auto start = std::chrono::steady_clock::now();
     std::shared_ptr<const ExpertArtifact> artifact;
+    std::shared_ptr<const ExpertTensors> expert;
     std::exception_ptr error;
     // `verified` is written only by this entry's one load at a time.
     const std::shared_ptr<const ArtifactRecord> previous = entry->verified;
     bool verified = false;
     try {
-      std::vector<std::shared_ptr<MappedFile>> spares = ExpertArtifact::take_buffers(std::move(evicted));
+      std::vector<std::shared_ptr<MappedFile>> spares = ExpertArtifact::take_buffers(artifacts_of(std::move(evicted)));
       std::optional<ExpertArtifact> reopened;
       if (previous) reopened = ExpertArtifact::reopen(previous, &spares);
       if (reopened) {
@@ -650,10 +677,12 @@ class ExpertStore {
         throw Error("expert '" + entry->name + "' at " + entry->directory + " now takes " + std::to_string(bytes) +
                     " bytes, " + std::to_string(entry->bytes) +
                     " when it was added (replaced on disk since); remove it and add it again");
+      expert = std::make_shared<const ExpertTensors>(artifact);
     } catch (...) {
       error = std::current_exception();
-      artifact.reset();
+      expert.reset();
     }
+    artifact.reset();  // the expert's tensors hold it
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     {
       std::lock_guard<std::mutex> lock(state_->mutex);
@@ -668,11 +697,11 @@ class ExpertStore {
         if (background) error = nullptr;
       } else {
         if (verified) {
-          entry->verified = artifact->record();
+          entry->verified = expert->artifact().record();
           ++state_->counters.verified_loads;
         }
-        state_->counters.recycled_buffers += artifact->recycled_buffers();
-        entry->artifact = std::move(artifact);
+        state_->counters.recycled_buffers += expert->artifact().recycled_buffers();
+        entry->expert = std::move(expert);
         entry->last_used = ++state_->clock;
         ++state_->counters.loads;
         state_->counters.load_seconds += seconds;
@@ -688,7 +717,7 @@ class ExpertStore {
   void run_background_loads() {
     for (;;) {
       std::shared_ptr<Entry> entry;
-      std::vector<std::shared_ptr<const ExpertArtifact>> evicted;
+      std::vector<std::shared_ptr<const ExpertTensors>> evicted;
       {
         std::unique_lock<std::mutex> lock(state_->mutex);
         state_->changed.wait(lock, [&] { return state_->stopping || !state_->queue.empty(); });
@@ -696,7 +725,7 @@ class ExpertStore {
         entry = std::move(state_->queue.front());
         state_->queue.pop_front();
         entry->queued = false;
-        if (!entry->artifact && !entry->loading) {
+        if (!entry->expert && !entry->loading) {
           try {
             evicted = reserve(*entry);
           } catch (const Error&) {  // no room now: a prefetch is a hint, the next acquire tries itself

@@ -423,6 +423,35 @@ TEST_CASE("a handle outlives its store", "[store]") {
   REQUIRE(handle.artifact().stored("pad.full").shape == Shape{3000});
 }
 
+TEST_CASE("a held expert hands out its tensors: deltas, whole tensors and the embedding lookup rule", "[store]") {
+  const Family family = family_of("tensors", 1, 5);
+  ExpertStore store(family.base, kConfig, 2 * family.bytes);
+  store.add(family.experts[0]);
+  const ExpertStore::Handle handle = store.acquire("tensors_e0");
+  const ExpertTensors& tensors = handle.tensors();
+  REQUIRE(tensors.name() == "tensors_e0");
+  REQUIRE(tensors.deltas().size() == 1);
+  REQUIRE(tensors.delta("w") != nullptr);
+  REQUIRE(tensors.delta("w")->bits == 2);
+  REQUIRE(tensors.whole("pad") != nullptr);
+  REQUIRE(tensors.whole("pad")->shape == Shape{5});
+  REQUIRE(tensors.extra_rows().empty());
+  REQUIRE(tensors.rows("w", 2) == 2);
+  REQUIRE(tensors.rows("pad", 2) == 5);
+  // w: base 1.0 (f16) everywhere; each code 2 - zero 1 = 1.0, column 3 salient + 2.0.
+  std::vector<std::uint16_t> table(16, 0x3c00);
+  const TensorView base(table.data(), DType::F16, {2, 8});
+  const std::vector<std::int64_t> ids = {1, 0};
+  std::vector<float> out(16, -1.0f);
+  tensors.lookup("w", base, ids.data(), 2, out.data());
+  for (std::size_t i = 0; i < 16; ++i) REQUIRE(out[i] == (i % 8 == 3 ? 4.0f : 2.0f));
+  const std::vector<std::int64_t> bad = {0, 2};
+  std::fill(out.begin(), out.end(), -1.0f);
+  REQUIRE_THROWS_WITH(tensors.lookup("w", base, bad.data(), 2, out.data()),
+                      "token id 2 is outside the vocabulary of tensors_e0 (2 tokens)");
+  REQUIRE(out[0] == -1.0f);  // refused before anything was written
+}
+
 TEST_CASE("churn: threads acquire and release many experts within a budget smaller than their sum", "[store]") {
   const std::string base = write_base("churn_base");
   const nlohmann::json fingerprint = fingerprint_of(base);

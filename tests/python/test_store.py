@@ -299,7 +299,6 @@ def test_the_model_switching_experts_through_a_small_store_keeps_none_alive(arti
     report = store.memory_report()
     assert (report["loads"], report["verified_loads"]) == (4, 2)  # later loads read the bytes only
     assert report["recycled_buffers"] == 3  # every load after the first refilled the evicted one's pages
-    assert stored._prepared["math"].artifact is None  # prepared tensors kept, the loaded artifact not
 
 
 def test_metrics_export_each_experts_residency_loads_and_waits(artifacts):
@@ -401,3 +400,57 @@ def test_remove_drains_a_held_expert(artifacts):
     assert removed.is_set() and store.names() == ["code"]
     with pytest.raises(ValueError, match="drain must be >= 0"):
         store.remove("code", drain=-1)
+
+
+def test_a_lease_hands_out_each_experts_tensors_and_the_embedding_lookup_rule(artifacts, tmp_path):
+    """What a lease hands out (``_core.ExpertTensors``) against the stored tensors read with the
+    ``safetensors`` package and NumPy: whole tensors, extra rows (the chat expert's expanded
+    vocabulary), rows, and an embedding lookup = base row + dequantized delta row (float32,
+    to 1e-6 relative), or the expert's own extra row; an id past its rows is refused."""
+    import torch
+    from safetensors.numpy import load_file
+
+    chat = tmp_path / "chat.meswitch"
+    compress(BASE, FAMILY / "chat", chat, settings=CompressionSettings(bits=2, group_size=32, salient=0.01),
+             progress=False)
+    base_table = next(t for f in sorted(BASE.glob("*.safetensors")) for n, t in load_file(f).items()
+                      if n == "model.embed_tokens.weight").astype(np.float32)
+    store = ExpertStore(BASE, host_budget="1GB")
+    for path in (artifacts["math"], chat):
+        store.add(path)
+    with store.acquire_batch(["math", "chat"]) as lease:
+        for name in ("math", "chat"):
+            tensors, artifact = lease.tensors(name), lease[name]
+            assert tensors.name == name
+            kinds = {kind: sorted(w for w, e in artifact.tensors.items() if e["kind"] == kind) for kind in ("full", "delta")}
+            assert sorted(tensors.whole_names()) == kinds["full"] and kinds["full"]
+            assert sorted(tensors.delta_names()) == kinds["delta"]
+            for weight in kinds["full"]:
+                np.testing.assert_array_equal(tensors.whole(weight),
+                                              np.asarray(artifact.stored(f"{weight}.full"), dtype=np.float32))
+            embedding = "model.embed_tokens.weight"
+            extra = tensors.extra_rows(embedding)
+            vocab = base_table.shape[0] + (0 if extra is None else extra.shape[0])
+            assert tensors.rows(embedding, base_table.shape[0]) == vocab
+            ids = np.array([0, 5, base_table.shape[0] - 1, *range(base_table.shape[0], vocab), 5], dtype=np.int64)
+            own = ids < base_table.shape[0]
+            if extra is not None:
+                np.testing.assert_array_equal(extra, np.asarray(artifact.stored(f"{embedding}.extra_rows"),
+                                                                dtype=np.float32))
+            bf16 = torch.from_numpy(base_table).to(torch.bfloat16)  # a 16-bit table is widened
+            for table, values in ((base_table, base_table), (bf16, bf16.float().numpy())):
+                expected = np.empty((len(ids), base_table.shape[1]), dtype=np.float32)
+                expected[own] = values[ids[own]] + ops.delta_rows((artifact, embedding), ids[own])
+                if extra is not None:
+                    expected[~own] = extra[ids[~own] - base_table.shape[0]]
+                np.testing.assert_allclose(tensors.lookup(embedding, table, ids), expected, rtol=1e-6, atol=1e-7)
+            gathered = base_table[np.minimum(ids, base_table.shape[0] - 1)]
+            np.testing.assert_array_equal(
+                tensors.lookup_gathered(embedding, base_table.shape[0], gathered, ids),
+                tensors.lookup(embedding, base_table, ids))
+            with pytest.raises(ValueError, match=f"token id {vocab} is outside the vocabulary of {name} "
+                                                 f"\\({vocab} tokens\\)"):
+                tensors.lookup(embedding, base_table, np.array([1, vocab], dtype=np.int64))
+        assert lease.tensors("chat").extra_rows("model.embed_tokens.weight").shape[0] == 3
+        with pytest.raises(KeyError, match="holds no expert named 'code'"):
+            lease.tensors("code")

@@ -99,6 +99,12 @@ class BatchLease:
             raise KeyError(f"this batch lease holds no expert named {name!r} (it holds "
                            f"{', '.join(self._artifacts) or 'none'})") from None
 
+    def tensors(self, name: str) -> Any:
+        """What ``name`` changes in the base, as the store gathered it on loading: a
+        ``meswitch._core.ExpertTensors`` (``include/meswitch/expert_tensors.hpp``)."""
+        self[name]  # the KeyError naming what this lease holds
+        return self._lease.tensors(name)
+
     def names(self) -> list[str]:
         """The experts held, sorted."""
         return sorted(self._artifacts)

@@ -1,36 +1,41 @@
-"""Where the serving model gets its experts, and each expert's tensors made ready to apply.
+"""Where the serving model gets its experts, and each expert's tensors ready to apply.
 
 The model asks an *expert source* for an opened :class:`~meswitch.artifact.ExpertArtifact`
 by name. A source is either a mapping (name -> artifact or artifact directory) or an
 object with ``acquire(name)`` -- an expert store that loads, holds and evicts experts --
 and optionally ``release(name)``, called once the forward that used the expert is done. A
 forward takes one batch lease over all its experts (:meth:`ExpertSourceAdapter.lease`): a
-store with ``acquire_batch`` holds them all or none, in one call.
+store with ``acquire_batch`` holds them all or none, in one call, and hands out each
+expert's tensors as it gathered them on loading (``include/meswitch/expert_tensors.hpp``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
+from meswitch import _core
 from meswitch.artifact import ExpertArtifact, load_artifact
-from meswitch.ops import delta_rows
 
 
 class ExpertSourceAdapter:
     """One way to acquire and release experts, whatever the source given to the model."""
 
-    def __init__(self, source: Any) -> None:
+    def __init__(self, source: Any, base_dir: str | os.PathLike[str]) -> None:
         if not (isinstance(source, Mapping) or hasattr(source, "acquire")):
             raise TypeError(f"experts must be a mapping name -> artifact or an object with acquire(name), "
                             f"got {type(source).__name__}")
         self.source = source
-        self._opened: dict[str, ExpertArtifact] = {}
+        self.base_dir = base_dir
+        # A mapping's experts, opened, checked against the base and gathered once each.
+        # Guarded by the lock: the engine thread and the expert loader thread both open.
+        self._opened: dict[str, tuple[ExpertArtifact, Any]] = {}
+        self._opened_lock = threading.Lock()
         self._handles: dict[str, list[Any]] = {}  # a store's handles, held until released
 
     @property
@@ -44,13 +49,23 @@ class ExpertSourceAdapter:
             handle = self.source.acquire(name)
             self._handles.setdefault(name, []).append(handle)
             return getattr(handle, "artifact", handle)
+        return self._open(name)[0]
+
+    def _open(self, name: str) -> tuple[ExpertArtifact, Any]:
+        """A mapping's expert: its artifact and its ``_core.ExpertTensors``, checked against the base once."""
         if name not in self.source:
             known = ", ".join(sorted(map(str, self.source))) or "none"
             raise KeyError(f"unknown expert {name!r}; known experts: {known}")
-        if name not in self._opened:
+        with self._opened_lock:
+            opened = self._opened.get(name)
+        if opened is None:
             value = self.source[name]
-            self._opened[name] = value if isinstance(value, ExpertArtifact) else load_artifact(os.fspath(value))
-        return self._opened[name]
+            artifact = value if isinstance(value, ExpertArtifact) else load_artifact(os.fspath(value))
+            artifact.check_base(self.base_dir)
+            opened = (artifact, _core.ExpertTensors(artifact._core))
+            with self._opened_lock:
+                opened = self._opened.setdefault(name, opened)
+        return opened
 
     def lease(self, names: list[str]) -> Any:
         """One hold on each of ``names`` for one forward: ``lease[name]`` is the expert's artifact,
@@ -86,75 +101,69 @@ class _Holds:
     def __getitem__(self, name: str) -> ExpertArtifact:
         return self._artifacts[name]
 
+    def tensors(self, name: str) -> Any:
+        """The ``_core.ExpertTensors`` of ``name``: a mapping's as gathered once, another store's now."""
+        if not self._adapter.is_store:
+            return self._adapter._open(name)[1]
+        return _core.ExpertTensors(self._artifacts[name]._core)
+
     def release(self) -> None:
         while self._artifacts:
             self._adapter.release(self._artifacts.popitem()[0])
 
 
-def _float32(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(array, dtype=np.float32))
+class _Widened(Mapping):
+    """Named tensors of an expert (whole tensors, extra rows), widened to float32 on first use."""
+
+    def __init__(self, names: list[str], read: Callable[[str], np.ndarray], device: torch.device) -> None:
+        self._names = frozenset(names)
+        self._read = read
+        self._device = device
+        self._done: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        tensor = self._done.get(name)
+        if tensor is None:
+            tensor = self._done[name] = torch.from_numpy(self._read(name)).to(self._device)
+        return tensor
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._names))
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
-@dataclass
 class ExpertWeights:
-    """What one expert changes in the base, in the forms the model applies them.
+    """What one expert changes in the base, for one forward, over the tensors its lease handed out.
 
-    ``deltas`` are the compressed matrices (linears, ``lm_head`` and the embedding), applied
-    from the artifact's mapped shards (``artifact`` ``None``: prepared tensors kept without a
-    loaded artifact, see :meth:`bound_to`): by the fused kernel as products, and for an embedding
-    lookup by dequantizing only the rows looked up; ``whole`` the tensors stored whole
-    (norms, biases, or a matrix the compressor kept dense); ``extra_rows`` the rows past the
-    base's (an expanded vocabulary of the embedding and ``lm_head``), keyed by weight name.
-    Nothing here holds a dense copy of a compressed matrix, so an expert's host memory is
-    its store entry plus these small tensors.
+    A thin face over ``meswitch._core.ExpertTensors`` (``include/meswitch/expert_tensors.hpp``),
+    which gathered them when the expert was loaded and holds the rules: ``deltas`` are the
+    compressed matrices (linears, ``lm_head`` and the embedding) as ``(artifact, weight)``
+    pairs for the fused kernels, read from the artifact's buffers; ``whole`` the tensors
+    stored whole (norms, biases, or a matrix the compressor kept dense) and ``extra_rows`` the
+    rows past the base's (an expanded vocabulary), each widened to float32 when first used in
+    this forward; :meth:`rows` and :meth:`lookup` (an embedding lookup) are the C++ rules.
+    Nothing here holds a dense copy of a compressed matrix, and nothing outlives the forward's
+    lease.
     """
 
-    artifact: ExpertArtifact | None
-    deltas: dict[str, tuple[ExpertArtifact | None, str]] = field(default_factory=dict)
-    whole: dict[str, torch.Tensor] = field(default_factory=dict)
-    extra_rows: dict[str, torch.Tensor] = field(default_factory=dict)
-    record_serial: int = 0  # of the artifact these were prepared from (ExpertArtifact.record_serial)
-
-    def bound_to(self, artifact: ExpertArtifact | None) -> ExpertWeights:
-        """The same tensors with the deltas read from ``artifact``: the same files loaded again
-        (an expert store's reload), or ``None`` to hold no reference to any loaded artifact."""
-        return replace(self, artifact=artifact, deltas={name: (artifact, name) for name in self.deltas})
-
-    @classmethod
-    def prepare(cls, artifact: ExpertArtifact, base_dir: str | os.PathLike[str], *,
-                check_base: bool = True, device: str | torch.device = "cpu") -> ExpertWeights:
-        """Check ``artifact`` against the base and gather its tensors (raises ``meswitch.FormatError``).
-
-        The whole tensors and extra rows go to ``device``; the deltas stay references into the
-        artifact (on a GPU, the device tier uploads them).
-        """
-        prepared = cls._gather(artifact, base_dir, check_base)
-        if torch.device(device).type != "cpu":
-            prepared.whole = {name: t.to(device) for name, t in prepared.whole.items()}
-            prepared.extra_rows = {name: t.to(device) for name, t in prepared.extra_rows.items()}
-        return prepared
-
-    @classmethod
-    def _gather(cls, artifact: ExpertArtifact, base_dir: str | os.PathLike[str], check_base: bool) -> ExpertWeights:
-        if check_base:
-            artifact.check_base(base_dir)
-        prepared = cls(artifact, record_serial=artifact.record_serial)
-        for name, entry in artifact.tensors.items():
-            kind = entry["kind"]
-            if kind == "full":
-                prepared.whole[name] = _float32(artifact.stored(f"{name}.full")).reshape(entry["shape"])
-            elif kind == "delta":
-                prepared.deltas[name] = (artifact, name)
-                if entry.get("extra_rows"):
-                    prepared.extra_rows[name] = _float32(artifact.stored(f"{name}.extra_rows"))
-        return prepared
+    def __init__(self, tensors: Any, artifact: ExpertArtifact, device: str | torch.device = "cpu") -> None:
+        self.tensors = tensors
+        self.artifact = artifact
+        self.device = torch.device(device)
+        self.deltas: dict[str, tuple[ExpertArtifact, str]] = {name: (artifact, name) for name in tensors.delta_names()}
+        self.whole = _Widened(tensors.whole_names(), tensors.whole, self.device)
+        self.extra_rows = _Widened(tensors.extra_row_names(), tensors.extra_rows, self.device)
 
     def rows(self, name: str, base_rows: int) -> int:
         """Rows of matrix ``name`` in this expert (the base's ``base_rows``, or its own whole tensor's, plus extra)."""
-        if name in self.whole:
-            return self.whole[name].shape[0]
-        extra = self.extra_rows.get(name)
-        return base_rows + (0 if extra is None else extra.shape[0])
+        return self.tensors.rows(name, base_rows)
 
     def lookup(self, name: str, base_table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of this expert's matrix ``name`` (an embedding), float32 ``[len(ids), cols]``.
@@ -164,20 +173,10 @@ class ExpertWeights:
         ValueError
             An id outside this expert's rows.
         """
-        count = self.rows(name, base_table.shape[0])
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= count):
-            bad = int(ids[(ids < 0) | (ids >= count)][0])
-            raise ValueError(f"token id {bad} is outside the vocabulary of {self.artifact.name} ({count} tokens)")
-        if name in self.whole:
-            return self.whole[name][ids]
-        out = torch.empty((ids.shape[0], base_table.shape[1]), dtype=torch.float32, device=base_table.device)
-        own = ids < base_table.shape[0]
-        shared = ids[own]
-        out[own] = base_table[shared].float()  # a 16-bit base table, widened
-        if name in self.deltas and shared.numel():
-            # base + delta in float32, not rounded back to the stored dtype (as the linears do)
-            rows = delta_rows((self.artifact, name), shared.cpu().numpy())
-            out[own] += torch.from_numpy(rows).to(base_table.device)
-        if not bool(own.all()):
-            out[~own] = self.extra_rows[name][ids[~own] - base_table.shape[0]]
-        return out
+        wanted = ids.cpu().numpy()
+        if base_table.device.type == "cpu":
+            rows = self.tensors.lookup(name, base_table.contiguous(), wanted)
+        else:  # the base's rows gathered where the table lives, the rule applied on the host
+            clamped = ids.clamp(0, base_table.shape[0] - 1)
+            rows = self.tensors.lookup_gathered(name, base_table.shape[0], base_table[clamped].cpu(), wanted)
+        return torch.from_numpy(rows).to(base_table.device)

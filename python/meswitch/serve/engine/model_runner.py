@@ -39,7 +39,6 @@ buffers and keeps them within a device byte budget.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -139,44 +138,29 @@ class MultiExpertModel:
         checkpoint = open_checkpoint(base_dir)
         self.dtype = resolve_dtype(dtype, checkpoint)
         self.base = load_base_weights(checkpoint, self.dtype, self.device)
-        self.experts = ExpertSourceAdapter(experts)
+        self.experts = ExpertSourceAdapter(experts, self.base_dir)
         self.cache = PagedKVCache(config.num_layers, config.num_kv_heads, config.head_dim,
                                   budget_bytes=kv_cache_bytes, block_size=block_size, device=self.device,
                                   dtype=self.dtype)
         self._segment_tables: dict[tuple, Any] = {}  # this forward's, by token ranges
-        # Each expert's prepared tensors, by name: the engine thread (forward) and the expert
-        # loader thread (expert_weights, when a load ends) both prepare; this lock guards the dict.
-        self._prepared: dict[str, ExpertWeights] = {}
-        self._prepared_lock = threading.Lock()
         self._sequence_experts: dict[Hashable, str | None] = {}
 
     # -- experts -------------------------------------------------------------------------
 
-    def expert_weights(self, name: str, artifact: Any = None) -> ExpertWeights:
-        """The prepared tensors of expert ``name``, over ``artifact`` (held by the caller's lease),
-        or over its artifact as acquired from the source now.
+    def expert_weights(self, name: str, lease: Any = None) -> ExpertWeights:
+        """The tensors of expert ``name`` as ``lease`` (held by the caller) hands them out, or
+        under a lease taken and let go now (to check that the expert opens, or read its shape).
 
-        Prepared once per set of checked files: a store's reload of unchanged files shares the
-        record of its first load (``record_serial``), so the tensors prepared then still hold
-        and only the deltas are pointed at the new buffers.
+        The source gathered them when the expert was loaded (a store) or first opened (a
+        mapping): nothing is prepared here, so no state is shared between the threads that call.
         """
-        if artifact is None:
+        if lease is None:
             lease = self.experts.lease([name])
             try:
-                return self.expert_weights(name, lease[name])
+                return self.expert_weights(name, lease)
             finally:
                 lease.release()
-        with self._prepared_lock:
-            kept = self._prepared.get(name)
-        if kept is None or kept.record_serial != artifact.record_serial:
-            kept = ExpertWeights.prepare(artifact, self.base_dir, check_base=not self.experts.is_store,
-                                         device=self.device)
-        weights = kept.bound_to(artifact)
-        with self._prepared_lock:
-            # Kept without the artifact when it comes from a store: a reference here would keep
-            # an evicted expert's buffers alive, outside the store's budget.
-            self._prepared[name] = weights.bound_to(None) if self.experts.is_store else weights
-        return weights
+        return ExpertWeights(lease.tensors(name), lease[name], self.device)
 
     def vocab_size(self, expert: str | None) -> int:
         """Rows of the logits of a sequence of ``expert`` (its own, possibly expanded, vocabulary)."""
@@ -291,7 +275,7 @@ class MultiExpertModel:
         groups, start = [], 0
         for name in names:
             size = sum(len(inputs[i].tokens) for i in order if inputs[i].expert == name)
-            weights = None if name is None else self.expert_weights(name, lease[name])
+            weights = None if name is None else self.expert_weights(name, lease)
             groups.append(_Group(name, weights, start, start + size))
             start += size
         return order, groups
