@@ -100,7 +100,9 @@ class ExpertTensors {
                   std::to_string(cols));
     const TensorView* extra = extra_rows(weight);
     if (extra != nullptr) require_cols(weight, *extra, cols);
+    // One scratch row and code buffer for every id (dequantize_row: the rule).
     std::vector<float> delta_row(q != nullptr ? std::size_t(cols) : 0);
+    std::vector<std::uint8_t> codes(delta_row.size());
     for (std::int64_t i = 0; i < count; ++i) {
       float* row = out + i * cols;
       if (ids[i] >= base_rows) {
@@ -109,7 +111,7 @@ class ExpertTensors {
       }
       widen_row(base, i, cols, row);
       if (q == nullptr) continue;
-      dequantize_rows(*q, &ids[i], 1, delta_row.data());
+      dequantize_row(*q, ids[i], codes.data(), delta_row.data());
       for (std::int64_t c = 0; c < cols; ++c) row[c] += delta_row[std::size_t(c)];
     }
   }
